@@ -1,0 +1,60 @@
+"""The config system: YAML + dotted overrides, strict keys and types, one-line errors."""
+import dataclasses
+
+import pytest
+
+from model.config import ConfigError, describe, load_config
+from model.model_config import ModelConfig
+from model.overfit import OverfitConfig
+
+
+def write(tmp_path, text):
+    path = tmp_path / "exp.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_and_dotted_overrides(tmp_path):
+    path = write(tmp_path, "model:\n  dim: 64\n  n_heads: 4\nsteps: 10\n")
+    cfg = load_config(OverfitConfig, path, ["model.dim=128", "lr=3e-4", "model.objective=flow"])
+    assert cfg.model.dim == 128 and cfg.model.n_heads == 4 and cfg.steps == 10
+    assert cfg.lr == pytest.approx(3e-4) and cfg.model.objective == "flow"
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    path = write(tmp_path, "model:\n  dimm: 64\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(OverfitConfig, path)
+    msg = str(e.value)
+    assert "model.dimm" in msg and str(path) in msg and "\n" not in msg
+
+
+def test_unknown_override_names_key():
+    with pytest.raises(ConfigError, match="model.nope"):
+        load_config(OverfitConfig, None, ["model.nope=1"])
+
+
+@pytest.mark.parametrize("override,key", [("steps=ten", "steps"), ("model.qk_norm=3", "model.qk_norm"),
+                                          ("model.dim=1.5", "model.dim"), ("model.objective=score", "model.objective")])
+def test_wrong_type_or_choice_names_key(tmp_path, override, key):
+    path = write(tmp_path, "steps: 5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(OverfitConfig, path, [override])
+    assert key in str(e.value) and str(path) in str(e.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nothere.yaml"):
+        load_config(OverfitConfig, tmp_path / "nothere.yaml")
+
+
+def test_every_knob_has_a_default_and_a_doc():
+    lines = describe(OverfitConfig)
+    assert any(line.startswith("model.dim = 256") for line in lines)
+    for f in dataclasses.fields(ModelConfig):
+        assert f.metadata.get("doc"), f.name
+
+
+def test_round_trip_through_dict():
+    cfg = ModelConfig(dim=96, n_heads=3, objective="flow")
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
