@@ -1,0 +1,42 @@
+"""DataConfig: which shard sets to stream, how to mix, pack and shuffle them."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from model.config import Config, ConfigError, knob
+
+
+@dataclasses.dataclass
+class DatasetConfig(Config):
+    path: str = knob("", "shard folder holding manifest.json (data_pipelines.write_shards)")
+    weight: float = knob(1.0, "mixture weight (normalised over the datasets)")
+    role: Literal["generate", "context", "both"] = knob(
+        "generate", "layout of latents: generate (noised, diffusion loss), context (clean), both")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.weight <= 0:
+            raise ConfigError(f"weight: must be positive, got {self.weight}")
+
+
+@dataclasses.dataclass
+class DataConfig(Config):
+    datasets: list[DatasetConfig] = knob([], "shard sets to mix: [{path, weight, role}, ...]")
+    eval_datasets: list[DatasetConfig] = knob([], "held-out shard sets for evaluation")
+    seq_len: int = knob(1024, "tokens per packed row")
+    num_workers: int = knob(2, "DataLoader worker processes per rank (0 = in the main process)")
+    seed: int = knob(0, "seed of the sample order, mixture, caption dropout and timesteps")
+    shuffle: bool = knob(True, "seeded permutation of shards and of samples inside a shard, per epoch")
+    pack_buffer: int = knob(32, "documents held to choose from when filling a row (first fit)")
+    caption_dropout: float = knob(0.1, "probability of dropping the caption of a generated latent (CFG)")
+    max_bad_samples: int = knob(100, "corrupt samples skipped per reader before a DataError")
+    num_epochs: int = knob(0, "passes over each dataset; 0 = endless")
+    add_bos_eos: bool = knob(True, "wrap each document in <bos> ... <eos>")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.seq_len <= 8:
+            raise ConfigError(f"seq_len: must be > 8, got {self.seq_len}")
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ConfigError(f"caption_dropout: must be in [0, 1], got {self.caption_dropout}")

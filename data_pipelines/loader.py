@@ -1,0 +1,159 @@
+"""PackedLoader: streams packed batches from WebDataset shards on every rank, resumably.
+
+    loader = PackedLoader(data_cfg, model_cfg, batch_size=4, rank=r, world_size=w)
+    for batch in loader: ...                       # PackedBatch
+    local = loader.state_dict()                    # this rank's slots
+    state = PackedLoader.merge_states(all_ranks)   # gathered by the trainer, saved once
+    loader.load_state_dict(state)                  # same or another number of ranks/workers
+
+Resumed with the same ranks x workers, every slot continues exactly (same batches).
+Otherwise the slots' progress is folded into the consumed set of the global order and the
+unseen samples are dealt to the new slots (none repeated, none skipped). A state whose
+dataset fingerprints differ from the shards on disk is refused.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from data_pipelines.config import DataConfig, DatasetConfig
+from data_pipelines.order import Dealing, DatasetOrder
+from data_pipelines.shards import load_manifest
+from data_pipelines.slot import DataError, Dataset, Slot, base_from_json, base_to_json
+from model.diffusion import Diffusion
+from model.layout import LayoutSpec
+
+STATE_VERSION = 1
+
+
+class _SlotStream(torch.utils.data.IterableDataset):
+    """Runs, in DataLoader worker w, the slot self.assignment[w]."""
+
+    def __init__(self, loader: "PackedLoader", assignment: list[int]):
+        self.loader, self.assignment = loader, assignment
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            torch.set_num_threads(1)
+        slot = self.assignment[info.id if info is not None else 0]
+        return iter(self.loader.make_slot(slot))
+
+
+class PackedLoader:
+    def __init__(self, cfg: DataConfig, model_cfg, batch_size: int, rank: int = 0, world_size: int = 1,
+                 datasets: Optional[list[DatasetConfig]] = None, num_epochs: Optional[int] = None):
+        self.cfg, self.batch_size = cfg, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.workers = max(1, cfg.num_workers)
+        self.num_slots = world_size * self.workers
+        self.num_epochs = cfg.num_epochs if num_epochs is None else num_epochs
+        self.spec = LayoutSpec.from_model_config(model_cfg)
+        self.diffusion = Diffusion(model_cfg)
+        self.entries = list(cfg.datasets if datasets is None else datasets)
+        if not self.entries:
+            raise DataError("data.datasets: no dataset configured")
+        self.manifests = [load_manifest(e.path) for e in self.entries]
+        for e, m in zip(self.entries, self.manifests):
+            if m["latent_channels"] != model_cfg.latent_channels:
+                raise DataError(f"{e.path}: latents have {m['latent_channels']} channels, "
+                                f"model.latent_channels is {model_cfg.latent_channels}")
+            if m["tokenizer"]["vocab_size"] > model_cfg.vocab_size:
+                raise DataError(f"{e.path}: tokenizer has {m['tokenizer']['vocab_size']} pieces, "
+                                f"model.vocab_size is {model_cfg.vocab_size}")
+        self.orders = [DatasetOrder([s["samples"] for s in m["shards"]], cfg.seed, cfg.shuffle)
+                       for m in self.manifests]
+        self.base = [base_from_json(None) for _ in self.entries]  # (epochs, partial, first_epoch)
+        self.slot_states: dict[int, dict] = {}
+        self.last_keys: list[list[str]] = []
+
+    # ---- slots ---------------------------------------------------------------------------
+    def own_slots(self) -> list[int]:
+        return list(range(self.rank * self.workers, (self.rank + 1) * self.workers))
+
+    def make_slot(self, slot: int) -> Slot:
+        datasets = []
+        for e, m, order, (base, partial, first) in zip(self.entries, self.manifests, self.orders, self.base):
+            dealing = Dealing(order, self.num_slots, first, self.num_epochs)
+            datasets.append(Dataset(Path(e.path), m, e.role, e.weight, order, dealing, base, partial))
+        return Slot(datasets, self.cfg, self.spec, self.diffusion, self.batch_size, slot,
+                    self.slot_states.get(slot))
+
+    def __iter__(self) -> Iterator:
+        # Workers are filled in round-robin order; give worker 0 the slot that is due next.
+        slots = sorted(self.own_slots(), key=lambda j: (self.slot_states.get(j, {}).get("batches", 0), j))
+        stream = _SlotStream(self, slots)
+        if self.cfg.num_workers == 0:
+            items = iter(self.make_slot(slots[0]))
+        else:
+            items = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
+                                                     prefetch_factor=2, persistent_workers=False))
+        for batch, state, keys in items:
+            self.slot_states[state["slot"]] = state
+            self.last_keys = keys
+            yield batch
+
+    # ---- state ---------------------------------------------------------------------------
+    def fingerprints(self) -> list[str]:
+        return [m["fingerprint"] for m in self.manifests]
+
+    def layout(self) -> dict:
+        return {"world_size": self.world_size, "workers": self.workers, "slots": self.num_slots,
+                "seed": self.cfg.seed, "shuffle": self.cfg.shuffle, "num_epochs": self.num_epochs}
+
+    def state_dict(self) -> dict:
+        """This rank's part of the state (merge all ranks' with `merge_states`)."""
+        return {"version": STATE_VERSION, "fingerprints": self.fingerprints(), "layout": self.layout(),
+                "base": [base_to_json(*b) for b in self.base],
+                "slots": {str(j): self.slot_states[j] for j in self.own_slots() if j in self.slot_states}}
+
+    @staticmethod
+    def merge_states(states: list[dict]) -> dict:
+        merged = dict(states[0], slots={})
+        for s in states:
+            if s["layout"] != merged["layout"] or s["base"] != merged["base"]:
+                raise DataError("merge_states: the ranks' loader states disagree on layout or base")
+            merged["slots"].update(s["slots"])
+        return merged
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        if state["fingerprints"] != self.fingerprints():
+            changed = [e.path for e, a, b in zip(self.entries, state["fingerprints"], self.fingerprints()) if a != b]
+            raise DataError(f"loader state does not match the datasets: fingerprint differs for "
+                            f"{', '.join(changed) or 'the dataset list'}")
+        old = state["layout"]
+        for key in ("seed", "shuffle", "num_epochs"):
+            if old[key] != self.layout()[key]:
+                raise DataError(f"loader state has data.{key}={old[key]}, the config says {self.layout()[key]}")
+        slots = {int(j): s for j, s in state["slots"].items()}
+        bases = [base_from_json(b) for b in state["base"]]
+        if old == self.layout():
+            self.base, self.slot_states = bases, slots
+            return
+        missing = sorted(set(range(old["slots"])) - set(slots))
+        if missing and any(s.get("batches") for s in slots.values()):
+            raise DataError(f"loader state lacks slots {missing[:8]} of {old['slots']}: "
+                            "pass the state merged from every rank (PackedLoader.merge_states)")
+        self.base = [self._fold(d, bases[d], slots, old["slots"]) for d in range(len(self.entries))]
+        self.slot_states = {}
+
+    def _fold(self, d: int, base: tuple, slots: dict, old_slots: int) -> tuple:
+        """Fold the slots' progress on dataset d into a new consumed set for a new layout."""
+        epochs, partial, first = base
+        dealing = Dealing(self.orders[d], old_slots, first, self.num_epochs)
+        cursors = {j: tuple(s["cursors"][d]) for j, s in slots.items()}
+        buffered: dict[tuple[int, int], list[int]] = {}
+        for s in slots.values():
+            for dd, e, p, piece in s["buffer"]:
+                if dd == d:
+                    buffered.setdefault((e, p), []).append(piece)
+        epochs = dealing.fold_cursors(epochs, cursors, buffered)
+        partial = {k: v for k, v in partial.items() if k[1] not in epochs.get(k[0], ())}
+        partial.update(buffered)
+        first = Dealing(self.orders[d], self.num_slots, first).first_open_epoch(epochs)
+        epochs = {e: iv for e, iv in epochs.items() if e >= first}
+        return epochs, partial, first

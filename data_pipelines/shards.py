@@ -1,0 +1,159 @@
+"""WebDataset tar shards of interleaved documents, and their manifest.
+
+A sample is `KEY.json` = {"segments": [{"text": str, "tokens": [ids]} | {"latent": "lat0.npy",
+"kind": "image"|"video", "shape": [C,(T,)h,w]}, ...]} plus one `KEY.latN.npy` per latent.
+`DIR/manifest.json` lists the shards with their sample counts and sha256, `num_samples`,
+the encoder and tokenizer, and a `fingerprint` of all of it. Shards are written under a
+temporary name and renamed when complete; the manifest is written last.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+MANIFEST = "manifest.json"
+FORMAT = "monofusion-shards/1"
+
+
+class BadSample(ValueError):
+    """A sample that cannot be decoded; the message names the shard and key."""
+
+
+class ShardSetWriter:
+    """Write samples into numbered tar shards of `samples_per_shard` samples each."""
+
+    def __init__(self, out_dir: str | Path, samples_per_shard: int, prefix: str = "shard"):
+        if samples_per_shard <= 0:
+            raise ValueError(f"samples_per_shard: must be positive, got {samples_per_shard}")
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.per_shard, self.prefix = samples_per_shard, prefix
+        self.shards: list[dict] = []
+        self._tar: Optional[wds.TarWriter] = None
+        self._file = None
+        self._count = 0
+
+    def _open(self) -> None:
+        name = f"{self.prefix}-{len(self.shards):06d}.tar"
+        self._file = open(self.out / (name + ".tmp"), "wb")
+        self._tar = wds.TarWriter(self._file, mtime=0.0)
+        self.shards.append({"name": name, "samples": 0})
+
+    def _finish(self) -> None:
+        self._tar.close()
+        self._file.close()
+        entry = self.shards[-1]
+        tmp = self.out / (entry["name"] + ".tmp")
+        entry["sha256"] = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        os.replace(tmp, self.out / entry["name"])
+        self._tar = None
+
+    def write(self, key: str, doc: dict, arrays: dict[str, np.ndarray]) -> None:
+        if self._tar is None:
+            self._open()
+        sample = {"__key__": key, "json": json.dumps(doc, separators=(",", ":")).encode()}
+        for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            sample[name] = buf.getvalue()
+        self._tar.write(sample)
+        self.shards[-1]["samples"] += 1
+        if self.shards[-1]["samples"] == self.per_shard:
+            self._finish()
+
+    def close(self, **info) -> dict:
+        """Finish the last shard and write the manifest (with `info`: encoder, tokenizer, ...)."""
+        if self._tar is not None:
+            self._finish()
+        manifest = {"format": FORMAT, "shards": self.shards,
+                    "num_samples": sum(s["samples"] for s in self.shards), **info}
+        manifest["fingerprint"] = fingerprint(manifest)
+        tmp = self.out / (MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+        os.replace(tmp, self.out / MANIFEST)
+        return manifest
+
+
+def fingerprint(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "fingerprint"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no shard manifest (write shards with data_pipelines.write_shards)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT}")
+    if manifest.get("fingerprint") != fingerprint(manifest):
+        raise ValueError(f"{path}: fingerprint does not match its contents (edited by hand?)")
+    return manifest
+
+
+def read_shard(path: str | Path) -> tuple[list[tuple[str, dict]], Optional[str]]:
+    """All samples of a shard as (key, {extension: bytes}), in stored order, and the read
+    error that stopped reading early (truncated or corrupt tar), if any."""
+    errors: list[str] = []
+
+    def handler(exn: Exception) -> bool:
+        errors.append(f"{type(exn).__name__}: {exn}")
+        return False
+
+    samples = []
+    try:
+        with open(path, "rb") as f:
+            files = (dict(item, __url__=str(path)) for item in tar_file_iterator(f, handler=handler))
+            for s in group_by_keys(files, handler=handler):
+                samples.append((s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")}))
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        errors.append(f"{type(e).__name__}: {e}")
+    return samples, (errors[0] if errors else None)
+
+
+def decode_sample(key: str, files: dict, where: str) -> list[dict]:
+    """Sample files -> segments [{"tokens": [...]} | {"latent": array, "kind": str}]; BadSample names it."""
+    if "json" not in files:
+        raise BadSample(f"{where}:{key}: no .json entry")
+    try:
+        doc = json.loads(files["json"])
+        segments = doc["segments"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadSample(f"{where}:{key}: invalid JSON ({e})") from None
+    out = []
+    for seg in segments:
+        if "tokens" in seg:
+            out.append({"tokens": seg["tokens"]})
+            continue
+        name = seg.get("latent")
+        if name not in files:
+            raise BadSample(f"{where}:{key}: missing {name}")
+        try:
+            arr = np.load(io.BytesIO(files[name]), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise BadSample(f"{where}:{key}: unreadable {name} ({e})") from None
+        if list(arr.shape) != list(seg.get("shape", [])):
+            raise BadSample(f"{where}:{key}: {name} has shape {list(arr.shape)}, the JSON says {seg.get('shape')}")
+        out.append({"latent": arr, "kind": seg.get("kind", "image")})
+    return out
+
+
+def iter_shard_documents(directory: str | Path) -> Iterator[tuple[str, list[dict]]]:
+    """(key, segments) of every sample of a shard set in stored order (for inspection/tests)."""
+    manifest = load_manifest(directory)
+    for shard in manifest["shards"]:
+        where = str(Path(directory) / shard["name"])
+        samples, error = read_shard(where)
+        if error:
+            raise BadSample(f"{where}: {error}")
+        for key, files in samples:
+            yield key, decode_sample(key, files, where)

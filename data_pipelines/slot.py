@@ -1,0 +1,205 @@
+"""One loader slot: reads its share of every dataset, mixes, lays out, packs, yields batches.
+
+A slot is one (rank, worker) pair. Its whole state is small and JSON-able — cursors into
+the global order (see `order.py`), the ids of the documents it holds in its packing buffer,
+a mixture draw counter and a batch counter — so a resumed slot re-reads its buffer and
+continues with the same batches. All randomness (mixture, caption dropout, timesteps) is a
+hash of the seed and stable ids, never a generator state.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Iterator, Optional
+
+from data_pipelines.config import DataConfig
+from data_pipelines.documents import build_pieces, first_fit, stateless_uniform, timestep_generator
+from data_pipelines.order import Dealing, DatasetOrder, Intervals
+from data_pipelines.shards import BadSample, decode_sample, read_shard
+from model.diffusion import Diffusion, assign_timesteps
+from model.layout import DocLayout, LayoutSpec, pack_rows
+
+log = logging.getLogger(__name__)
+MIX, DROP, TIMESTEP = 1, 2, 3  # hash domains
+
+
+class DataError(RuntimeError):
+    """The data cannot be streamed (too many bad samples, mismatched state); names the culprit."""
+
+
+@dataclasses.dataclass
+class Dataset:
+    """A shard set as one slot sees it: where, its order, how it is dealt, what is consumed."""
+    root: Path
+    manifest: dict
+    role: str
+    weight: float
+    order: DatasetOrder
+    dealing: Dealing
+    base: dict  # epoch -> Intervals of consumed positions
+    partial: dict  # (epoch, position) -> pieces still to emit of a half-emitted long document
+
+
+class ShardCursor:
+    """Pulls a slot's positions of one dataset in order and fetches their samples."""
+
+    def __init__(self, ds: Dataset, slot: int, cursor: tuple[int, int] = (0, 0)):
+        self.ds, self.slot = ds, slot
+        self.k, self.q = cursor
+        self._rest: Optional[tuple[int, list[int]]] = None
+        self._cache: dict[int, tuple[list, Optional[str]]] = {}
+
+    def pull(self) -> Optional[tuple[int, int]]:
+        """Next (epoch, position) of this slot, or None when its epochs are done."""
+        while True:
+            if self._rest is None:
+                self._rest = self.ds.dealing.remaining(self.slot, self.k, self.ds.base)
+            e, rest = self._rest
+            if self.ds.dealing.exhausted(e):
+                return None
+            if self.q < len(rest):
+                self.q += 1
+                return e, rest[self.q - 1]
+            self.k, self.q, self._rest = self.k + 1, 0, None
+
+    def fetch(self, e: int, p: int) -> tuple[str, list[dict]]:
+        """(key, decoded segments) of position p of epoch e; BadSample names shard and key."""
+        shard, index = self.ds.order.locate(e, p)
+        if shard not in self._cache:
+            if len(self._cache) >= 2:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[shard] = read_shard(self.ds.root / self.ds.manifest["shards"][shard]["name"])
+        samples, error = self._cache[shard]
+        where = str(self.ds.root / self.ds.manifest["shards"][shard]["name"])
+        if index >= len(samples):
+            raise BadSample(f"{where}: sample {index} unreadable ({error or 'missing'})")
+        key, files = samples[index]
+        return key, decode_sample(key, files, where)
+
+
+@dataclasses.dataclass
+class Entry:
+    """A document (or piece of one) waiting in the packing buffer."""
+    dataset: int
+    epoch: int
+    position: int
+    piece: int
+    key: str
+    layout: DocLayout
+
+
+class Slot:
+    def __init__(self, datasets: list[Dataset], cfg: DataConfig, spec: LayoutSpec, diffusion: Diffusion,
+                 batch_size: int, slot: int, state: Optional[dict] = None):
+        self.datasets, self.cfg, self.spec, self.diffusion = datasets, cfg, spec, diffusion
+        self.batch_size, self.slot = batch_size, slot
+        self.slots = datasets[0].dealing.slots
+        state = state or {}
+        self.batches = state.get("batches", 0)
+        self.mix = state.get("mix", 0)
+        self.bad = state.get("bad", 0)
+        self.oversize = state.get("oversize", 0)
+        self.done = list(state.get("done", [False] * len(datasets)))
+        cursors = state.get("cursors", [[0, 0]] * len(datasets))
+        self.cursors = [ShardCursor(ds, slot, tuple(c)) for ds, c in zip(datasets, cursors)]
+        self.buffer: list[Entry] = []
+        self._restore = state.get("buffer", [])
+
+    def state(self) -> dict:
+        return {"slot": self.slot, "batches": self.batches, "mix": self.mix, "bad": self.bad,
+                "oversize": self.oversize, "done": list(self.done),
+                "cursors": [[c.k, c.q] for c in self.cursors],
+                "buffer": [[x.dataset, x.epoch, x.position, x.piece] for x in self.buffer]}
+
+    def _pieces(self, d: int, e: int, p: int) -> Optional[tuple[str, list[DocLayout]]]:
+        ds = self.datasets[d]
+        try:
+            key, segments = self.cursors[d].fetch(e, p)
+        except BadSample as err:
+            self.bad += 1
+            log.warning("skipping bad sample (%d so far): %s", self.bad, err)
+            if self.bad > self.cfg.max_bad_samples:
+                raise DataError(f"more than data.max_bad_samples={self.cfg.max_bad_samples} bad samples; "
+                                f"last: {err}") from None
+            return None
+        drop = stateless_uniform(self.cfg.seed, DROP, d, e, p) < self.cfg.caption_dropout
+        pieces = build_pieces(segments, self.spec, self.cfg.seq_len, ds.role, drop, self.cfg.add_bos_eos)
+        if not pieces:
+            self.oversize += 1
+            log.warning("skipping %s: longer than data.seq_len=%d (%d so far)", key, self.cfg.seq_len, self.oversize)
+        return key, pieces
+
+    def _pull(self) -> bool:
+        """Pull one document into the buffer; False when every dataset is done."""
+        while not all(self.done):
+            weights = [0.0 if done else ds.weight for ds, done in zip(self.datasets, self.done)]
+            d = weighted_pick(weights, stateless_uniform(self.cfg.seed, MIX, self.slots, self.slot, self.mix))
+            self.mix += 1
+            pos = self.cursors[d].pull()
+            if pos is None:
+                self.done[d] = True
+                continue
+            got = self._pieces(d, *pos)
+            if got is None:
+                continue
+            key, pieces = got
+            keep = self.datasets[d].partial.get(pos, range(len(pieces)))
+            self.buffer += [Entry(d, *pos, i, key, pieces[i]) for i in keep]
+            return True
+        return False
+
+    def _restore_buffer(self) -> None:
+        for d, e, p, piece in self._restore:
+            got = self._pieces(d, e, p)
+            if got is None or piece >= len(got[1]):
+                raise DataError(f"cannot restore buffered document {(d, e, p, piece)} of dataset "
+                                f"{self.datasets[d].root}: the shards changed since the checkpoint")
+            self.buffer.append(Entry(d, e, p, piece, got[0], got[1][piece]))
+        self._restore = []
+
+    def __iter__(self) -> Iterator[tuple]:
+        """Yields (PackedBatch, slot state after it, keys of the documents in it)."""
+        self._restore_buffer()
+        while True:
+            rows, keys = [], []
+            for _ in range(self.batch_size):
+                while len(self.buffer) < self.cfg.pack_buffer and self._pull():
+                    pass
+                if not self.buffer:
+                    break
+                chosen = first_fit([len(x.layout) for x in self.buffer], self.cfg.seq_len)
+                rows.append([self.buffer[i].layout for i in chosen])
+                keys.append([f"{self.buffer[i].key}#{self.buffer[i].piece}" for i in chosen])
+                taken = set(chosen)
+                self.buffer = [x for i, x in enumerate(self.buffer) if i not in taken]
+            if not rows:
+                return
+            batch = pack_rows(rows, self.cfg.seq_len)
+            gen = timestep_generator(self.cfg.seed, TIMESTEP, self.slots, self.slot, self.batches)
+            batch = assign_timesteps(batch, self.diffusion, gen)
+            self.batches += 1
+            yield batch, self.state(), keys
+
+
+def weighted_pick(weights: list[float], u: float) -> int:
+    """Index i with probability weights[i] / sum(weights), for u uniform in [0, 1)."""
+    target, acc = u * sum(weights), 0.0
+    for i, w in enumerate(weights):
+        acc += w
+        if w > 0 and target < acc:
+            return i
+    return max(i for i, w in enumerate(weights) if w > 0)
+
+
+def base_to_json(base: dict, partial: dict, first_epoch: int) -> dict:
+    return {"first_epoch": first_epoch, "epochs": {str(e): iv.to_list() for e, iv in base.items()},
+            "partial": [[e, p, list(pieces)] for (e, p), pieces in partial.items()]}
+
+
+def base_from_json(obj: Optional[dict]) -> tuple[dict, dict, int]:
+    if not obj:
+        return {}, {}, 0
+    base = {int(e): Intervals(r) for e, r in obj["epochs"].items()}
+    partial = {(e, p): list(pieces) for e, p, pieces in obj["partial"]}
+    return base, partial, int(obj["first_epoch"])

@@ -1,0 +1,73 @@
+"""Sentencepiece tokenizer with the project's reserved special tokens at fixed ids.
+
+Ids 0..8 are `model.special_tokens.SPECIAL_TOKENS` (`<pad> <unk> <bos> <eos> <boi> <eoi>
+<bov> <eov> <latent>`) in every tokenizer trained here. Training uses identity
+normalisation and byte fallback, so decode(encode(text)) == text for any text.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import sentencepiece as spm
+
+from model.special_tokens import SPECIAL_TOKENS
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: tokenizer model not found")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        for i, piece in enumerate(SPECIAL_TOKENS):
+            if self.sp.id_to_piece(i) != piece:
+                raise ValueError(f"{path}: id {i} is {self.sp.id_to_piece(i)!r}, expected {piece!r} "
+                                 "(not trained by data_pipelines.train_tokenizer?)")
+        self.special = {piece.strip("<>"): i for i, piece in enumerate(SPECIAL_TOKENS)}
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def token_id(self, name: str) -> int:
+        """Id of a special token by name: 'boi' or '<boi>'."""
+        key = name.strip("<>")
+        if key not in self.special:
+            raise KeyError(f"special token {name!r} is not one of {', '.join(SPECIAL_TOKENS)}")
+        return self.special[key]
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.sp.decode([int(i) for i in ids if int(i) >= len(SPECIAL_TOKENS)])
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+
+
+def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int, model_type: str = "bpe",
+                    max_sentence_length: int = 16384) -> Tokenizer:
+    """Train a sentencepiece model on `texts` (one sentence per item) and write it to `out`."""
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type: {model_type!r} is not one of bpe|unigram")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n_user = len(SPECIAL_TOKENS) - 4
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(t for t in texts if t), model_prefix=str(out.with_suffix("")),
+        vocab_size=vocab_size, model_type=model_type,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3,
+        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<bos>", eos_piece="<eos>",
+        user_defined_symbols=list(SPECIAL_TOKENS[4:4 + n_user]),
+        normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+        byte_fallback=True, character_coverage=1.0, max_sentence_length=max_sentence_length,
+        train_extremely_large_corpus=False, minloglevel=2)
+    written = out.with_suffix(".model")
+    if written != out:
+        written.replace(out)
+    out.with_suffix(".vocab").unlink(missing_ok=True)
+    return Tokenizer(out)
