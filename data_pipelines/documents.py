@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Optional
+from typing import Union
 
 import torch
 
@@ -17,10 +17,10 @@ def stateless_uniform(*keys: int) -> float:
     return int.from_bytes(digest, "little") / 2.0 ** 64
 
 
-def build_pieces(segments: list[dict], spec: LayoutSpec, seq_len: int, role: str, drop_caption: bool,
-                 add_bos_eos: bool) -> list[DocLayout]:
-    """Lay out one decoded sample; a text-only document longer than `seq_len` is cut into
-    pieces of at most `seq_len` tokens. A document with latents that does not fit -> []."""
+def build_document(segments: list[dict], spec: LayoutSpec, role: str, drop_caption: bool,
+                   add_bos_eos: bool) -> Union[list[int], DocLayout]:
+    """Lay out one decoded sample. A text-only document stays a list of token ids (the packer
+    may split it between rows); a document with latents becomes its (indivisible) DocLayout."""
     segs = []
     for i, seg in enumerate(segments):
         if "tokens" in seg:
@@ -32,29 +32,27 @@ def build_pieces(segments: list[dict], spec: LayoutSpec, seq_len: int, role: str
     if add_bos_eos:
         segs = [TextSegment([BOS])] + segs + [TextSegment([EOS])]
     if all(isinstance(s, TextSegment) for s in segs):
-        ids = [t for s in segs for t in s.tokens]
-        return [layout_document([TextSegment(ids[a:a + seq_len])], spec) for a in range(0, len(ids), seq_len)]
-    doc = layout_document(segs, spec)
-    return [doc] if len(doc) <= seq_len else []
+        return [int(t) for s in segs for t in s.tokens]
+    return layout_document(segs, spec)
 
 
-def first_fit(lengths: list[int], seq_len: int) -> list[int]:
-    """Indices of buffered documents for one row: the oldest always, then each later one that
-    still fits, in buffer order. Depends only on the buffer, so a resumed packer that is fed
-    the same documents makes the same rows."""
-    chosen, room = [], seq_len
-    for i, n in enumerate(lengths):
-        if n <= room:
+def text_chunk(ids: list[int], start: int, end: int, spec: LayoutSpec) -> DocLayout:
+    return layout_document([TextSegment(ids[start:end])], spec)
+
+
+def best_fit(lengths: list[int], seq_len: int) -> list[int]:
+    """Indices of buffered documents for one row: the oldest always (so none waits forever),
+    then repeatedly the longest one that still fits (ties: the older). Depends only on the
+    buffer, so a resumed packer fed the same documents makes the same rows."""
+    chosen, room = [0], seq_len - min(lengths[0], seq_len)
+    for i in sorted(range(1, len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] <= room:
             chosen.append(i)
-            room -= n
+            room -= lengths[i]
             if room == 0:
                 break
-    return chosen
+    return sorted(chosen)
 
 
 def timestep_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(stateless_uniform(*keys) * 2 ** 62))
-
-
-def fill_fraction(rows_lengths: list[int], seq_len: int) -> Optional[float]:
-    return sum(rows_lengths) / (seq_len * len(rows_lengths)) if rows_lengths else None

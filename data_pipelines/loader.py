@@ -146,11 +146,7 @@ class PackedLoader:
         epochs, partial, first = base
         dealing = Dealing(self.orders[d], old_slots, first, self.num_epochs)
         cursors = {j: tuple(s["cursors"][d]) for j, s in slots.items()}
-        buffered: dict[tuple[int, int], list[int]] = {}
-        for s in slots.values():
-            for dd, e, p, piece in s["buffer"]:
-                if dd == d:
-                    buffered.setdefault((e, p), []).append(piece)
+        buffered = {(e, p): start for s in slots.values() for dd, e, p, start in s["buffer"] if dd == d}
         epochs = dealing.fold_cursors(epochs, cursors, buffered)
         partial = {k: v for k, v in partial.items() if k[1] not in epochs.get(k[0], ())}
         partial.update(buffered)

@@ -11,10 +11,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 from data_pipelines.config import DataConfig
-from data_pipelines.documents import build_pieces, first_fit, stateless_uniform, timestep_generator
+from data_pipelines.documents import best_fit, build_document, stateless_uniform, text_chunk, timestep_generator
 from data_pipelines.order import Dealing, DatasetOrder, Intervals
 from data_pipelines.shards import BadSample, decode_sample, read_shard
 from model.diffusion import Diffusion, assign_timesteps
@@ -22,6 +22,7 @@ from model.layout import DocLayout, LayoutSpec, pack_rows
 
 log = logging.getLogger(__name__)
 MIX, DROP, TIMESTEP = 1, 2, 3  # hash domains
+MIN_SPLIT = 8  # a text document is split to fill a row only if at least this many tokens fit
 
 
 class DataError(RuntimeError):
@@ -38,7 +39,7 @@ class Dataset:
     order: DatasetOrder
     dealing: Dealing
     base: dict  # epoch -> Intervals of consumed positions
-    partial: dict  # (epoch, position) -> pieces still to emit of a half-emitted long document
+    partial: dict  # (epoch, position) -> first token not yet emitted of a half-emitted text document
 
 
 class ShardCursor:
@@ -80,13 +81,20 @@ class ShardCursor:
 
 @dataclasses.dataclass
 class Entry:
-    """A document (or piece of one) waiting in the packing buffer."""
+    """A document waiting in the packing buffer: text from token `start` on, or a whole layout."""
     dataset: int
     epoch: int
     position: int
-    piece: int
     key: str
-    layout: DocLayout
+    doc: Union[list[int], DocLayout]
+    start: int = 0
+
+    @property
+    def splittable(self) -> bool:
+        return isinstance(self.doc, list)
+
+    def __len__(self) -> int:
+        return len(self.doc) - self.start
 
 
 class Slot:
@@ -110,9 +118,10 @@ class Slot:
         return {"slot": self.slot, "batches": self.batches, "mix": self.mix, "bad": self.bad,
                 "oversize": self.oversize, "done": list(self.done),
                 "cursors": [[c.k, c.q] for c in self.cursors],
-                "buffer": [[x.dataset, x.epoch, x.position, x.piece] for x in self.buffer]}
+                "buffer": [[x.dataset, x.epoch, x.position, x.start] for x in self.buffer]}
 
-    def _pieces(self, d: int, e: int, p: int) -> Optional[tuple[str, list[DocLayout]]]:
+    def _document(self, d: int, e: int, p: int) -> Optional[tuple[str, Union[list[int], DocLayout]]]:
+        """(key, document) of a position, or None for a counted skip (bad or oversized sample)."""
         ds = self.datasets[d]
         try:
             key, segments = self.cursors[d].fetch(e, p)
@@ -124,11 +133,13 @@ class Slot:
                                 f"last: {err}") from None
             return None
         drop = stateless_uniform(self.cfg.seed, DROP, d, e, p) < self.cfg.caption_dropout
-        pieces = build_pieces(segments, self.spec, self.cfg.seq_len, ds.role, drop, self.cfg.add_bos_eos)
-        if not pieces:
+        doc = build_document(segments, self.spec, ds.role, drop, self.cfg.add_bos_eos)
+        if not isinstance(doc, list) and len(doc) > self.cfg.seq_len:
             self.oversize += 1
-            log.warning("skipping %s: longer than data.seq_len=%d (%d so far)", key, self.cfg.seq_len, self.oversize)
-        return key, pieces
+            log.warning("skipping %s: %d tokens with latents, more than data.seq_len=%d (%d so far)",
+                        key, len(doc), self.cfg.seq_len, self.oversize)
+            return None
+        return key, doc
 
     def _pull(self) -> bool:
         """Pull one document into the buffer; False when every dataset is done."""
@@ -140,23 +151,38 @@ class Slot:
             if pos is None:
                 self.done[d] = True
                 continue
-            got = self._pieces(d, *pos)
-            if got is None:
-                continue
-            key, pieces = got
-            keep = self.datasets[d].partial.get(pos, range(len(pieces)))
-            self.buffer += [Entry(d, *pos, i, key, pieces[i]) for i in keep]
-            return True
+            got = self._document(d, *pos)
+            if got is not None:
+                self.buffer.append(Entry(d, *pos, *got, start=self.datasets[d].partial.get(pos, 0)))
+                return True
         return False
 
     def _restore_buffer(self) -> None:
-        for d, e, p, piece in self._restore:
-            got = self._pieces(d, e, p)
-            if got is None or piece >= len(got[1]):
-                raise DataError(f"cannot restore buffered document {(d, e, p, piece)} of dataset "
+        for d, e, p, start in self._restore:
+            got = self._document(d, e, p)
+            if got is None or start >= max(1, len(got[1])):
+                raise DataError(f"cannot restore buffered document {(d, e, p, start)} of dataset "
                                 f"{self.datasets[d].root}: the shards changed since the checkpoint")
-            self.buffer.append(Entry(d, e, p, piece, got[0], got[1][piece]))
+            self.buffer.append(Entry(d, e, p, *got, start=start))
         self._restore = []
+
+    def _row(self) -> tuple[list[DocLayout], list[str]]:
+        """Take one row's documents out of the buffer (best fit; text may be split to fill it)."""
+        chosen = best_fit([len(x) for x in self.buffer], self.cfg.seq_len)
+        takes = {i: min(len(self.buffer[i]), self.cfg.seq_len) for i in chosen}
+        room = self.cfg.seq_len - sum(takes.values())
+        if room >= MIN_SPLIT:  # fill the rest with the head of the oldest text document left
+            i = next((i for i, x in enumerate(self.buffer) if i not in takes and x.splittable), None)
+            if i is not None:
+                takes[i] = room
+        layouts, keys = [], []
+        for i in sorted(takes):
+            x, n = self.buffer[i], takes[i]
+            layouts.append(text_chunk(x.doc, x.start, x.start + n, self.spec) if x.splittable else x.doc)
+            keys.append(f"{x.key}@{x.start}:{x.start + n}" if x.splittable else x.key)
+            x.start += n
+        self.buffer = [x for x in self.buffer if len(x) > 0]
+        return layouts, keys
 
     def __iter__(self) -> Iterator[tuple]:
         """Yields (PackedBatch, slot state after it, keys of the documents in it)."""
@@ -168,11 +194,9 @@ class Slot:
                     pass
                 if not self.buffer:
                     break
-                chosen = first_fit([len(x.layout) for x in self.buffer], self.cfg.seq_len)
-                rows.append([self.buffer[i].layout for i in chosen])
-                keys.append([f"{self.buffer[i].key}#{self.buffer[i].piece}" for i in chosen])
-                taken = set(chosen)
-                self.buffer = [x for i, x in enumerate(self.buffer) if i not in taken]
+                layouts, row_keys = self._row()
+                rows.append(layouts)
+                keys.append(row_keys)
             if not rows:
                 return
             batch = pack_rows(rows, self.cfg.seq_len)
@@ -194,12 +218,12 @@ def weighted_pick(weights: list[float], u: float) -> int:
 
 def base_to_json(base: dict, partial: dict, first_epoch: int) -> dict:
     return {"first_epoch": first_epoch, "epochs": {str(e): iv.to_list() for e, iv in base.items()},
-            "partial": [[e, p, list(pieces)] for (e, p), pieces in partial.items()]}
+            "partial": [[e, p, start] for (e, p), start in partial.items()]}
 
 
 def base_from_json(obj: Optional[dict]) -> tuple[dict, dict, int]:
     if not obj:
         return {}, {}, 0
     base = {int(e): Intervals(r) for e, r in obj["epochs"].items()}
-    partial = {(e, p): list(pieces) for e, p, pieces in obj["partial"]}
+    partial = {(e, p): start for e, p, start in obj["partial"]}
     return base, partial, int(obj["first_epoch"])

@@ -13,3 +13,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def test_data(tmp_path_factory):
+    from tests.data_fixtures import build_test_data
+    return build_test_data(tmp_path_factory.mktemp("data"))

@@ -1,0 +1,230 @@
+"""Tokenizer, shard writing and the packed loader: coverage, resume, mixture, bad data, packing."""
+import collections
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from data_pipelines.loader import PackedLoader
+from data_pipelines.shards import ShardSetWriter, load_manifest
+from data_pipelines.slot import DataError
+from data_pipelines.tokenizer import Tokenizer
+from model.special_tokens import BOI, SPECIAL_TOKENS
+from tests.data_fixtures import data_config, model_config
+
+
+def run(loaders, limit=None):
+    """Drain loaders (one per rank) in turn; returns the batches and a Counter of document keys."""
+    batches, keys = [], collections.Counter()
+    for loader in loaders:
+        for batch in itertools.islice(loader, limit):  # a batch taken from the loader counts as consumed
+            batches.append(batch)
+            keys.update(k for row in loader.last_keys for k in row)
+    return batches, keys
+
+
+def documents(test_data, *names):
+    """{key: token count for text-only documents (with <bos>/<eos>), None for documents with latents}."""
+    from data_pipelines.shards import iter_shard_documents
+    out = {}
+    for n in names:
+        for key, segs in iter_shard_documents(test_data[n]):
+            text_only = all("tokens" in s for s in segs)
+            out[key] = sum(len(s["tokens"]) for s in segs) + 2 if text_only else None
+    return out
+
+
+def assert_each_token_once(keys: collections.Counter, expected: dict):
+    """Documents with latents appear whole, once; text documents as token ranges covering each once."""
+    whole, spans = collections.Counter(), collections.defaultdict(list)
+    for k, n in keys.items():
+        if "@" in k:
+            doc, r = k.split("@")
+            spans[doc] += [tuple(map(int, r.split(":")))] * n
+        else:
+            whole[k] += n
+    assert max(whole.values(), default=1) == 1
+    for doc, ranges in spans.items():
+        ranges.sort()
+        ends = [0] + [b for _, b in ranges]
+        assert [a for a, _ in ranges] == ends[:-1], f"{doc}: ranges {ranges} overlap or leave a gap"
+        assert ends[-1] == expected[doc], f"{doc}: {ends[-1]} of {expected[doc]} tokens"
+    assert set(whole) | set(spans) == set(expected)
+
+
+def test_tokenizer_special_ids_and_round_trip(test_data):
+    tok = Tokenizer(test_data["tokenizer"])
+    for i, piece in enumerate(SPECIAL_TOKENS):
+        assert tok.sp.id_to_piece(i) == piece
+    assert tok.token_id("boi") == tok.token_id("<boi>") == BOI
+    text = "def f(x):\n\treturn x  # ünïcode ✓ 数字\n"
+    assert tok.decode(tok.encode(text)) == text
+    with pytest.raises(KeyError, match="nope"):
+        tok.token_id("nope")
+
+
+def test_train_tokenizer_cli(test_data, tmp_path):
+    out = tmp_path / "t.model"
+    r = subprocess.run([sys.executable, "-m", "data_pipelines.train_tokenizer", "--input", str(test_data["corpus"]),
+                        "--vocab-size", "600", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert Tokenizer(out).vocab_size == 600
+
+
+def test_write_shards_digits_writes_1797_samples(test_data):
+    manifest = load_manifest(test_data["digits"])
+    assert manifest["num_samples"] == 1797 == sum(s["samples"] for s in manifest["shards"])
+    assert len(manifest["shards"]) == 9 and manifest["encoder"]["type"] == "pixels"
+    assert len(documents(test_data, "digits")) == 1797
+
+
+def test_write_shards_cli(test_data, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "data_pipelines.write_shards", "--source", "photos", "--num-samples",
+                        "20", "--crop", "16", "--encoder", "pixels", "--tokenizer", str(test_data["tokenizer"]),
+                        "--out", str(tmp_path / "photos"), "--samples-per-shard", "8", "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    m = load_manifest(tmp_path / "photos")
+    assert m["num_samples"] == 20 and [s["samples"] for s in m["shards"]] == [8, 8, 4]
+
+
+def test_one_epoch_over_2_ranks_x_2_workers_yields_every_document_once(test_data):
+    cfg = data_config(test_data["digits"], test_data["text"], weights=[0.5, 0.5])
+    _, keys = run([PackedLoader(cfg, model_config(), 4, rank=r, world_size=2) for r in range(2)])
+    assert_each_token_once(keys, documents(test_data, "digits", "text"))
+    assert len([k for k in keys if k.startswith("digits")]) == 1797
+
+
+def test_fewer_shards_than_slots_does_not_hang(test_data, tmp_path):
+    from data_pipelines.write_shards import write_shards
+    write_shards("digits", str(tmp_path / "d"), str(test_data["tokenizer"]), channels=1, samples_per_shard=1000,
+                 progress=False, num_samples=300)  # 1 shard, 4 slots
+    _, keys = run([PackedLoader(data_config(tmp_path / "d"), model_config(), 2, rank=r, world_size=2)
+                   for r in range(2)])
+    assert len(keys) == 300 and max(keys.values()) == 1
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        for name in ("tokens", "doc", "unit", "pos", "latents", "timestep", "text_loss", "latent_loss"):
+            assert torch.equal(getattr(x, name), getattr(y, name)), name
+
+
+def test_resume_on_the_same_layout_gives_identical_batches(test_data):
+    cfg = data_config(test_data["digits"], test_data["text"], num_epochs=0)
+    mc = model_config()
+
+    def loaders():
+        return [PackedLoader(cfg, mc, 2, rank=r, world_size=2) for r in range(2)]
+
+    straight, _ = run(loaders(), limit=8)  # 8 batches per rank
+    first = loaders()
+    run(first, limit=3)
+    state = json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict() for ld in first])))
+    resumed = loaders()
+    for ld in resumed:
+        ld.load_state_dict(state)
+    after, _ = run(resumed, limit=5)
+    assert_same_batches(after, straight[3:8] + straight[11:16])
+
+
+def test_resume_on_one_rank_yields_exactly_the_unseen_samples(test_data):
+    cfg = data_config(test_data["digits"], test_data["text"])
+    mc = model_config()
+    first = [PackedLoader(cfg, mc, 2, rank=r, world_size=2) for r in range(2)]
+    _, seen = run(first, limit=7)
+    state = PackedLoader.merge_states([ld.state_dict() for ld in first])
+    single = PackedLoader(cfg.replace(num_workers=1), mc, 2, rank=0, world_size=1)
+    single.load_state_dict(state)
+    _, rest = run([single])
+    assert_each_token_once(seen + rest, documents(test_data, "digits", "text"))
+
+
+def test_mixture_weights_hold_within_3_points(test_data):
+    cfg = data_config(test_data["digits"], test_data["text"], weights=[0.7, 0.3], num_epochs=0, num_workers=0,
+                      seq_len=128)
+    loader = PackedLoader(cfg, model_config(), 4)
+    counts = collections.Counter()
+    for _ in loader:
+        counts.update(k.split("-")[0] for row in loader.last_keys for k in row if "@" not in k or "@0:" in k)
+        if sum(counts.values()) >= 2000:
+            break
+    assert abs(counts["digits"] / sum(counts.values()) - 0.7) < 0.03
+
+
+def test_packing_fills_95_percent_of_tokens(test_data):
+    cfg = data_config(test_data["digits"], test_data["text"], weights=[0.5, 0.5], num_epochs=0, num_workers=0)
+    loader = PackedLoader(cfg, model_config(), 4)
+    real = total = 0
+    for i, batch in enumerate(loader):
+        real += int((batch.doc != -1).sum())
+        total += batch.doc.numel()
+        if i == 30:
+            break
+    assert real / total >= 0.95
+
+
+def corrupt_copy(test_data, tmp_path, damage):
+    dst = tmp_path / "digits"
+    shutil.copytree(test_data["digits"], dst)
+    damage(dst)
+    return dst
+
+
+def test_a_truncated_shard_is_skipped_and_counted(test_data, tmp_path):
+    def truncate(d):
+        path = d / "shard-000003.tar"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    path = corrupt_copy(test_data, tmp_path, truncate)
+    loader = PackedLoader(data_config(path, num_workers=0), model_config(), 4)
+    _, keys = run([loader])
+    bad = loader.slot_states[0]["bad"]
+    assert 0 < bad <= 200 and len(keys) + bad == 1797 and max(keys.values()) == 1
+
+
+def test_bad_samples_of_every_kind_are_counted(test_data, tmp_path):
+    import numpy as np
+    w = ShardSetWriter(tmp_path / "bad", samples_per_shard=10)
+    good = {"segments": [{"text": "a", "tokens": [20, 21]}, {"latent": "lat0.npy", "kind": "image", "shape": [1, 4, 4]}]}
+    w.write("ok-0", good, {"lat0.npy": np.zeros((1, 4, 4), np.float16)})
+    w.write("missing-npy", good, {})
+    w.write("wrong-shape", good, {"lat0.npy": np.zeros((1, 4, 6), np.float16)})
+    w.write("ok-1", good, {"lat0.npy": np.zeros((1, 4, 4), np.float16)})
+    m = w.close(encoder={"type": "pixels"}, latent_channels=1, tokenizer={"fingerprint": "x", "vocab_size": 100})
+    tar = tmp_path / "bad" / m["shards"][0]["name"]
+    tar.write_bytes(tar.read_bytes().replace(b'{"segments":[{"text":"a","tokens":[20,21]}', b'{"segments":[{"text":"a","tokens":[20,21]]', 1))
+    loader = PackedLoader(data_config(tmp_path / "bad", num_workers=0), model_config(), 1)
+    _, keys = run([loader])
+    assert set(keys) == {"ok-1"} and loader.slot_states[0]["bad"] == 3
+
+
+def test_an_all_corrupt_dataset_raises_a_clear_error(test_data, tmp_path):
+    def garbage(d):
+        for tar in d.glob("*.tar"):
+            tar.write_bytes(b"\x00not a tar" * 100)
+
+    path = corrupt_copy(test_data, tmp_path, garbage)
+    loader = PackedLoader(data_config(path, num_workers=0, max_bad_samples=20), model_config(), 4)
+    with pytest.raises(DataError, match=r"max_bad_samples=20.*shard-0000\d\d\.tar"):
+        run([loader])
+
+
+def test_a_fingerprint_mismatch_is_refused(test_data, tmp_path):
+    cfg = data_config(test_data["digits"], num_workers=0)
+    loader = PackedLoader(cfg, model_config(), 2)
+    run([loader], limit=2)
+    state = loader.state_dict()
+    state["fingerprints"] = ["0" * 16]
+    with pytest.raises(DataError, match="fingerprint"):
+        PackedLoader(cfg, model_config(), 2).load_state_dict(state)
+
+
+def test_latent_channels_mismatch_is_a_clear_error(test_data):
+    with pytest.raises(DataError, match="latent_channels"):
+        PackedLoader(data_config(test_data["digits"]), model_config(latent_channels=4), 2)
