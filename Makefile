@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install demo test test-fast clean
+.PHONY: install data demo test test-fast clean
+DEMO_DIR ?= runs/demo
 
 install: $(VENV)/.installed
 
@@ -18,8 +19,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	PIP_CONSTRAINT=$(abspath $(VENV))/constraints.txt $(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-demo: install
-	$(PY) -m model.overfit --config configs/tiny-cpu.yaml
+# Text for the demo: Debian's Python documentation sources (skipped without apt or root;
+# the demo then falls back to the standard library's own documentation).
+data: install
+	@dpkg -s python3.11-doc >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		(apt-get update -qq && apt-get install -y -qq python3.11-doc >/dev/null) || \
+		echo "python3.11-doc not installed: using the standard library's docs"; }
+	$(PY) -m data_pipelines.demo_data --out $(DEMO_DIR)/data
+
+demo: data
+	$(PY) -m model.overfit --config configs/overfit-tiny.yaml
 
 test: install
 	$(PY) -m pytest -q

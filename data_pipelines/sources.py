@@ -47,10 +47,11 @@ def digits(num_samples: int = 0, seed: int = 0, **_) -> Iterator[Document]:
 
 
 def photos(num_samples: int = 256, crop: int = 32, seed: int = 0, **_) -> Iterator[Document]:
-    """Random `crop` x `crop` crops of scikit-image's bundled photographs, captioned by picture."""
+    """Random `crop` x `crop` RGB crops of scikit-image's bundled photographs, captioned by picture."""
     import skimage.data
     rng = np.random.default_rng(seed)
     pictures = {name: _to_hwc(getattr(skimage.data, name)()) for name in PHOTO_CAPTIONS}
+    pictures = {k: np.repeat(v, 3, axis=-1) if v.shape[-1] == 1 else v for k, v in pictures.items()}  # RGB
     names = sorted(pictures)
     for i in range(num_samples):
         name = names[i % len(names)]

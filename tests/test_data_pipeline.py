@@ -228,3 +228,27 @@ def test_a_fingerprint_mismatch_is_refused(test_data, tmp_path):
 def test_latent_channels_mismatch_is_a_clear_error(test_data):
     with pytest.raises(DataError, match="latent_channels"):
         PackedLoader(data_config(test_data["digits"]), model_config(latent_channels=4), 2)
+
+
+def test_loader_batches_with_images_and_video_feed_the_model(test_data, tmp_path):
+    from data_pipelines.write_shards import write_shards
+    from model.transformer import UnifiedTransformer
+    write_shards("moving_digits", str(tmp_path / "v"), str(test_data["tokenizer"]), channels=1, samples_per_shard=8,
+                 num_samples=8, frames=4, canvas=16, progress=False)
+    mc = model_config(mode="acdit", block_size=64)  # video: one 8x8-token frame per block
+    cfg = data_config(test_data["digits"], tmp_path / "v", num_epochs=0, num_workers=0, seq_len=640)
+    batch = next(b for b in itertools.islice(PackedLoader(cfg, mc, 2), 20) if (b.modality == 2).any())
+    assert (batch.modality == 1).any()
+    assert (batch.timestep[batch.noisy[batch.is_latent]] > 0).any()
+    losses = UnifiedTransformer(mc).loss(batch)
+    assert torch.isfinite(losses["loss"]) and losses["diffusion_loss"] > 0 and losses["lm_loss"] > 0
+
+
+def test_caption_dropout_removes_the_caption(test_data):
+    from model.special_tokens import BOS, EOI
+    cfg = data_config(test_data["digits"], num_workers=0, caption_dropout=1.0, seq_len=64)
+    batch = next(iter(PackedLoader(cfg, model_config(), 1)))
+    row = batch.tokens[0][batch.doc[0] == 0].tolist()
+    assert row[:2] == [BOS, BOI] and row[-2] == EOI  # <bos> <boi> latents <eoi> <eos>: no caption
+    kept = next(iter(PackedLoader(cfg.replace(caption_dropout=0.0), model_config(), 1)))
+    assert kept.tokens[0][2] != 8 and kept.tokens[0][1] != BOI

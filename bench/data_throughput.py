@@ -1,0 +1,79 @@
+"""Packed tokens per second from local shards (digits + text mix), as the trainer would read them.
+
+    python bench/data_throughput.py [--workers 2] [--seq-len 1024] [--batch 8] [--batches 200]
+
+Builds a tokenizer and shards in a temporary folder first (not timed): scikit-learn digits
+through the `pixels` encoder and text from the Debian python3.11-doc sources when installed
+(else the standard library's documentation).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_pipelines.config import DataConfig, DatasetConfig  # noqa: E402
+from data_pipelines.loader import PackedLoader  # noqa: E402
+from data_pipelines.sources import text_lines, iter_text_files  # noqa: E402
+from data_pipelines.tokenizer import train_tokenizer  # noqa: E402
+from data_pipelines.write_shards import write_shards  # noqa: E402
+from model.model_config import ModelConfig  # noqa: E402
+
+PY_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+
+
+def build(root: Path, text_docs: int) -> tuple[Path, Path, Path]:
+    if PY_DOCS.is_dir():
+        corpus = PY_DOCS
+    else:
+        from tests.data_fixtures import write_text_corpus
+        corpus = write_text_corpus(root / "corpus")
+    lines = list(text_lines(iter_text_files([corpus])))[:200000]
+    tok = root / "tok.model"
+    train_tokenizer(lines, tok, vocab_size=4000)
+    common = dict(tokenizer=str(tok), encoder="pixels", channels=1, progress=False)
+    write_shards("digits", str(root / "digits"), samples_per_shard=256, **common)
+    write_shards("text", str(root / "text"), samples_per_shard=256, input=[str(corpus)], max_chars=4000,
+                 num_samples=text_docs, **common)
+    return tok, root / "digits", root / "text"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--text-docs", type=int, default=2000)
+    p.add_argument("--mode", default="monoformer", choices=["monoformer", "acdit"])
+    p.add_argument("--digits-weight", type=float, default=0.5, help="mixture weight of digits (text: 1 - it)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tok, digits, text = build(Path(tmp), args.text_docs)
+        mc = ModelConfig(vocab_size=4000, latent_channels=1, patch_size=2, mode=args.mode, block_size=4)
+        cfg = DataConfig(datasets=[DatasetConfig(path=str(digits), weight=args.digits_weight),
+                                   DatasetConfig(path=str(text), weight=1 - args.digits_weight)],
+                         seq_len=args.seq_len, num_workers=args.workers, num_epochs=0)
+        loader = PackedLoader(cfg, mc, args.batch)
+        it = iter(loader)
+        for _ in range(5):  # start the workers
+            next(it)
+        t = time.perf_counter()
+        real = total = 0
+        for _ in range(args.batches):
+            b = next(it)
+            total += b.tokens.numel()
+            real += int((b.doc != -1).sum())
+        dt = time.perf_counter() - t
+    print(f"workers={args.workers} seq_len={args.seq_len} batch={args.batch} mode={args.mode} "
+          f"digits weight={args.digits_weight} batches={args.batches}")
+    print(f"{'packed tokens/s':>16s} {'real tokens/s':>14s} {'fill':>6s} {'batches/s':>10s}")
+    print(f"{total / dt:16.0f} {real / dt:14.0f} {real / total:6.1%} {args.batches / dt:10.1f}")
+
+
+if __name__ == "__main__":
+    main()

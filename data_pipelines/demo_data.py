@@ -1,0 +1,69 @@
+"""Build the demo's data from what ships in packages: a tokenizer, digits and text shards.
+
+    python -m data_pipelines.demo_data --out runs/demo/data
+
+Text comes from Debian's python3.11-doc reStructuredText sources when installed (the
+Makefile installs them), else from the standard library's own documentation (pydoc).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import pydoc
+import sys
+from pathlib import Path
+
+from data_pipelines.shards import load_manifest
+from data_pipelines.sources import DIGIT_NAMES, iter_text_files, text_lines
+from data_pipelines.tokenizer import train_tokenizer
+from data_pipelines.write_shards import write_shards
+
+PY_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
+STDLIB_MODULES = ("json", "collections", "functools", "itertools", "pathlib", "argparse", "dataclasses",
+                  "logging", "textwrap", "string", "heapq", "bisect", "shutil", "tarfile", "csv", "typing",
+                  "subprocess", "threading", "unittest", "email", "http.client", "sqlite3", "random", "math")
+
+
+def text_corpus(out: Path) -> Path:
+    if PY_DOCS.is_dir():
+        return PY_DOCS
+    folder = out / "stdlib-docs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in STDLIB_MODULES:
+        (folder / f"{name}.txt").write_text(pydoc.render_doc(importlib.import_module(name),
+                                                             renderer=pydoc.plaintext))
+    return folder
+
+
+def build(out: Path, vocab_size: int = 2000, text_docs: int = 3000, max_chars: int = 1500) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    corpus = text_corpus(out)
+    tok = out / "tokenizer.model"
+    if not tok.is_file():
+        captions = [f"a handwritten digit {n}" for n in DIGIT_NAMES] * 50
+        train_tokenizer(list(text_lines(iter_text_files([corpus])))[:100000] + captions, tok, vocab_size)
+    done = {}
+    for name, options in (("digits", {}), ("text", dict(input=[str(corpus)], max_chars=max_chars,
+                                                        num_samples=text_docs))):
+        if not (out / name / "manifest.json").is_file():
+            write_shards(name, str(out / name), str(tok), encoder="pixels", channels=1, samples_per_shard=256,
+                         **options)
+        done[name] = load_manifest(out / name)
+    return {"tokenizer": tok, "corpus": corpus, **done}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo/data")
+    p.add_argument("--vocab-size", type=int, default=2000)
+    a = p.parse_args(argv)
+    info = build(Path(a.out), a.vocab_size)
+    print(f"tokenizer: {info['tokenizer']} (text from {info['corpus']})")
+    for name in ("digits", "text"):
+        m = info[name]
+        print(f"{name:7s} {m['num_samples']:5d} samples in {len(m['shards'])} shards, fingerprint {m['fingerprint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
