@@ -17,21 +17,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_pipelines.config import DataConfig, DatasetConfig  # noqa: E402
+from data_pipelines.demo_data import text_corpus  # noqa: E402
 from data_pipelines.loader import PackedLoader  # noqa: E402
 from data_pipelines.sources import text_lines, iter_text_files  # noqa: E402
 from data_pipelines.tokenizer import train_tokenizer  # noqa: E402
 from data_pipelines.write_shards import write_shards  # noqa: E402
 from model.model_config import ModelConfig  # noqa: E402
 
-PY_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
-
-
 def build(root: Path, text_docs: int) -> tuple[Path, Path, Path]:
-    if PY_DOCS.is_dir():
-        corpus = PY_DOCS
-    else:
-        from tests.data_fixtures import write_text_corpus
-        corpus = write_text_corpus(root / "corpus")
+    corpus = text_corpus(root)
     lines = list(text_lines(iter_text_files([corpus])))[:200000]
     tok = root / "tok.model"
     train_tokenizer(lines, tok, vocab_size=4000)

@@ -24,15 +24,18 @@ STDLIB_MODULES = ("json", "collections", "functools", "itertools", "pathlib", "a
                   "subprocess", "threading", "unittest", "email", "http.client", "sqlite3", "random", "math")
 
 
-def text_corpus(out: Path) -> Path:
-    if PY_DOCS.is_dir():
-        return PY_DOCS
-    folder = out / "stdlib-docs"
+def stdlib_corpus(folder: Path, modules=STDLIB_MODULES, max_chars: int = 0) -> Path:
+    """Plain-text renderings of standard-library documentation (real prose, no download)."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in STDLIB_MODULES:
-        (folder / f"{name}.txt").write_text(pydoc.render_doc(importlib.import_module(name),
-                                                             renderer=pydoc.plaintext))
+    for name in modules:
+        text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
+        (folder / f"{name}.txt").write_text(text[:max_chars] if max_chars else text)
     return folder
+
+
+def text_corpus(out: Path) -> Path:
+    """Debian's Python documentation sources if installed, else the standard library's docs."""
+    return PY_DOCS if PY_DOCS.is_dir() else stdlib_corpus(out / "stdlib-docs")
 
 
 def build(out: Path, vocab_size: int = 2000, text_docs: int = 3000, max_chars: int = 1500) -> dict:

@@ -1,29 +1,15 @@
 """Session-wide test data: a tokenizer and shard sets built from data that ships in packages."""
-import importlib
-import pydoc
 from pathlib import Path
 
 from data_pipelines.config import DataConfig, DatasetConfig
+from data_pipelines.demo_data import STDLIB_MODULES, stdlib_corpus
 from data_pipelines.sources import DIGIT_NAMES
 from data_pipelines.tokenizer import train_tokenizer
 from data_pipelines.write_shards import write_shards
 from model.model_config import ModelConfig
 
-STDLIB_MODULES = ("json", "collections", "functools", "itertools", "pathlib", "argparse", "dataclasses",
-                  "logging", "textwrap", "string", "heapq", "bisect", "shutil", "tarfile", "csv")
-
-
-def write_text_corpus(folder: Path) -> Path:
-    """Plain-text renderings of stdlib module documentation (real prose, no download)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in STDLIB_MODULES:
-        text = pydoc.render_doc(importlib.import_module(name), renderer=pydoc.plaintext)
-        (folder / f"{name}.txt").write_text(text[:20000])
-    return folder
-
-
 def build_test_data(root: Path) -> dict:
-    corpus = write_text_corpus(root / "corpus")
+    corpus = stdlib_corpus(root / "corpus", STDLIB_MODULES[:15], max_chars=20000)
     captions = [f"a handwritten digit {n}" for n in DIGIT_NAMES]
     lines = [line for f in sorted(corpus.iterdir()) for line in f.read_text().splitlines() if line.strip()]
     tok = root / "tok.model"
