@@ -38,6 +38,17 @@ def attention_mask(doc: torch.Tensor, unit: torch.Tensor, noisy: torch.Tensor,
                  k_doc[:, None, :], k_unit[:, None, :], k_noisy[:, None, :])
 
 
+def allowed_pairs(doc: torch.Tensor, unit: torch.Tensor, noisy: torch.Tensor, chunk: int = 1024) -> int:
+    """Number of (query, key) pairs the rule allows in a batch (for FLOP counts), in row chunks."""
+    total = 0
+    for b in range(doc.shape[0]):
+        k = (doc[b:b + 1], unit[b:b + 1], noisy[b:b + 1])
+        for a in range(0, doc.shape[1], chunk):
+            q = (doc[b:b + 1, a:a + chunk], unit[b:b + 1, a:a + chunk], noisy[b:b + 1, a:a + chunk])
+            total += int(attention_mask(*q, kv=k).sum())
+    return total
+
+
 def block_mask(doc: torch.Tensor, unit: torch.Tensor, noisy: torch.Tensor,
                kv: Optional[tuple] = None, block_size: int = 128) -> BlockMask:
     """The same rule as a FlexAttention BlockMask (one per batch row, shared by heads)."""

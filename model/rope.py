@@ -13,13 +13,17 @@ from torch import nn
 class Rotary(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
-        self.register_buffer("axis", torch.arange(head_dim // 2) % 3, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
 
     def forward(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """pos B,S,3 -> (cos, sin), each B,1,S,head_dim (fp32)."""
-        angles = pos[:, :, self.axis].float() * self.inv_freq
+        """pos B,S,3 -> (cos, sin), each B,1,S,head_dim (fp32).
+
+        The frequencies are made here in fp32 rather than kept as a buffer, which a bf16
+        engine would cast (and so coarsen) with the weights."""
+        half = torch.arange(0, self.head_dim, 2, device=pos.device, dtype=torch.float32)
+        inv_freq = 1.0 / (self.theta ** (half / self.head_dim))
+        axis = torch.arange(self.head_dim // 2, device=pos.device) % 3
+        angles = pos[:, :, axis].float() * inv_freq
         emb = torch.cat([angles, angles], dim=-1)[:, None]
         return emb.cos(), emb.sin()
 

@@ -138,9 +138,16 @@ class UnifiedTransformer(nn.Module):
     def attention_backend(self, device) -> str:
         return resolve_backend(self.cfg.attention, device)
 
-    def forward(self, batch: PackedBatch, latent_input: Optional[torch.Tensor] = None) -> ModelOutput:
-        """Run the packed batch; `latent_input` (N,P) replaces `batch.latents` as the latent
-        tokens fed in (the noised copy during training and sampling)."""
+    def forward(self, batch: PackedBatch, latent_input: Optional[torch.Tensor] = None,
+                generator: Optional[torch.Generator] = None, return_loss: bool = False):
+        """Run the packed batch -> ModelOutput; `latent_input` (N,P) replaces `batch.latents` as the
+        latent tokens fed in (the noised copy during sampling). With `return_loss=True`: the
+        training losses of `loss()` instead (the form a DeepSpeed engine calls)."""
+        if return_loss:
+            return self.loss(batch, generator)
+        return self._run(batch, latent_input)
+
+    def _run(self, batch: PackedBatch, latent_input: Optional[torch.Tensor]) -> ModelOutput:
         batch.validate(self.cfg.latent_patch_dim)
         latent_input = batch.latents if latent_input is None else latent_input
         lat = batch.is_latent
@@ -181,7 +188,7 @@ class UnifiedTransformer(nn.Module):
         noisy = batch.noisy[batch.is_latent]
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         xt, target = self.diffusion.noise(x0, eps, batch.timestep)
-        out = self(batch, torch.where(noisy[:, None], xt, x0))
+        out = self._run(batch, torch.where(noisy[:, None], xt, x0))
         zero = out.hidden.sum() * 0.0  # keeps every output in the graph when a part is empty
         sel = batch.text_loss
         if sel.any():
@@ -222,7 +229,6 @@ class UnifiedTransformer(nn.Module):
             model = cls(cfg)
         state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
         model.load_state_dict(state, strict=True, assign=True)
-        model.rotary = Rotary(cfg.head_dim, cfg.rope_theta).to(device)  # buffers not in the state dict
         model.diffusion = Diffusion(cfg)  # its scheduler tables were made on meta
         if dtype is not None:
             model.to(dtype)

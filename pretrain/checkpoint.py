@@ -1,0 +1,137 @@
+"""Sharded checkpoints that a kill at any moment cannot corrupt.
+
+Layout: CKPT/step_00000100/ holds DeepSpeed's checkpoint (model and optimizer shards,
+LR scheduler, client state: step, tokens seen, data-loader state, config) plus one
+`rank_RRRRR.pt` per rank (its RNG states and its EMA partition). CKPT/latest names the
+newest complete one.
+
+Writing: every rank writes into `step_N.tmp`; after a barrier (all ranks done) rank 0
+renames it to `step_N`, then replaces `latest` atomically (temp file + rename) and prunes
+to the last `keep`. A crash before the rename leaves only a `.tmp` folder, which loading
+ignores and the next save removes; `latest` always names a complete checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+LATEST = "latest"
+TAG = re.compile(r"^step_(\d{8})(_universal)?$")
+FAULT_ENV = "MONOFUSION_FAULT"  # testing hook: "checkpoint-write" exits inside a save, before the rename
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def write_latest(root: Path, tag: str) -> None:
+    tmp = root / (LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(tag + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST)
+
+
+def read_latest(root: Path) -> Optional[str]:
+    path = Path(root) / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def list_checkpoints(root: Path) -> list[str]:
+    """Complete checkpoint tags under root, oldest first."""
+    if not Path(root).is_dir():
+        return []
+    return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and TAG.match(p.name))
+
+
+def prune(root: Path, keep: int) -> None:
+    if keep <= 0:
+        return
+    latest = read_latest(root)
+    plain = [t for t in list_checkpoints(root) if not t.endswith("_universal")]
+    for tag in plain[:-keep]:
+        if tag != latest:
+            shutil.rmtree(root / tag, ignore_errors=True)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine, root: Path, step: int, client_state: dict, rank_state: dict, keep: int,
+                    rank: int) -> Path:
+    """Write checkpoint `step_N` under root on every rank; move `latest` once all are done."""
+    root = Path(root)
+    tag = tag_for(step)
+    tmp = tag + ".tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob("*.tmp"):
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+    _barrier()
+    engine.save_checkpoint(str(root), tmp, client_state=client_state, save_latest=False)
+    torch.save(rank_state, root / tmp / f"rank_{rank:05d}.pt")
+    if os.environ.get(FAULT_ENV) == "checkpoint-write":
+        os._exit(17)
+    _barrier()
+    if rank == 0:
+        if (root / tag).exists():
+            shutil.rmtree(root / tag)
+        os.replace(root / tmp, root / tag)
+        write_latest(root, tag)
+        prune(root, keep)
+    _barrier()
+    return root / tag
+
+
+def resolve_resume(resume: str, root: Path) -> Optional[tuple[Path, str]]:
+    """'none' -> None; 'auto' -> `latest` under root (None if there is none); a checkpoint
+    folder (root with `latest`, or one step_N folder) -> (root, tag)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        tag = read_latest(root)
+        return (Path(root), tag) if tag else None
+    path = Path(resume)
+    if (path / LATEST).is_file():
+        return path, read_latest(path)
+    if path.is_dir() and TAG.match(path.name):
+        return path.parent, path.name
+    raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no '{LATEST}' file, not a step_N folder)")
+
+
+def load_checkpoint(engine, root: Path, tag: str, rank: int) -> tuple[dict, Optional[dict]]:
+    """Load into the engine; returns (client state, this rank's own state or None)."""
+    if not (Path(root) / tag).is_dir():
+        raise FileNotFoundError(f"{Path(root) / tag}: checkpoint not found")
+    path, client = engine.load_checkpoint(str(root), tag, load_module_strict=True, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    if path is None:
+        raise FileNotFoundError(f"{Path(root) / tag}: DeepSpeed could not load this checkpoint")
+    rank_file = Path(root) / tag / f"rank_{rank:05d}.pt"
+    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
+    return client, rank_state

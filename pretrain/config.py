@@ -1,0 +1,81 @@
+"""ExperimentConfig: everything one training run needs, loaded from configs/*.yaml.
+
+Keys that scripts and users rely on (stable): run.dir, train.max_steps, train.zero_stage,
+train.micro_batch_size, train.grad_accum, checkpoint.interval, checkpoint.keep, wandb.mode,
+data.seq_len, model.*.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from data_pipelines.config import DataConfig
+from model.config import Config, ConfigError, knob
+from model.model_config import ModelConfig
+
+
+@dataclasses.dataclass
+class RunConfig(Config):
+    dir: str = knob("runs/default", "run directory: checkpoints, metrics.jsonl, wandb, samples")
+    seed: int = knob(0, "seed of the weight init and the diffusion noise")
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    max_steps: int = knob(1000, "optimizer steps to train for")
+    zero_stage: int = knob(2, "DeepSpeed ZeRO stage: 1, 2 or 3")
+    micro_batch_size: int = knob(4, "packed rows per rank per micro-step")
+    grad_accum: int = knob(1, "micro-steps per optimizer step")
+    lr: float = knob(3e-4, "peak learning rate")
+    min_lr_ratio: float = knob(0.1, "final learning rate as a fraction of lr")
+    warmup_steps: int = knob(100, "linear warmup steps")
+    schedule: Literal["cosine", "wsd", "constant"] = knob(
+        "cosine", "after warmup: cosine decay, warmup-stable-decay, or constant")
+    wsd_decay_fraction: float = knob(0.2, "wsd: fraction of max_steps spent in the final linear decay")
+    weight_decay: float = knob(0.1, "AdamW weight decay (matrices only; not norms, biases, embeddings)")
+    beta1: float = knob(0.9, "AdamW beta1")
+    beta2: float = knob(0.95, "AdamW beta2")
+    eps: float = knob(1e-8, "AdamW epsilon")
+    grad_clip: float = knob(1.0, "clip the global gradient norm (0 = off)")
+    precision: Literal["auto", "fp32", "bf16"] = knob("auto", "auto = bf16 on GPU, fp32 on CPU")
+    activation_checkpointing: bool = knob(False, "recompute each block in the backward pass")
+    compile: bool = knob(False, "torch.compile each transformer block")
+    ema_decay: float = knob(0.0, "EMA of the weights (e.g. 0.9999); 0 = no EMA")
+    log_interval: int = knob(10, "log metrics every N steps")
+    eval_interval: int = knob(0, "evaluate on data.eval_datasets every N steps (0 = never)")
+    eval_batches: int = knob(4, "micro-batches per evaluation")
+    peak_tflops: float = knob(0.0, "per-device peak TFLOP/s for MFU (0 = auto on known GPUs, none on CPU)")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"zero_stage: must be 1, 2 or 3, got {self.zero_stage}")
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_interval"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+
+
+@dataclasses.dataclass
+class CheckpointConfig(Config):
+    interval: int = knob(500, "save every N steps (and at the end, and on SIGTERM/SIGUSR1)")
+    keep: int = knob(3, "keep the last K checkpoints (0 = all)")
+
+
+@dataclasses.dataclass
+class WandbConfig(Config):
+    mode: Literal["offline", "online", "disabled"] = knob("offline", "offline runs sync later with `wandb sync`")
+    project: str = knob("monofusion", "wandb project")
+    entity: str = knob("", "wandb entity (team); empty = default")
+    name: str = knob("", "run name; empty = the run directory's name")
+
+
+@dataclasses.dataclass
+class ExperimentConfig(Config):
+    run: RunConfig = knob(RunConfig(), "where and with which seed")
+    model: ModelConfig = knob(ModelConfig(), "the network")
+    data: DataConfig = knob(DataConfig(), "the data")
+    train: TrainConfig = knob(TrainConfig(), "optimisation")
+    checkpoint: CheckpointConfig = knob(CheckpointConfig(), "checkpointing")
+    wandb: WandbConfig = knob(WandbConfig(), "Weights & Biases logging")

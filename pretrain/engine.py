@@ -1,0 +1,49 @@
+"""A DeepSpeed engine from an ExperimentConfig: ZeRO 1/2/3, bf16 or fp32, AdamW, LR schedule."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pretrain.schedule import lr_factor
+
+
+def precision(cfg, device: torch.device) -> str:
+    p = cfg.train.precision
+    return ("bf16" if device.type == "cuda" else "fp32") if p == "auto" else p
+
+
+def deepspeed_config(cfg, device: torch.device, load_universal: bool = False) -> dict:
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": {"stage": t.zero_stage, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": precision(cfg, device) == "bf16"},
+        "zero_allow_untested_optimizer": True,
+        "checkpoint": {"load_universal": load_universal},
+        "steps_per_print": 2 ** 31,
+        "wall_clock_breakdown": False,
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices only (not on norms, biases, embeddings, adaLN tables)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() == 2 and "emb" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: nn.Module, cfg, device: torch.device, load_universal: bool = False):
+    """deepspeed.initialize with torch AdamW (fused on GPU) and the config's LR schedule."""
+    import deepspeed
+    t = cfg.train
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                  eps=t.eps, fused=device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(cfg, device, load_universal),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t)))
+    return engine

@@ -1,0 +1,91 @@
+"""Run logging on rank 0: a console progress bar, RUN_DIR/metrics.jsonl and wandb (offline by default)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from model.attention import allowed_pairs
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16 per device
+
+
+def peak_flops(cfg_tflops: float, device: torch.device) -> Optional[float]:
+    """FLOP/s of one device for MFU: the config's value, else a known GPU's dense bf16 peak, else None."""
+    if cfg_tflops:
+        return cfg_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return None
+
+
+def batch_flops(model_cfg, num_params: int, batch) -> float:
+    """Training FLOPs of one micro-batch: 6 * params * tokens + attention over the pairs the mask allows
+    (forward 4 * D per pair per layer, backward twice that)."""
+    tokens = batch.tokens.numel()
+    pairs = allowed_pairs(batch.doc, batch.unit, batch.noisy)
+    return 6.0 * num_params * tokens + 12.0 * model_cfg.n_layers * model_cfg.dim * pairs
+
+
+class RunLogger:
+    def __init__(self, cfg, is_main: bool, start_step: int):
+        self.is_main, self.cfg = is_main, cfg
+        self.run_dir = Path(cfg.run.dir)
+        self.wandb = None
+        self.bar = None
+        if not is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        if cfg.wandb.mode != "disabled":
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+            id_file = self.run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else f"{int(time.time()):x}{os.getpid():x}"
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity or None,
+                                    name=cfg.wandb.name or self.run_dir.name, dir=str(self.run_dir), id=run_id,
+                                    resume="allow", config=cfg.to_dict())
+        from tqdm import tqdm
+        self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
+                        dynamic_ncols=True, mininterval=1.0)
+        self.t0 = time.time()
+
+    def log(self, step: int, metrics: dict, advance: int = 0) -> None:
+        if not self.is_main:
+            return
+        if advance:
+            self.bar.update(advance)
+        if not metrics:
+            return
+        record = {"step": step, **{k: (round(v, 7) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        shown = {k: metrics[k] for k in ("loss", "lm_loss", "diffusion_loss") if k in metrics}
+        if "tokens_per_s" in metrics:
+            shown["tok/s"] = int(metrics["tokens_per_s"])
+        self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in shown.items()}, refresh=False)
+
+    def log_images(self, step: int, name: str, path: Path) -> None:
+        if self.is_main and self.wandb is not None:
+            import wandb
+            self.wandb.log({name: wandb.Image(str(path))}, step=step)
+
+    def message(self, text: str) -> None:
+        if self.is_main:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        self.bar.close()
+        self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,188 @@
+"""Train from a YAML config with DeepSpeed, on one CPU process, several CPU ranks or many GPUs.
+
+    python -m pretrain.train --config configs/tiny-cpu.yaml [--resume auto|PATH|none] key=value ...
+    torchrun --nproc-per-node 2 -m pretrain.train --config configs/tiny-cpu.yaml
+    deepspeed --num_gpus 8 --module pretrain.train --config configs/monoformer-1b.yaml
+
+Checkpoints go to RUN_DIR/checkpoints every `checkpoint.interval` steps, at the end, and
+when SIGTERM or SIGUSR1 arrives (then the run exits 0); `--resume auto` continues from
+`latest`. Metrics go to the console, RUN_DIR/metrics.jsonl and wandb.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from data_pipelines.documents import stateless_uniform
+from data_pipelines.loader import PackedLoader
+from model.config import ConfigError, load_config
+from model.transformer import UnifiedTransformer
+from pretrain import checkpoint as ckpt
+from pretrain.config import ExperimentConfig
+from pretrain.distributed import DistInfo, all_gather_objects, any_rank, init_distributed, mean_over_ranks
+from pretrain.ema import ShardedEMA
+from pretrain.engine import build_engine
+from pretrain.metrics import RunLogger, batch_flops, peak_flops
+
+NOISE, EVAL = 11, 12  # hash domains of the diffusion noise seeds
+
+
+def noise_generator(*keys: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(stateless_uniform(*keys) * 2 ** 62))
+
+
+class Trainer:
+    def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
+        self.cfg, self.dist = cfg, dist
+        torch.manual_seed(cfg.run.seed)
+        model = UnifiedTransformer(cfg.model)
+        model.activation_checkpointing = cfg.train.activation_checkpointing
+        if cfg.train.compile:
+            for block in model.blocks:
+                block.compile()
+        self.num_params = model.num_params()
+        self.engine = build_engine(model, cfg, dist.device)
+        self.ema = ShardedEMA(self.engine, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        self.loader = PackedLoader(cfg.data, cfg.model, cfg.train.micro_batch_size, dist.rank, dist.world_size)
+        self.ckpt_root = Path(cfg.run.dir) / "checkpoints"
+        self.step, self.tokens = 0, 0
+        self.stop_signal: Optional[int] = None
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save(self) -> Path:
+        data_state = PackedLoader.merge_states(all_gather_objects(self.loader.state_dict()))
+        client = {"step": self.step, "tokens": self.tokens, "data": data_state, "config": self.cfg.to_dict()}
+        own = {"rng": ckpt.rng_state(), "ema": self.ema.state_dict() if self.ema else None}
+        return ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, own, self.cfg.checkpoint.keep,
+                                    self.dist.rank)
+
+    def resume(self, resume: str) -> None:
+        found = ckpt.resolve_resume(resume, self.ckpt_root)
+        if found is None:
+            return
+        client, own = ckpt.load_checkpoint(self.engine, *found, self.dist.rank)
+        self.step, self.tokens = client["step"], client["tokens"]
+        self.loader.load_state_dict(client["data"])
+        if own is not None:
+            ckpt.set_rng_state(own["rng"])
+            if self.ema is not None and own.get("ema") is not None:
+                self.ema.load_state_dict(own["ema"])
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_signal = signum
+
+    # ---- steps ---------------------------------------------------------------------------
+    def train_step(self, batches) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns this rank's mean losses."""
+        sums = {"loss": 0.0, "lm_loss": 0.0, "diffusion_loss": 0.0}
+        for micro in range(self.cfg.train.grad_accum):
+            batch = next(batches)
+            self.last_batch = batch
+            gen = noise_generator(self.cfg.run.seed, NOISE, self.step, micro, self.dist.rank)
+            losses = self.engine(batch.to(self.dist.device), generator=gen, return_loss=True)
+            self.engine.backward(losses["loss"])
+            self.engine.step()
+            for k in sums:
+                sums[k] += float(losses[k].detach()) / self.cfg.train.grad_accum
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        self.tokens += batch.tokens.numel() * self.cfg.train.grad_accum * self.dist.world_size
+        return sums
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Mean per-modality losses on data.eval_datasets (same batches every time)."""
+        cfg = self.cfg
+        loader = PackedLoader(cfg.data.replace(num_workers=0), cfg.model, cfg.train.micro_batch_size,
+                              self.dist.rank, self.dist.world_size, datasets=cfg.data.eval_datasets, num_epochs=1)
+        sums, n = [0.0, 0.0], 0
+        self.engine.eval()
+        for i, batch in zip(range(cfg.train.eval_batches), loader):
+            gen = noise_generator(cfg.run.seed, EVAL, i, self.dist.rank)
+            losses = self.engine(batch.to(self.dist.device), generator=gen, return_loss=True)
+            sums[0] += float(losses["lm_loss"])
+            sums[1] += float(losses["diffusion_loss"])
+            n += 1
+        self.engine.train()
+        lm, diff = mean_over_ranks([s / max(n, 1) for s in sums], self.dist.device)
+        return {"eval/lm_loss": lm, "eval/diffusion_loss": diff}
+
+    # ---- the run -------------------------------------------------------------------------
+    def run(self, resume: str = "auto") -> int:
+        cfg, t = self.cfg, self.cfg.train
+        self.resume(resume)
+        log = RunLogger(cfg, self.dist.is_main, self.step)
+        log.message(f"{self.num_params / 1e6:.1f}M parameters, {self.dist.world_size} rank(s) on "
+                    f"{self.dist.device.type}, ZeRO-{t.zero_stage}, from step {self.step}")
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+        peak = peak_flops(t.peak_tflops, self.dist.device)
+        batches = iter(self.loader)
+        window = {"loss": 0.0, "lm_loss": 0.0, "diffusion_loss": 0.0}
+        window_steps, window_start, window_tokens = 0, time.time(), self.tokens
+        saved_at = self.step
+        while self.step < t.max_steps:
+            try:
+                losses = self.train_step(batches)
+            except StopIteration:
+                log.message(f"data exhausted at step {self.step} (data.num_epochs={cfg.data.num_epochs})")
+                break
+            for k, v in losses.items():
+                window[k] += v
+            window_steps += 1
+            metrics = {}
+            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+                means = mean_over_ranks([window[k] / window_steps for k in window], self.dist.device)
+                elapsed = time.time() - window_start
+                metrics = dict(zip(window, means))
+                metrics.update(grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
+                               lr=self.engine.get_lr()[0], tokens_per_s=(self.tokens - window_tokens) / elapsed,
+                               tokens=self.tokens)
+                flops = batch_flops(cfg.model, self.num_params, self.last_batch) * t.grad_accum * window_steps
+                metrics["mfu"] = flops / elapsed / peak if peak else None
+                window = dict.fromkeys(window, 0.0)
+                window_steps, window_start, window_tokens = 0, time.time(), self.tokens
+            if t.eval_interval and cfg.data.eval_datasets and self.step % t.eval_interval == 0:
+                metrics.update(self.evaluate())
+            log.log(self.step, metrics, advance=1)
+            stop = any_rank(self.stop_signal is not None, self.dist.device)
+            if stop or self.step % cfg.checkpoint.interval == 0:
+                path = self.save()
+                saved_at = self.step
+                log.message(f"checkpoint {path}")
+            if stop:
+                log.message(f"stopping on signal {self.stop_signal} at step {self.step}")
+                break
+        if saved_at != self.step:
+            log.message(f"checkpoint {self.save()}")
+        log.close()
+        return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML experiment config")
+    p.add_argument("--resume", default="auto", help="auto (latest in run.dir), none, or a checkpoint folder")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    args, unknown = p.parse_known_args(argv)
+    unknown = [u for u in unknown if not u.startswith("--local_rank") and not u.startswith("--local-rank")]
+    try:
+        if unknown:
+            raise ConfigError(f"unknown argument(s): {' '.join(unknown)}")
+        cfg = load_config(ExperimentConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dist = init_distributed()
+    return Trainer(cfg, dist).run(args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
