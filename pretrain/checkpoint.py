@@ -24,7 +24,7 @@ import torch
 
 LATEST = "latest"
 TAG = re.compile(r"^step_(\d{8})(_universal)?$")
-FAULT_ENV = "MONOFUSION_FAULT"  # testing hook: "checkpoint-write" exits inside a save, before the rename
+FAULT_ENV = "MONOFUSION_FAULT"  # testing hook: "checkpoint-write@N" exits inside the save of step N
 
 
 def tag_for(step: int) -> str:
@@ -95,8 +95,8 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, rank_stat
     _barrier()
     engine.save_checkpoint(str(root), tmp, client_state=client_state, save_latest=False)
     torch.save(rank_state, root / tmp / f"rank_{rank:05d}.pt")
-    if os.environ.get(FAULT_ENV) == "checkpoint-write":
-        os._exit(17)
+    if os.environ.get(FAULT_ENV) == f"checkpoint-write@{step}":
+        os._exit(17)  # as if killed after writing, before the checkpoint is committed
     _barrier()
     if rank == 0:
         if (root / tag).exists():

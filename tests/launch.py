@@ -1,0 +1,49 @@
+"""Launch the trainer on N CPU ranks for tests (torchrun, or bare processes for signal tests)."""
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from pretrain.distributed import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def env(**extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    return dict(e, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONPATH=str(REPO), **extra)
+
+
+def torchrun(n: int, args: list, extra_env: dict = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
+           str(free_port()), "-m", "pretrain.train", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env(**(extra_env or {})), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def spawn_ranks(n: int, args: list, log_dir: Path) -> list:
+    """Start n rank processes directly (so each can be signalled); returns the Popen objects."""
+    port = str(free_port())
+    procs = []
+    for r in range(n):
+        e = env(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        out = open(log_dir / f"rank{r}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, "-m", "pretrain.train", *args], cwd=REPO, env=e,
+                                      stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
+def metrics(run_dir: Path) -> dict:
+    """step -> logged record (the last one logged for that step)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())} if path.is_file() else {}
+
+
+def cleanup_shm() -> None:
+    for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
+        try:
+            os.unlink(f)
+        except OSError:
+            pass

@@ -1,0 +1,120 @@
+"""DeepSpeed training on 2 CPU ranks: exact resume for ZeRO 1/2/3, crash-safe checkpoints, SIGTERM."""
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pretrain.checkpoint import read_latest
+from tests.launch import REPO, cleanup_shm, metrics, spawn_ranks, torchrun
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def tiny_config(test_data, tmp_path_factory):
+    """configs/tiny-cpu.yaml pointed at the test shards, with the tokenizer's vocabulary."""
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    text = (REPO / "configs/tiny-cpu.yaml").read_text()
+    text = text.replace("runs/demo/data/digits", str(test_data["digits"])).replace(
+        "runs/demo/data/text", str(test_data["text"])).replace("vocab_size: 2000", "vocab_size: 1000")
+    path.write_text(text)
+    yield path
+    cleanup_shm()
+
+
+def args(cfg, run_dir, *extra):
+    return ["--config", str(cfg), f"run.dir={run_dir}", "train.log_interval=1", "wandb.mode=disabled",
+            "data.num_workers=1", *extra]
+
+
+def consolidated(ckpt_dir):
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_resume_reproduces_losses_weights_and_ema(tiny_config, tmp_path, stage):
+    common = [f"train.zero_stage={stage}", "train.max_steps=6", "checkpoint.interval=3", "checkpoint.keep=0"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    r = torchrun(2, args(tiny_config, straight, *common))
+    assert r.returncode == 0, r.stderr[-3000:]
+    (resumed / "checkpoints").mkdir(parents=True)  # resume from the step-3 checkpoint in a new process
+    shutil.copytree(straight / "checkpoints/step_00000003", resumed / "checkpoints/step_00000003")
+    (resumed / "checkpoints/latest").write_text("step_00000003\n")
+    r = torchrun(2, args(tiny_config, resumed, *common))
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = metrics(straight), metrics(resumed)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("loss", "lm_loss", "diffusion_loss"):
+            assert abs(a[step][key] - b[step][key]) <= 1e-6, (step, key)
+    wa, wb = consolidated(straight / "checkpoints/step_00000006"), consolidated(resumed / "checkpoints/step_00000006")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    for rank in range(2):
+        ea = torch.load(straight / f"checkpoints/step_00000006/rank_{rank:05d}.pt", weights_only=False)["ema"]
+        eb = torch.load(resumed / f"checkpoints/step_00000006/rank_{rank:05d}.pt", weights_only=False)["ema"]
+        assert all(torch.equal(x, y) for x, y in zip(ea["shadow"], eb["shadow"]))
+        assert not all(torch.equal(x, y) for x, y in zip(ea["shadow"], consolidated_partition_guard(ea)))
+
+
+def consolidated_partition_guard(ema_state):
+    """A zero tensor per partition: the EMA must hold real weights, not an untouched buffer."""
+    return [torch.zeros_like(s) for s in ema_state["shadow"]]
+
+
+def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    common = ["train.max_steps=6", "checkpoint.interval=3"]
+    r = torchrun(2, args(tiny_config, run, *common), extra_env={"MONOFUSION_FAULT": "checkpoint-write@6"})
+    assert r.returncode != 0
+    assert read_latest(run / "checkpoints") == "step_00000003"
+    assert (run / "checkpoints/step_00000006.tmp").is_dir() and not (run / "checkpoints/step_00000006").exists()
+    r = torchrun(2, args(tiny_config, run, *common))  # --resume auto picks step 3 up
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_latest(run / "checkpoints") == "step_00000006"
+    assert not list((run / "checkpoints").glob("*.tmp"))
+    assert "from step 3" in r.stderr + r.stdout
+
+
+def test_sigterm_checkpoints_exits_0_and_resumes(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    procs = spawn_ranks(2, args(tiny_config, run, "train.max_steps=100000", "checkpoint.interval=100000"), tmp_path)
+    try:
+        deadline = time.time() + 180
+        while max(metrics(run), default=0) < 3:
+            assert time.time() < deadline and all(p.poll() is None for p in procs), (tmp_path / "rank0.log").read_text()
+            time.sleep(0.5)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill() if p.poll() is None else None
+    assert codes == [0, 0], (tmp_path / "rank0.log").read_text()[-3000:]
+    tag = read_latest(run / "checkpoints")
+    stopped = int(tag.split("_")[1])
+    assert stopped >= 3
+    r = torchrun(2, args(tiny_config, run, f"train.max_steps={stopped + 2}"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert max(metrics(run)) == stopped + 2
+
+
+def test_unknown_config_key_is_a_one_line_error(tiny_config):
+    r = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(tiny_config), "train.max_stepz=3"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "train.max_stepz" in r.stderr and str(tiny_config) in r.stderr
+
+
+def test_wandb_offline_leaves_a_run_with_the_metrics(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    r = torchrun(1, ["--config", str(tiny_config), f"run.dir={run}", "train.max_steps=4", "train.log_interval=2",
+                     "wandb.mode=offline", "data.num_workers=0"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(logs) == 1 and b"diffusion_loss" in logs[0].read_bytes()
+    assert sorted(metrics(run)) == [2, 4]
