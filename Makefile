@@ -27,8 +27,14 @@ data: install
 		echo "python3.11-doc not installed: using the standard library's docs"; }
 	$(PY) -m data_pipelines.demo_data --out $(DEMO_DIR)/data
 
+# Train tiny-cpu on 2 CPU ranks under ZeRO-2, stop half-way, resume from `latest`, summarize.
+TORCHRUN := $(PY) -m torch.distributed.run --nproc-per-node 2
 demo: data
-	$(PY) -m model.overfit --config configs/overfit-tiny.yaml
+	rm -rf $(DEMO_DIR)/run
+	$(TORCHRUN) -m pretrain.train --config configs/tiny-cpu.yaml run.dir=$(DEMO_DIR)/run train.max_steps=150
+	@echo "--- stopped at step 150; resuming from latest ---"
+	$(TORCHRUN) -m pretrain.train --config configs/tiny-cpu.yaml run.dir=$(DEMO_DIR)/run --resume auto
+	$(PY) -m pretrain.summary $(DEMO_DIR)/run
 
 test: install
 	$(PY) -m pytest -q

@@ -150,11 +150,16 @@ class UnifiedTransformer(nn.Module):
     def _run(self, batch: PackedBatch, latent_input: Optional[torch.Tensor]) -> ModelOutput:
         batch.validate(self.cfg.latent_patch_dim)
         latent_input = batch.latents if latent_input is None else latent_input
+        if latent_input.shape[0] == 0:  # a text-only batch may carry a (0, 0) tensor
+            latent_input = latent_input.new_zeros(0, self.cfg.latent_patch_dim)
         lat = batch.is_latent
         x = self.tok_emb(batch.tokens)
         dtype = x.dtype
         cond = final_mod = latent_mask = None
-        if latent_input.shape[0]:
+        # Training always runs the latent path, even over zero latent tokens, so that every
+        # parameter gets a (zero) gradient on every rank: data-parallel reductions (ZeRO
+        # buckets) must see the same parameters on all ranks.
+        if latent_input.shape[0] or self.training:
             x = x.index_put((lat,), self.latent_in(latent_input.to(self.latent_in.weight.dtype)).to(dtype))
             c = F.silu(self.time_embed(batch.timestep))
             B, S, D = x.shape
@@ -184,7 +189,7 @@ class UnifiedTransformer(nn.Module):
 
         The noise is drawn from `generator` (CPU) so that a run is reproducible."""
         cfg = self.cfg
-        x0 = batch.latents
+        x0 = batch.latents if batch.latents.shape[0] else batch.latents.new_zeros(0, cfg.latent_patch_dim)
         noisy = batch.noisy[batch.is_latent]
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         xt, target = self.diffusion.noise(x0, eps, batch.timestep)

@@ -119,9 +119,14 @@ def resolve_resume(resume: str, root: Path) -> Optional[tuple[Path, str]]:
     path = Path(resume)
     if (path / LATEST).is_file():
         return path, read_latest(path)
-    if path.is_dir() and TAG.match(path.name):
+    if path.is_dir() and list(path.glob("*model_states.pt")):
         return path.parent, path.name
-    raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no '{LATEST}' file, not a step_N folder)")
+    raise FileNotFoundError(f"--resume {resume}: not a checkpoint (no '{LATEST}' file, no *model_states.pt)")
+
+
+def is_universal(root: Path, tag: str) -> bool:
+    """A DeepSpeed universal checkpoint (pretrain.convert to-universal) has a `zero/` folder."""
+    return (Path(root) / tag / "zero").is_dir()
 
 
 def load_checkpoint(engine, root: Path, tag: str, rank: int) -> tuple[dict, Optional[dict]]:

@@ -41,3 +41,19 @@ class ShardedEMA:
                              "ZeRO stage?)")
         for s, saved in zip(self.shadow, state["shadow"]):
             s.copy_(saved)
+
+    @torch.no_grad()
+    def load_full(self, engine, full: dict) -> None:
+        """Take this rank's partitions of a full fp32 EMA state dict (a resume on another number of
+        ranks). DeepSpeed's public `safe_set_full_fp32_param` cuts each tensor into the fp32
+        master partitions; the masters are then copied here and restored."""
+        from deepspeed.utils import safe_set_full_fp32_param
+        saved = [m.detach().clone() for m in self.masters]
+        for name, p in engine.module.named_parameters():
+            if name not in full:
+                raise KeyError(f"EMA state has no tensor for parameter {name}")
+            safe_set_full_fp32_param(p, full[name].to(p.device, torch.float32))
+        for s, m in zip(self.shadow, self.masters):
+            s.copy_(m)
+        for m, v in zip(self.masters, saved):
+            m.copy_(v)

@@ -11,6 +11,7 @@ when SIGTERM or SIGUSR1 arrives (then the run exits 0); `--resume auto` continue
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 import time
@@ -25,6 +26,7 @@ from model.config import ConfigError, load_config
 from model.transformer import UnifiedTransformer
 from pretrain import checkpoint as ckpt
 from pretrain.config import ExperimentConfig
+from pretrain.convert import EMA_FILE
 from pretrain.distributed import DistInfo, all_gather_objects, any_rank, init_distributed, mean_over_ranks
 from pretrain.ema import ShardedEMA
 from pretrain.engine import build_engine
@@ -38,8 +40,11 @@ def noise_generator(*keys: int) -> torch.Generator:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, dist: DistInfo):
+    def __init__(self, cfg: ExperimentConfig, dist: DistInfo, resume: str = "auto"):
         self.cfg, self.dist = cfg, dist
+        self.ckpt_root = Path(cfg.run.dir) / "checkpoints"
+        self.resume_from = ckpt.resolve_resume(resume, self.ckpt_root)
+        universal = self.resume_from is not None and ckpt.is_universal(*self.resume_from)
         torch.manual_seed(cfg.run.seed)
         model = UnifiedTransformer(cfg.model)
         model.activation_checkpointing = cfg.train.activation_checkpointing
@@ -47,10 +52,9 @@ class Trainer:
             for block in model.blocks:
                 block.compile()
         self.num_params = model.num_params()
-        self.engine = build_engine(model, cfg, dist.device)
+        self.engine = build_engine(model, cfg, dist.device, load_universal=universal)
         self.ema = ShardedEMA(self.engine, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.loader = PackedLoader(cfg.data, cfg.model, cfg.train.micro_batch_size, dist.rank, dist.world_size)
-        self.ckpt_root = Path(cfg.run.dir) / "checkpoints"
         self.step, self.tokens = 0, 0
         self.stop_signal: Optional[int] = None
 
@@ -62,17 +66,20 @@ class Trainer:
         return ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, own, self.cfg.checkpoint.keep,
                                     self.dist.rank)
 
-    def resume(self, resume: str) -> None:
-        found = ckpt.resolve_resume(resume, self.ckpt_root)
-        if found is None:
+    def resume(self) -> None:
+        """Load the checkpoint chosen by --resume; a universal one may come from another world size."""
+        if self.resume_from is None:
             return
-        client, own = ckpt.load_checkpoint(self.engine, *found, self.dist.rank)
+        root, tag = self.resume_from
+        client, own = ckpt.load_checkpoint(self.engine, root, tag, self.dist.rank)
         self.step, self.tokens = client["step"], client["tokens"]
-        self.loader.load_state_dict(client["data"])
-        if own is not None:
+        self.loader.load_state_dict(client["data"])  # world-size independent
+        if own is not None:  # same world size: this rank's RNG and EMA partition
             ckpt.set_rng_state(own["rng"])
             if self.ema is not None and own.get("ema") is not None:
                 self.ema.load_state_dict(own["ema"])
+        elif self.ema is not None and (root / tag / EMA_FILE).is_file():
+            self.ema.load_full(self.engine, torch.load(root / tag / EMA_FILE, map_location="cpu"))
 
     def _on_signal(self, signum, _frame) -> None:
         self.stop_signal = signum
@@ -84,6 +91,8 @@ class Trainer:
         for micro in range(self.cfg.train.grad_accum):
             batch = next(batches)
             self.last_batch = batch
+            if self.cfg.train.log_samples:
+                self._log_samples(micro)
             gen = noise_generator(self.cfg.run.seed, NOISE, self.step, micro, self.dist.rank)
             losses = self.engine(batch.to(self.dist.device), generator=gen, return_loss=True)
             self.engine.backward(losses["loss"])
@@ -95,6 +104,12 @@ class Trainer:
         self.step += 1
         self.tokens += batch.tokens.numel() * self.cfg.train.grad_accum * self.dist.world_size
         return sums
+
+    def _log_samples(self, micro: int) -> None:
+        path = Path(self.cfg.run.dir) / f"samples_rank{self.dist.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": self.step + 1, "micro": micro, "docs": self.loader.last_keys}) + "\n")
 
     @torch.no_grad()
     def evaluate(self) -> dict:
@@ -115,9 +130,9 @@ class Trainer:
         return {"eval/lm_loss": lm, "eval/diffusion_loss": diff}
 
     # ---- the run -------------------------------------------------------------------------
-    def run(self, resume: str = "auto") -> int:
+    def run(self) -> int:
         cfg, t = self.cfg, self.cfg.train
-        self.resume(resume)
+        self.resume()
         log = RunLogger(cfg, self.dist.is_main, self.step)
         log.message(f"{self.num_params / 1e6:.1f}M parameters, {self.dist.world_size} rank(s) on "
                     f"{self.dist.device.type}, ZeRO-{t.zero_stage}, from step {self.step}")
@@ -181,7 +196,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dist = init_distributed()
-    return Trainer(cfg, dist).run(args.resume)
+    return Trainer(cfg, dist, args.resume).run()
 
 
 if __name__ == "__main__":

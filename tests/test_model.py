@@ -169,3 +169,21 @@ def test_unknown_choice_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         ModelConfig(**{field: value})
     assert issubclass(ConfigError, ValueError)
+
+
+def test_every_parameter_gets_a_gradient_from_a_text_only_batch():
+    """Data-parallel ranks must reduce the same parameters whatever their batch holds."""
+    cfg = tiny()
+    model = UnifiedTransformer(cfg).train()
+    spec = LayoutSpec.from_model_config(cfg)
+    batch = pack_rows([[layout_document([TextSegment(list(range(10, 30)))], spec)]], 24)
+    model.loss(batch)["loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_every_parameter_gets_a_gradient_from_a_batch_without_text_targets():
+    cfg = tiny()
+    model = UnifiedTransformer(cfg).train()
+    batch = synthetic_batch(cfg, 1, 0, 4)
+    model.loss(batch)["loss"].backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []

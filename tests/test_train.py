@@ -118,3 +118,47 @@ def test_wandb_offline_leaves_a_run_with_the_metrics(tiny_config, tmp_path):
     logs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1 and b"diffusion_loss" in logs[0].read_bytes()
     assert sorted(metrics(run)) == [2, 4]
+
+
+def sample_log(run_dir, steps):
+    """Counter of document keys (text: token ranges) seen in the given steps, over all ranks."""
+    import collections
+    import json
+    seen = collections.Counter()
+    for f in run_dir.glob("samples_rank*.jsonl"):
+        for rec in map(json.loads, f.read_text().splitlines()):
+            if rec["step"] in steps:
+                seen.update(k for row in rec["docs"] for k in row)
+    return seen
+
+
+def test_two_ranks_to_universal_to_one_rank(tiny_config, tmp_path):
+    from pretrain.convert import consolidate_ema, to_universal
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["train.max_steps=8", "checkpoint.interval=4", "checkpoint.keep=0", "train.log_samples=true"]
+    r = torchrun(2, args(tiny_config, a, *common))
+    assert r.returncode == 0, r.stderr[-3000:]
+    universal = to_universal(a / "checkpoints/step_00000004", tmp_path / "step_00000004_universal")
+    assert (universal / "ema_fp32.pt").is_file()
+    # one rank, twice the accumulation: the same global batch
+    r = torchrun(1, ["--resume", str(universal), *args(tiny_config, b, *common, "train.grad_accum=2")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    ma, mb = metrics(a), metrics(b)
+    assert sorted(mb) == [5, 6, 7, 8]
+    for step in (5, 6, 7, 8):
+        assert abs(ma[step]["loss"] - mb[step]["loss"]) < 0.1 * ma[step]["loss"], (step, ma[step], mb[step])
+    # no document (or text token range) seen before the conversion is seen again after it
+    before, after = sample_log(a, {1, 2, 3, 4}), sample_log(b, {5, 6, 7, 8})
+    assert before and after and max(before.values()) == 1 and max(after.values()) == 1
+    assert not set(before) & set(after)
+    for key in after:  # text documents split across rows: ranges must not overlap either
+        if "@" in key:
+            doc, (lo, hi) = key.split("@")[0], map(int, key.split("@")[1].split(":"))
+            assert all(hi <= int(k.split("@")[1].split(":")[0]) or lo >= int(k.split(":")[1])
+                       for k in before if k.startswith(doc + "@"))
+    # the EMA went through the conversion: after 4 more steps it is still near run a's EMA
+    ema_a, ema_b = consolidate_ema(a / "checkpoints/step_00000008"), consolidate_ema(b / "checkpoints/step_00000008")
+    weights_a = consolidated(a / "checkpoints/step_00000008")
+    gap = sum(float((ema_a[k] - ema_b[k]).norm()) for k in ema_a)
+    drift = sum(float((ema_a[k] - weights_a[k]).detach().norm()) for k in ema_a)
+    assert gap < 0.2 * drift

@@ -1,0 +1,100 @@
+"""Checkpoint conversion.
+
+    python -m pretrain.convert to-universal CKPT OUT     # a ZeRO checkpoint -> DeepSpeed universal
+    python -m pretrain.train --config X.yaml --resume OUT  # ... then resume on another number of ranks
+
+`to-universal` runs DeepSpeed's `ds_to_universal` (with `--inject_missing_state`, needed for
+ZeRO-1/2) and adds `ema_fp32.pt`: the EMA reassembled from the per-rank partitions, which a
+resumed run on any number of ranks cuts into its own partitions again.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+EMA_FILE = "ema_fp32.pt"
+
+
+def zero_stage_of(ckpt: Path) -> int:
+    optim = sorted(ckpt.glob("*optim_states.pt"))
+    if not optim:
+        raise FileNotFoundError(f"{ckpt}: no ZeRO optimizer states (*optim_states.pt)")
+    state = torch.load(optim[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    return int(state["zero_stage"])
+
+
+def consolidate_ema(ckpt: Path) -> dict | None:
+    """The full fp32 EMA state dict of a ZeRO checkpoint folder (None when it has no EMA).
+
+    DeepSpeed's zero_to_fp32 reassembles flat fp32 partitions into parameters; it is handed
+    slim copies of the optimizer files whose fp32 partitions are the ranks' EMA shadows."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    rank_files = sorted(ckpt.glob("rank_*.pt"))
+    if not rank_files:
+        return None
+    shadows = [torch.load(f, map_location="cpu", weights_only=False).get("ema") for f in rank_files]
+    if any(s is None for s in shadows):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        shadow_ckpt = Path(tmp) / ckpt.name
+        shadow_ckpt.mkdir()
+        for f in ckpt.glob("*model_states.pt"):
+            os.symlink(f.resolve(), shadow_ckpt / f.name)
+        for rank, ema in enumerate(shadows):
+            src = next(ckpt.glob(f"zero_pp_rank_{rank}_*optim_states.pt"))
+            osd = torch.load(src, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+            key = "single_partition_of_fp32_groups" if int(osd["zero_stage"]) <= 2 else "fp32_flat_groups"
+            slim = {k: osd[k] for k in ("zero_stage", "partition_count", "ds_version") if k in osd}
+            slim[key] = ema["shadow"]
+            torch.save({"optimizer_state_dict": slim, "ds_config": {}, "ds_version": osd.get("ds_version")},
+                       shadow_ckpt / src.name)
+        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=ckpt.name)
+
+
+def to_universal(ckpt: str | Path, out: str | Path) -> Path:
+    """Convert a ZeRO checkpoint folder (e.g. RUN/checkpoints/step_N) to a universal one at `out`."""
+    ckpt, out = Path(ckpt), Path(out)
+    if not list(ckpt.glob("*model_states.pt")):
+        raise FileNotFoundError(f"{ckpt}: not a DeepSpeed checkpoint folder (no *model_states.pt)")
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
+           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
+           "--num_merge_workers", "1"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"ds_to_universal failed on {ckpt}:\n{r.stderr[-2000:]}")
+    ema = consolidate_ema(ckpt)
+    if ema is not None:
+        torch.save(ema, tmp / EMA_FILE)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    u = sub.add_parser("to-universal", help="ZeRO checkpoint -> DeepSpeed universal checkpoint")
+    u.add_argument("checkpoint", help="a checkpoint folder, e.g. RUN/checkpoints/step_00001000")
+    u.add_argument("out", help="output folder (e.g. RUN/checkpoints/step_00001000_universal)")
+    a = p.parse_args(argv)
+    try:
+        out = to_universal(a.checkpoint, a.out)
+    except (FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}; resume with --resume {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
