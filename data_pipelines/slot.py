@@ -108,6 +108,7 @@ class Slot:
         self.mix = state.get("mix", 0)
         self.bad = state.get("bad", 0)
         self.oversize = state.get("oversize", 0)
+        self.oversize_run = 0  # consecutive oversize skips: a dataset of nothing else must not spin forever
         self.done = list(state.get("done", [False] * len(datasets)))
         cursors = state.get("cursors", [[0, 0]] * len(datasets))
         self.cursors = [ShardCursor(ds, slot, tuple(c)) for ds, c in zip(datasets, cursors)]
@@ -136,9 +137,15 @@ class Slot:
         doc = build_document(segments, self.spec, ds.role, drop, self.cfg.add_bos_eos)
         if not isinstance(doc, list) and len(doc) > self.cfg.seq_len:
             self.oversize += 1
+            self.oversize_run += 1
             log.warning("skipping %s: %d tokens with latents, more than data.seq_len=%d (%d so far)",
                         key, len(doc), self.cfg.seq_len, self.oversize)
+            if self.oversize_run > self.cfg.max_bad_samples:
+                raise DataError(f"{self.oversize_run} documents in a row do not fit data.seq_len="
+                                f"{self.cfg.seq_len} (last: {key}, {len(doc)} tokens with latents in "
+                                f"{ds.root}); raise data.seq_len")
             return None
+        self.oversize_run = 0
         return key, doc
 
     def _pull(self) -> bool:

@@ -252,3 +252,9 @@ def test_caption_dropout_removes_the_caption(test_data):
     assert row[:2] == [BOS, BOI] and row[-2] == EOI  # <bos> <boi> latents <eoi> <eos>: no caption
     kept = next(iter(PackedLoader(cfg.replace(caption_dropout=0.0), model_config(), 1)))
     assert kept.tokens[0][2] != 8 and kept.tokens[0][1] != BOI
+
+
+def test_a_dataset_of_only_oversized_documents_raises_instead_of_spinning(test_data):
+    cfg = data_config(test_data["digits"], num_workers=0, seq_len=16, max_bad_samples=5)  # digits need ~30
+    with pytest.raises(DataError, match=r"do not fit data.seq_len=16.*raise data.seq_len"):
+        run([PackedLoader(cfg, model_config(), 1)], limit=1)

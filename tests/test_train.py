@@ -110,14 +110,18 @@ def test_unknown_config_key_is_a_one_line_error(tiny_config):
     assert r.stderr.strip().count("\n") == 0 and "train.max_stepz" in r.stderr and str(tiny_config) in r.stderr
 
 
-def test_wandb_offline_leaves_a_run_with_the_metrics(tiny_config, tmp_path):
+def test_wandb_offline_leaves_a_run_with_the_metrics(tiny_config, test_data, tmp_path):
     run = tmp_path / "run"
+    held_out = f"data.eval_datasets=[{{path: {test_data['digits']}}}]"
     r = torchrun(1, ["--config", str(tiny_config), f"run.dir={run}", "train.max_steps=4", "train.log_interval=2",
-                     "wandb.mode=offline", "data.num_workers=0"])
+                     "wandb.mode=offline", "data.num_workers=0", "train.eval_interval=2", "train.eval_batches=2",
+                     held_out])
     assert r.returncode == 0, r.stderr[-3000:]
     logs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(logs) == 1 and b"diffusion_loss" in logs[0].read_bytes()
-    assert sorted(metrics(run)) == [2, 4]
+    assert len(logs) == 1 and b"diffusion_loss" in logs[0].read_bytes() and b"eval/lm_loss" in logs[0].read_bytes()
+    m = metrics(run)
+    assert sorted(m) == [2, 4]
+    assert m[2]["eval/diffusion_loss"] > 0 and m[4]["eval/lm_loss"] > 0
 
 
 def sample_log(run_dir, steps):

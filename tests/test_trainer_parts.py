@@ -1,0 +1,49 @@
+"""Trainer parts that need no process group: configs, schedules, activation checkpointing."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.config import load_config
+from model.transformer import UnifiedTransformer
+from pretrain.config import ExperimentConfig, TrainConfig
+from pretrain.schedule import lr_factor
+from tests.test_model import packed_mixed_batch, randomize, tiny
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+EXPECTED_PARAMS = {"monoformer-1b": (1.0e9, 1.2e9), "acdit-xl": (0.6e9, 0.8e9)}
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "overfit-tiny.yaml"], ids=lambda p: p.stem)
+def test_every_experiment_config_loads_and_builds(path):
+    cfg = load_config(ExperimentConfig, path)
+    with torch.device("meta"):
+        model = UnifiedTransformer(cfg.model)
+    n = model.num_params()
+    lo, hi = EXPECTED_PARAMS.get(path.stem, (1e5, 1e8))
+    assert lo <= n <= hi, f"{path.stem}: {n / 1e6:.0f}M parameters"
+
+
+def test_cosine_and_wsd_schedules():
+    cos = TrainConfig(max_steps=100, warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert lr_factor(0, cos) == pytest.approx(0.1) and lr_factor(9, cos) == pytest.approx(1.0)
+    assert lr_factor(55, cos) == pytest.approx(0.55) and lr_factor(100, cos) == pytest.approx(0.1)
+    wsd = TrainConfig(max_steps=100, warmup_steps=10, schedule="wsd", wsd_decay_fraction=0.2, min_lr_ratio=0.0)
+    assert lr_factor(50, wsd) == 1.0 and lr_factor(79, wsd) == 1.0
+    assert lr_factor(90, wsd) == pytest.approx(0.5) and lr_factor(100, wsd) == pytest.approx(0.0)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients():
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = randomize(UnifiedTransformer(cfg)).train()
+    batch = packed_mixed_batch(cfg)
+    grads = []
+    for on in (False, True):
+        model.activation_checkpointing = on
+        model.zero_grad()
+        loss = model.loss(batch, torch.Generator().manual_seed(0))["loss"]
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
