@@ -71,6 +71,25 @@ class DocLayout:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def slice(self, a: int, b: int) -> "DocLayout":
+        """Tokens [a, b) with their latent rows (for running a document piece by piece)."""
+        lat = self.modality != TEXT
+        la, lb = int(lat[:a].sum()), int(lat[:b].sum())
+        return DocLayout(self.tokens[a:b], self.modality[a:b], self.unit[a:b], self.noisy[a:b], self.pos[a:b],
+                         self.text_loss[a:b], self.latent_loss[a:b], self.latents[la:lb])
+
+    @staticmethod
+    def concat(parts: Sequence["DocLayout"]) -> "DocLayout":
+        """Pieces of one document, joined back in order (they stay one document when packed)."""
+        lat = [p.latents for p in parts if p.latents.shape[0]]
+        return DocLayout(*(torch.cat([getattr(p, f.name) for p in parts])
+                           for f in dataclasses.fields(DocLayout) if f.name != "latents"),
+                         latents=torch.cat(lat) if lat else torch.zeros(0, 0))
+
+    def shifted(self, offset: int) -> "DocLayout":
+        """The same tokens placed `offset` positions and units later in their document."""
+        return dataclasses.replace(self, unit=self.unit + offset, pos=self.pos + offset)
+
 
 def latent_grid(shape: Sequence[int], patch_size: int) -> tuple[int, int, int]:
     """Token grid (T, h, w) of an image (C,H,W: T=1) or video (C,T,H,W) latent."""

@@ -19,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from model.attention import AttentionBias, attend, build_attention_bias, resolve_backend
 from model.diffusion import Diffusion, TimestepEmbedder
+from model.kv_cache import KVCache, extend_cache
 from model.model_config import ModelConfig
 from model.packed_batch import PackedBatch
 from model.rope import Rotary, apply_rotary
@@ -37,14 +38,16 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
-    def forward(self, x, rope, bias: AttentionBias):
+    def forward(self, x, rope, bias: AttentionBias, past: Optional[tuple] = None):
+        """-> (output, (k, v) of these tokens); `past` = cached (k, v) placed before them."""
         B, S, _ = x.shape
         q = self.q_norm(self.wq(x).view(B, S, self.n_heads, self.hd)).transpose(1, 2)
         k = self.k_norm(self.wk(x).view(B, S, self.n_kv, self.hd)).transpose(1, 2)
         v = self.wv(x).view(B, S, self.n_kv, self.hd).transpose(1, 2)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = attend(q, k, v, bias)
-        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+        k_all, v_all = (k, v) if past is None else (torch.cat([past[0], k], 2), torch.cat([past[1], v], 2))
+        out = attend(q, k_all, v_all, bias)
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1)), (k, v)
 
 
 class FeedForward(nn.Module):
@@ -77,18 +80,20 @@ class Block(nn.Module):
         self.ada_table = nn.Parameter(torch.zeros(6, cfg.dim))
 
     def forward(self, x, rope, bias: AttentionBias, cond: Optional[torch.Tensor] = None,
-                latent_mask: Optional[torch.Tensor] = None):
-        """x B,S,D; cond B,S,6,D (zero at text) and latent_mask B,S,1 float, or None (text only)."""
+                latent_mask: Optional[torch.Tensor] = None, past: Optional[tuple] = None):
+        """x B,S,D; cond B,S,6,D (zero at text) and latent_mask B,S,1 float, or None (text only);
+        `past`: cached (k, v) of this layer. Returns (x, (k, v) of these tokens)."""
         if cond is None:
-            x = x + self.attn(self.attn_norm(x), rope, bias)
-            return x + self.ffn(self.ffn_norm(x))
+            a, kv = self.attn(self.attn_norm(x), rope, bias, past)
+            x = x + a
+            return x + self.ffn(self.ffn_norm(x)), kv
         mod = (cond + self.ada_table) * latent_mask[..., None]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
         text = 1.0 - latent_mask
-        h = self.attn_norm(x) * (1 + scale1) + shift1
-        x = x + (gate1 + text) * self.attn(h, rope, bias)
+        a, kv = self.attn(self.attn_norm(x) * (1 + scale1) + shift1, rope, bias, past)
+        x = x + (gate1 + text) * a
         h = self.ffn_norm(x) * (1 + scale2) + shift2
-        return x + (gate2 + text) * self.ffn(h)
+        return x + (gate2 + text) * self.ffn(h), kv
 
 
 class ModelOutput(NamedTuple):
@@ -145,9 +150,17 @@ class UnifiedTransformer(nn.Module):
         training losses of `loss()` instead (the form a DeepSpeed engine calls)."""
         if return_loss:
             return self.loss(batch, generator)
-        return self._run(batch, latent_input)
+        return self._run(batch, latent_input)[0]
 
-    def _run(self, batch: PackedBatch, latent_input: Optional[torch.Tensor]) -> ModelOutput:
+    def step(self, batch: PackedBatch, latent_input: Optional[torch.Tensor] = None,
+             cache: Optional[KVCache] = None, extend: bool = False) -> tuple[ModelOutput, Optional[KVCache]]:
+        """Run new tokens after the cached ones (generation). Returns the output and the cache,
+        extended by these tokens when `extend` (else unchanged)."""
+        out, new = self._run(batch, latent_input, cache)
+        return out, (extend_cache(cache, new, batch) if extend else cache)
+
+    def _run(self, batch: PackedBatch, latent_input: Optional[torch.Tensor],
+             cache: Optional[KVCache] = None) -> tuple[ModelOutput, list]:
         batch.validate(self.cfg.latent_patch_dim)
         latent_input = batch.latents if latent_input is None else latent_input
         if latent_input.shape[0] == 0:  # a text-only batch may carry a (0, 0) tensor
@@ -167,18 +180,22 @@ class UnifiedTransformer(nn.Module):
             final_mod = self.final_ada(c).chunk(2, dim=-1)
             latent_mask = lat[..., None].to(dtype)
         rope = self.rotary(batch.pos)
-        bias = build_attention_bias(batch.doc, batch.unit, batch.noisy, self.attention_backend(x.device))
-        for blk in self.blocks:
+        kv = cache.key_arrays(batch) if cache is not None else None
+        bias = build_attention_bias(batch.doc, batch.unit, batch.noisy, self.attention_backend(x.device), kv)
+        new_kv = []
+        for i, blk in enumerate(self.blocks):
+            past = cache.layers[i] if cache is not None else None
             if self.activation_checkpointing and self.training:
-                x = checkpoint(blk, x, rope, bias, cond, latent_mask, use_reentrant=False)
+                x, layer_kv = checkpoint(blk, x, rope, bias, cond, latent_mask, past, use_reentrant=False)
             else:
-                x = blk(x, rope, bias, cond, latent_mask)
+                x, layer_kv = blk(x, rope, bias, cond, latent_mask, past)
+            new_kv.append(layer_kv)
         h = self.norm(x)
         if final_mod is None:
-            return ModelOutput(h, h.new_zeros(0, self.cfg.latent_patch_dim))
+            return ModelOutput(h, h.new_zeros(0, self.cfg.latent_patch_dim)), new_kv
         shift, scale = final_mod
         pred = self.latent_out(h[lat] * (1 + scale) + shift)
-        return ModelOutput(h, pred)
+        return ModelOutput(h, pred), new_kv
 
     def logits(self, batch: PackedBatch) -> torch.Tensor:
         """B,S,V next-token logits at every position (tests, generation)."""
@@ -193,7 +210,7 @@ class UnifiedTransformer(nn.Module):
         noisy = batch.noisy[batch.is_latent]
         eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         xt, target = self.diffusion.noise(x0, eps, batch.timestep)
-        out = self._run(batch, torch.where(noisy[:, None], xt, x0))
+        out, _ = self._run(batch, torch.where(noisy[:, None], xt, x0))
         zero = out.hidden.sum() * 0.0  # keeps every output in the graph when a part is empty
         sel = batch.text_loss
         if sel.any():
