@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from itertools import islice
 from typing import Iterable, Iterator
 
@@ -67,15 +67,21 @@ def write_shards(source: str, out: str, tokenizer: str, encoder: str = "pixels",
     total = source_options.get("num_samples") or (1797 if source == "digits" else None)
     bar = tqdm(total=total, desc=f"{source} -> {out}", unit="doc", disable=not progress)
     index = 0
+    shapes: dict[str, Counter] = {"image": Counter(), "video": Counter()}
     for chunk in _chunks(docs, batch):
         for sample, arrays in encode_documents(chunk, tok, enc):
             writer.write(f"{source}-{index:08d}", sample, arrays)
+            for seg in sample["segments"]:
+                if "latent" in seg:
+                    shapes[seg["kind"]][tuple(seg["shape"])] += 1
             index += 1
         bar.update(len(chunk))
     bar.close()
     return writer.close(source={"name": source, **{k: v for k, v in source_options.items() if v is not None}},
                         encoder=enc.describe(), latent_channels=enc.channels,
-                        tokenizer={"fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size})
+                        latent_shapes={k: list(c.most_common(1)[0][0]) for k, c in shapes.items() if c},
+                        tokenizer={"fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size,
+                                   "path": str(tok.path.resolve())})
 
 
 def main(argv=None) -> int:

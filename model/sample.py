@@ -59,6 +59,14 @@ def _rows(docs: Sequence[DocLayout], piece: Callable[[DocLayout], DocLayout], de
     return pack_rows([[p] for p in parts], max(len(p) for p in parts)).to(device)
 
 
+def check_prompts(model, prompts: Sequence[Sequence[int]], shape: Sequence[int]) -> None:
+    """ValueError naming the model's context when a prompt plus its latent does not fit."""
+    spec = LayoutSpec.from_model_config(model.cfg)
+    for p in prompts:
+        doc = layout_document([TextSegment([BOS] + list(p)), LatentSegment(torch.zeros(tuple(shape)))], spec)
+        check_context(model, len(doc), "prompt + latent")
+
+
 @torch.no_grad()
 def sample_latents(model, prompts: Sequence[Sequence[int]], shape: Sequence[int], steps: int = 50,
                    cfg_scale: float = 1.0, sampler: str = "auto", seed: int = 0, use_cache: bool = True,
@@ -73,9 +81,8 @@ def sample_latents(model, prompts: Sequence[Sequence[int]], shape: Sequence[int]
     guided = cfg_scale != 1.0
     captions = [[BOS] + list(p) for p in prompts] + ([[BOS]] * n if guided else [])
     blank = torch.zeros(tuple(shape))
+    check_prompts(model, prompts, shape)
     docs = [layout_document([TextSegment(c), LatentSegment(blank, "generate")], spec) for c in captions]
-    for d in docs:
-        check_context(model, len(d), "prompt + latent")
     ref = docs[0].slice(_first(docs[0]), len(docs[0]))  # the latent part (same in every row)
     noised_units = ref.unit[ref.noisy]
     bounds = torch.cat([torch.tensor([0]), torch.nonzero(noised_units[1:] != noised_units[:-1]).flatten() + 1,

@@ -2,6 +2,7 @@
 
     python -m pretrain.convert to-universal CKPT OUT     # a ZeRO checkpoint -> DeepSpeed universal
     python -m pretrain.train --config X.yaml --resume OUT  # ... then resume on another number of ranks
+    python -m pretrain.convert to-release CKPT OUT [--raw] [--dtype bf16]  # -> a release folder
 
 `to-universal` runs DeepSpeed's `ds_to_universal` (with `--inject_missing_state`, needed for
 ZeRO-1/2) and adds `ema_fp32.pt`: the EMA reassembled from the per-rank partitions, which a
@@ -80,19 +81,39 @@ def to_universal(ckpt: str | Path, out: str | Path) -> Path:
     return out
 
 
+def to_release(ckpt: str | Path, out: str | Path, ema: bool = True, dtype: str = "fp32") -> Path:
+    """A checkpoint folder -> a release folder (safetensors; EMA weights when kept, else raw)."""
+    from pretrain.release import data_info, model_from_checkpoint, save_release
+    ckpt = Path(ckpt)
+    model, client, used_ema = model_from_checkpoint(ckpt, ema)
+    info, tokenizer = data_info(client["config"].get("data", {}))
+    info["weights"] = "ema" if used_ema else "raw"
+    info["step"] = client.get("step")
+    return save_release(model, Path(out), info, tokenizer, torch.bfloat16 if dtype == "bf16" else None)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     u = sub.add_parser("to-universal", help="ZeRO checkpoint -> DeepSpeed universal checkpoint")
     u.add_argument("checkpoint", help="a checkpoint folder, e.g. RUN/checkpoints/step_00001000")
     u.add_argument("out", help="output folder (e.g. RUN/checkpoints/step_00001000_universal)")
+    r = sub.add_parser("to-release", help="ZeRO checkpoint -> release folder (config.json + safetensors)")
+    r.add_argument("checkpoint", help="a checkpoint folder, e.g. RUN/checkpoints/step_00001000")
+    r.add_argument("out", help="release folder to write")
+    r.add_argument("--raw", action="store_true", help="raw weights even when the run kept an EMA")
+    r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     a = p.parse_args(argv)
     try:
-        out = to_universal(a.checkpoint, a.out)
+        if a.command == "to-universal":
+            out = to_universal(a.checkpoint, a.out)
+            print(f"wrote {out}; resume with --resume {out}")
+        else:
+            out = to_release(a.checkpoint, a.out, ema=not a.raw, dtype=a.dtype)
+            print(f"wrote {out}; sample with python -m pretrain.sample --model {out}")
     except (FileNotFoundError, FileExistsError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}; resume with --resume {out}")
     return 0
 
 

@@ -1,0 +1,98 @@
+"""Sample text, images or video from a release folder or a training run.
+
+    python -m pretrain.sample --model RELEASE_OR_RUN_DIR --prompt "a handwritten digit 7" --out out.png \\
+        [--kind image|video|text] [--n 16] [--steps 50] [--cfg 3.0] [--seed 0] [--sampler auto|ddim|dpm++|euler]
+
+Images go to a PNG grid, video to an animated GIF grid, text to stdout (and --out if given).
+The latent size defaults to the one the model was trained on (--size H W, --frames T to change).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from tqdm import tqdm
+
+from model.generate import generate_text
+from model.sample import SAMPLERS, check_prompts, sample_latents
+from pretrain.images import decode, save_image_grid, save_video_grid
+from pretrain.release import Loaded, load_for_sampling
+
+
+class SampleError(ValueError):
+    pass
+
+
+def latent_shape(loaded: Loaded, kind: str, size=None, frames=None) -> list[int]:
+    shapes = loaded.info.get("latent_shapes", {})
+    if kind not in shapes:
+        trained = ", ".join(["text"] + sorted(shapes)) if shapes else "unknown (no release.json)"
+        raise SampleError(f"--kind {kind}: this model was not trained on {kind} (its data had: {trained})")
+    shape = list(shapes[kind])
+    if size:
+        shape[-2:] = size
+    if frames and kind == "video":
+        shape[1] = frames
+    return shape
+
+
+def sample(loaded: Loaded, prompt: str, kind: str, out: str | None, n: int = 16, steps: int = 50,
+           cfg_scale: float = 3.0, seed: int = 0, sampler: str = "auto", size=None, frames=None,
+           max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, progress: bool = True):
+    from data_pipelines.encoders import load_encoder
+    from data_pipelines.tokenizer import Tokenizer
+    if loaded.tokenizer is None:
+        raise SampleError("the model has no tokenizer (tokenizer.model missing from the release folder)")
+    tok = Tokenizer(loaded.tokenizer)
+    ids = tok.encode(prompt)
+    if kind == "text":
+        new = generate_text(loaded.model, ids, max_new_tokens, temperature, top_p, seed)
+        text = prompt + tok.decode(new)
+        if out:
+            with open(out, "w") as f:
+                f.write(text + "\n")
+        return text
+    shape = latent_shape(loaded, kind, size, frames)
+    check_prompts(loaded.model, [ids], shape)
+    bar = tqdm(desc=f"sampling {n} {kind}", unit="step", disable=not progress)
+    latents = sample_latents(loaded.model, [ids] * n, shape, steps, cfg_scale, sampler, seed,
+                             progress=bar.update)
+    bar.close()
+    pixels = decode(load_encoder(loaded.info["encoder"]), latents)
+    return (save_video_grid if kind == "video" else save_image_grid)(pixels, out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="release folder, run directory or checkpoint folder")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--out", default=None, help="output PNG (image), GIF (video) or text file")
+    p.add_argument("--kind", default="image", choices=["image", "video", "text"])
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", default="auto", choices=SAMPLERS)
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="latent size")
+    p.add_argument("--frames", type=int, default=None, help="video: latent frames")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--raw", action="store_true", help="run directory: raw weights, not the EMA")
+    a = p.parse_args(argv)
+    if a.kind != "text" and not a.out:
+        p.error("--out is required for images and video")
+    try:
+        loaded = load_for_sampling(a.model, "cuda" if torch.cuda.is_available() else "cpu", ema=not a.raw)
+        result = sample(loaded, a.prompt, a.kind, a.out, a.n, a.steps, a.cfg, a.seed, a.sampler, a.size, a.frames,
+                        a.max_new_tokens, a.temperature, a.top_p)
+    except (SampleError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result if a.kind == "text" else f"wrote {result}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""The sample CLI on a model trained for a few steps: PNG, GIF, release folders, clear errors."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from data_pipelines.write_shards import write_shards
+from pretrain.release import load_for_sampling
+from tests.launch import REPO, cleanup_shm, env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained_run(test_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    write_shards("moving_digits", str(root / "video"), str(test_data["tokenizer"]), channels=1, samples_per_shard=8,
+                 num_samples=8, frames=4, canvas=16, progress=False)
+    cfg = (REPO / "configs/tiny-cpu.yaml").read_text().replace("runs/demo/data/digits", str(test_data["digits"])) \
+        .replace("runs/demo/data/text", str(root / "video")).replace("vocab_size: 2000", "vocab_size: 1000")
+    (root / "tiny.yaml").write_text(cfg)
+    run = root / "run"
+    r = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(root / "tiny.yaml"), f"run.dir={run}",
+                        "train.max_steps=4", "wandb.mode=disabled", "data.num_workers=0", "data.seq_len=512",
+                        "model.max_seq_len=600"], cwd=REPO, env=env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    yield run
+    cleanup_shm()
+
+
+def sample_cli(*args):
+    return subprocess.run([sys.executable, "-m", "pretrain.sample", *map(str, args)], cwd=REPO, env=env(),
+                          capture_output=True, text=True)
+
+
+def test_cli_writes_a_png_grid_from_a_run_directory(trained_run, tmp_path):
+    out = tmp_path / "digits.png"
+    r = sample_cli("--model", trained_run, "--prompt", "a handwritten digit seven", "--out", out, "--n", 4,
+                   "--steps", 3, "--cfg", 2.0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] >= 256 and im.size[0] == im.size[1]
+
+
+def test_cli_writes_a_gif_for_video(trained_run, tmp_path):
+    out = tmp_path / "clip.gif"
+    r = sample_cli("--model", trained_run, "--prompt", "digit three moving up and left", "--kind", "video",
+                   "--out", out, "--n", 2, "--steps", 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    with Image.open(out) as im:
+        assert im.format == "GIF" and im.n_frames == 4
+
+
+def test_release_folder_samples_like_the_run(trained_run, tmp_path):
+    from pretrain.convert import to_release
+    release = to_release(trained_run / "checkpoints/step_00000004", tmp_path / "release")
+    assert {p.name for p in release.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model",
+                                                   "release.json"}
+    a, b = load_for_sampling(release), load_for_sampling(trained_run)
+    assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
+    assert a.info["weights"] == "ema" and a.info["latent_shapes"]["image"] == [1, 8, 8]
+    r = sample_cli("--model", release, "--prompt", "a handwritten digit", "--kind", "text", "--max-new-tokens", 5)
+    assert r.returncode == 0 and r.stdout.startswith("a handwritten digit"), r.stderr[-2000:]
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(trained_run, tmp_path):
+    long_prompt = " ".join(str(i) for i in range(1000))  # well over 600 tokens
+    r = sample_cli("--model", trained_run, "--prompt", long_prompt, "--out", tmp_path / "x.png", "--n", 1)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "max_seq_len=600" in errors[0]
+
+
+def test_a_kind_the_model_was_not_trained_on_is_a_clear_error(trained_run, tmp_path, test_data):
+    from pretrain.convert import to_release
+    release = to_release(trained_run / "checkpoints/step_00000004", tmp_path / "release")
+    import json
+    info = json.loads((release / "release.json").read_text())
+    del info["latent_shapes"]["video"]
+    (release / "release.json").write_text(json.dumps(info))
+    r = sample_cli("--model", release, "--prompt", "x", "--kind", "video", "--out", tmp_path / "v.gif")
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "not trained on video" in errors[0] and "image" in errors[0]
