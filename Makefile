@@ -35,6 +35,10 @@ demo: data
 	@echo "--- stopped at step 150; resuming from latest ---"
 	$(TORCHRUN) -m pretrain.train --config configs/tiny-cpu.yaml run.dir=$(DEMO_DIR)/run --resume auto
 	$(PY) -m pretrain.summary $(DEMO_DIR)/run
+	$(PY) -m pretrain.sample --model $(DEMO_DIR)/run --prompt "a handwritten digit seven" \
+		--out $(DEMO_DIR)/digit-seven.png --n 16 --steps 25 --cfg 3
+	$(PY) -m pretrain.sample --model $(DEMO_DIR)/run --kind text --prompt "The Python tutorial" \
+		--max-new-tokens 40 --temperature 0.8 --top-p 0.9
 
 test: install
 	$(PY) -m pytest -q

@@ -44,6 +44,9 @@ class TrainConfig(Config):
     log_interval: int = knob(10, "log metrics every N steps")
     eval_interval: int = knob(0, "evaluate on data.eval_datasets every N steps (0 = never)")
     eval_batches: int = knob(4, "micro-batches per evaluation")
+    sample_prompts: list[str] = knob([], "captions sampled at each evaluation -> RUN_DIR/samples/step_N.png, wandb")
+    sample_steps: int = knob(20, "denoising steps of those samples")
+    sample_cfg: float = knob(3.0, "classifier-free guidance scale of those samples")
     log_samples: bool = knob(False, "write the documents of every micro-batch to RUN_DIR/samples_rankR.jsonl")
     peak_tflops: float = knob(0.0, "per-device peak TFLOP/s for MFU (0 = auto on known GPUs, none on CPU)")
 

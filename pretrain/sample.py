@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -43,7 +44,8 @@ def sample(loaded: Loaded, prompt: str, kind: str, out: str | None, n: int = 16,
     from data_pipelines.encoders import load_encoder
     from data_pipelines.tokenizer import Tokenizer
     if loaded.tokenizer is None:
-        raise SampleError("the model has no tokenizer (tokenizer.model missing from the release folder)")
+        raise SampleError("no tokenizer found (no tokenizer.model in the release folder, no tokenizer path in "
+                          "the run's shard manifests): pass --tokenizer")
     tok = Tokenizer(loaded.tokenizer)
     ids = tok.encode(prompt)
     if kind == "text":
@@ -80,11 +82,14 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--raw", action="store_true", help="run directory: raw weights, not the EMA")
+    p.add_argument("--tokenizer", default=None, help="tokenizer .model (default: the model's own)")
     a = p.parse_args(argv)
     if a.kind != "text" and not a.out:
         p.error("--out is required for images and video")
     try:
         loaded = load_for_sampling(a.model, "cuda" if torch.cuda.is_available() else "cpu", ema=not a.raw)
+        if a.tokenizer:
+            loaded.tokenizer = Path(a.tokenizer)
         result = sample(loaded, a.prompt, a.kind, a.out, a.n, a.steps, a.cfg, a.seed, a.sampler, a.size, a.frames,
                         a.max_new_tokens, a.temperature, a.top_p)
     except (SampleError, ValueError, FileNotFoundError) as e:

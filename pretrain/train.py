@@ -129,6 +129,31 @@ class Trainer:
         lm, diff = mean_over_ranks([s / max(n, 1) for s in sums], self.dist.device)
         return {"eval/lm_loss": lm, "eval/diffusion_loss": diff}
 
+    @torch.no_grad()
+    def sample_grid(self) -> Optional[Path]:
+        """Sample train.sample_prompts with the current weights (every rank runs the same sampling,
+        as ZeRO-3 needs) and save a PNG grid on rank 0."""
+        from data_pipelines.encoders import load_encoder
+        from data_pipelines.tokenizer import Tokenizer
+        from model.sample import sample_latents
+        from pretrain.images import decode, save_image_grid
+        from pretrain.release import data_info
+        info, tok_path = data_info(self.cfg.to_dict()["data"])
+        if "image" not in info["latent_shapes"] or tok_path is None:
+            return None
+        tok = Tokenizer(tok_path)
+        model = self.engine.module
+        model.eval()
+        latents = sample_latents(model, [tok.encode(p) for p in self.cfg.train.sample_prompts],
+                                 info["latent_shapes"]["image"], self.cfg.train.sample_steps,
+                                 self.cfg.train.sample_cfg, seed=self.cfg.run.seed)
+        model.train()
+        if not self.dist.is_main:
+            return None
+        path = Path(self.cfg.run.dir) / "samples" / f"step_{self.step:08d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return save_image_grid(decode(load_encoder(info["encoder"]), latents), path)
+
     # ---- the run -------------------------------------------------------------------------
     def run(self) -> int:
         cfg, t = self.cfg, self.cfg.train
@@ -164,8 +189,12 @@ class Trainer:
                 metrics["mfu"] = flops / elapsed / peak if peak else None
                 window = dict.fromkeys(window, 0.0)
                 window_steps, window_start, window_tokens = 0, time.time(), self.tokens
-            if t.eval_interval and cfg.data.eval_datasets and self.step % t.eval_interval == 0:
-                metrics.update(self.evaluate())
+            if t.eval_interval and self.step % t.eval_interval == 0:
+                if cfg.data.eval_datasets:
+                    metrics.update(self.evaluate())
+                grid = self.sample_grid() if t.sample_prompts else None
+                if grid is not None:
+                    log.log_images(self.step, "samples", grid)
             log.log(self.step, metrics, advance=1)
             stop = any_rank(self.stop_signal is not None, self.dist.device)
             if stop or self.step % cfg.checkpoint.interval == 0:

@@ -115,12 +115,15 @@ def test_wandb_offline_leaves_a_run_with_the_metrics(tiny_config, test_data, tmp
     held_out = f"data.eval_datasets=[{{path: {test_data['digits']}}}]"
     r = torchrun(1, ["--config", str(tiny_config), f"run.dir={run}", "train.max_steps=4", "train.log_interval=2",
                      "wandb.mode=offline", "data.num_workers=0", "train.eval_interval=2", "train.eval_batches=2",
-                     held_out])
+                     held_out, "train.sample_prompts=[a handwritten digit one, a handwritten digit two]",
+                     "train.sample_steps=2"])
     assert r.returncode == 0, r.stderr[-3000:]
     logs = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(logs) == 1 and b"diffusion_loss" in logs[0].read_bytes() and b"eval/lm_loss" in logs[0].read_bytes()
     m = metrics(run)
     assert sorted(m) == [2, 4]
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_00000002.png", "step_00000004.png"]
+    assert b"samples" in logs[0].read_bytes() and list((run / "wandb").glob("offline-run-*/files/media/images/*"))
     assert m[2]["eval/diffusion_loss"] > 0 and m[4]["eval/lm_loss"] > 0
 
 
