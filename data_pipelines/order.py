@@ -62,12 +62,6 @@ class Intervals:
     def count(self) -> int:
         return sum(b - a for a, b in self.ranges)
 
-    def union(self, other: "Intervals") -> "Intervals":
-        out = Intervals(self.ranges)
-        for a, b in other.ranges:
-            out.add(a, b)
-        return out
-
     def to_list(self) -> list:
         return [list(r) for r in self.ranges]
 

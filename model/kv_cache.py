@@ -37,9 +37,6 @@ class KVCache:
     def start(new: list[tuple[torch.Tensor, torch.Tensor]], batch: PackedBatch) -> "KVCache":
         return KVCache([(k.detach(), v.detach()) for k, v in new], batch.doc, batch.unit, batch.noisy)
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        return KVCache([(k[rows], v[rows]) for k, v in self.layers], self.doc[rows], self.unit[rows], self.noisy[rows])
-
 
 def extend_cache(cache: Optional[KVCache], new, batch: PackedBatch) -> KVCache:
     return KVCache.start(new, batch) if cache is None else cache.extended(new, batch)

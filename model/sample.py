@@ -15,7 +15,6 @@ in the same batch; rows of different prompt lengths are padded in the cache (doc
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -153,7 +152,3 @@ def unsequence(tokens: torch.Tensor, cfg, shape: Sequence[int], spec: LayoutSpec
     raster[:, order] = tokens
     video = len(shape) == 4
     return torch.stack([unpatchify(t, cfg.latent_channels, grid, cfg.patch_size, video) for t in raster])
-
-
-def grid_side(n: int) -> int:
-    return math.ceil(math.sqrt(n))

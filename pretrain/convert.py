@@ -23,14 +23,6 @@ import torch
 EMA_FILE = "ema_fp32.pt"
 
 
-def zero_stage_of(ckpt: Path) -> int:
-    optim = sorted(ckpt.glob("*optim_states.pt"))
-    if not optim:
-        raise FileNotFoundError(f"{ckpt}: no ZeRO optimizer states (*optim_states.pt)")
-    state = torch.load(optim[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
-    return int(state["zero_stage"])
-
-
 def consolidate_ema(ckpt: Path) -> dict | None:
     """The full fp32 EMA state dict of a ZeRO checkpoint folder (None when it has no EMA).
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from data_pipelines.encoders import PixelEncoder, VAEEncoder, load_encoder
-from data_pipelines.shards import iter_shard_documents, load_manifest
+from data_pipelines.shards import iter_shard_documents
 from data_pipelines.sources import moving_digits, photos, split_paragraphs, text
 from data_pipelines.write_shards import write_shards
 
