@@ -13,6 +13,7 @@ dataset fingerprints differ from the shards on disk is refused.
 """
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -26,6 +27,13 @@ from model.diffusion import Diffusion
 from model.layout import LayoutSpec
 
 STATE_VERSION = 1
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader worker init: leave SIGTERM/SIGUSR1 to the rank, which checkpoints and then stops
+    the workers (Slurm signals every process of a job step, workers included)."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class _SlotStream(torch.utils.data.IterableDataset):
@@ -89,7 +97,8 @@ class PackedLoader:
             items = iter(self.make_slot(slots[0]))
         else:
             items = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
-                                                     prefetch_factor=2, persistent_workers=False))
+                                                     prefetch_factor=2, persistent_workers=False,
+                                                     worker_init_fn=_ignore_stop_signals))
         for batch, state, keys in items:
             self.slot_states[state["slot"]] = state
             self.last_keys = keys

@@ -24,14 +24,15 @@ def torchrun(n: int, args: list, extra_env: dict = None, timeout: int = 300) -> 
 
 
 def spawn_ranks(n: int, args: list, log_dir: Path) -> list:
-    """Start n rank processes directly (so each can be signalled); returns the Popen objects."""
+    """Start n rank processes directly, each in its own process group (signal it with os.killpg, as
+    Slurm signals every process of a job step, DataLoader workers included)."""
     port = str(free_port())
     procs = []
     for r in range(n):
         e = env(RANK=str(r), WORLD_SIZE=str(n), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         out = open(log_dir / f"rank{r}.log", "w")
         procs.append(subprocess.Popen([sys.executable, "-m", "pretrain.train", *args], cwd=REPO, env=e,
-                                      stdout=out, stderr=subprocess.STDOUT))
+                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
     return procs
 
 

@@ -1,4 +1,5 @@
 """DeepSpeed training on 2 CPU ranks: exact resume for ZeRO 1/2/3, crash-safe checkpoints, SIGTERM."""
+import os
 import shutil
 import signal
 import subprocess
@@ -89,7 +90,7 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tiny_config, tmp_path):
             assert time.time() < deadline and all(p.poll() is None for p in procs), (tmp_path / "rank0.log").read_text()
             time.sleep(0.5)
         for p in procs:
-            p.send_signal(signal.SIGTERM)
+            os.killpg(p.pid, signal.SIGTERM)  # the rank and its DataLoader workers, as Slurm does
         codes = [p.wait(timeout=120) for p in procs]
     finally:
         for p in procs:
