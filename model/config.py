@@ -136,10 +136,18 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def _merge(base, extra: dict):
+    """Overrides into a YAML tree; a numeric key indexes into a list (`data.datasets.0.path=...`)."""
+    if isinstance(base, list):
+        out = list(base)
+        for k, v in extra.items():
+            if not (k.isdigit() and int(k) < len(out)):
+                raise ConfigError(f"override index '{k}': the list has {len(out)} entries")
+            out[int(k)] = _merge(out[int(k)], v) if isinstance(v, dict) else v
+        return out
     out = dict(base)
     for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), (dict, list)) else v
     return out
 
 

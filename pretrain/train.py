@@ -15,6 +15,7 @@ import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -224,6 +225,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # DeepSpeed 0.19 calls this deprecated torch API on every step; the warning is not ours to fix.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     dist = init_distributed()
     return Trainer(cfg, dist, args.resume).run()
 

@@ -58,3 +58,12 @@ def test_every_knob_has_a_default_and_a_doc():
 def test_round_trip_through_dict():
     cfg = ModelConfig(dim=96, n_heads=3, objective="flow")
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_overrides_index_into_lists(tmp_path):
+    from pretrain.config import ExperimentConfig
+    path = write(tmp_path, "data:\n  datasets:\n    - {path: a, weight: 0.5}\n    - {path: b}\n")
+    cfg = load_config(ExperimentConfig, path, ["data.datasets.1.path=c", "data.datasets.0.weight=2"])
+    assert [(d.path, d.weight) for d in cfg.data.datasets] == [("a", 2.0), ("c", 1.0)]
+    with pytest.raises(ConfigError, match="index '5'"):
+        load_config(ExperimentConfig, path, ["data.datasets.5.path=x"])
