@@ -52,6 +52,10 @@ def save_release(model: UnifiedTransformer, out: Path, info: dict, tokenizer: Op
                  dtype: Optional[torch.dtype] = None) -> Path:
     out = Path(out)
     model.save_pretrained(out, dtype=dtype)
+    encoder = dict(info.get("encoder") or {})
+    if encoder.get("type") == "vae":  # the release carries its VAE: nothing else is needed to sample
+        shutil.copytree(encoder["path"], out / "vae", dirs_exist_ok=True)
+        info = dict(info, encoder=dict(encoder, path="vae"))
     (out / RELEASE_FILE).write_text(json.dumps(info, indent=2) + "\n")
     if tokenizer is not None and Path(tokenizer).is_file():
         shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
@@ -90,6 +94,8 @@ def load_for_sampling(path: str | Path, device="cpu", ema: bool = True) -> Loade
     if (path / CONFIG_FILE).is_file():
         model = UnifiedTransformer.from_pretrained(path, device=device)
         info = json.loads((path / RELEASE_FILE).read_text()) if (path / RELEASE_FILE).is_file() else {}
+        if (info.get("encoder") or {}).get("type") == "vae":
+            info["encoder"]["path"] = str(path / info["encoder"]["path"])  # relative to the release
         tok = path / TOKENIZER_FILE
         return Loaded(model, tok if tok.is_file() else None, info)
     ckpt = path

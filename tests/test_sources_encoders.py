@@ -110,3 +110,18 @@ def test_pixel_encoder_round_trip():
     assert lat.shape == (2, 1, 4, 4) and lat.min() >= -1 and lat.max() <= 1
     back = enc.decode(torch.from_numpy(lat.astype(np.float32)))
     np.testing.assert_allclose(back[:, 0].numpy(), img.mean(-1), atol=2e-3)
+
+
+def test_a_release_carries_its_vae(tiny_vae, tmp_path):
+    from model.model_config import ModelConfig
+    from model.transformer import UnifiedTransformer
+    from pretrain.release import load_for_sampling, save_release
+    enc = VAEEncoder(tiny_vae, device="cpu")
+    model = UnifiedTransformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, latent_channels=4))
+    release = save_release(model, tmp_path / "release", {"encoder": enc.describe(), "latent_shapes": {}}, None)
+    moved = tmp_path / "elsewhere"
+    release.rename(moved)  # the release no longer depends on where the VAE was
+    loaded = load_for_sampling(moved)
+    assert loaded.info["encoder"]["path"] == str(moved / "vae")
+    images = np.random.default_rng(0).random((1, 16, 16, 3)).astype(np.float32)
+    np.testing.assert_array_equal(load_encoder(loaded.info["encoder"]).encode_images(images), enc.encode_images(images))
