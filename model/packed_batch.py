@@ -52,9 +52,15 @@ class PackedBatch:
                 raise ValueError(f"PackedBatch.{name}: expected a bool tensor, got {getattr(self, name).dtype}")
         if tuple(self.pos.shape) != bs + (3,):
             raise ValueError(f"PackedBatch.pos: shape {tuple(self.pos.shape)} != {bs + (3,)}")
-        if ((self.modality < TEXT) | (self.modality > VIDEO)).any():
+        lat = self.is_latent
+        pad = self.doc == -1
+        # every value check in one host transfer (one sync on a GPU, not one per check)
+        checks = torch.stack([lat.sum(), ((self.modality < TEXT) | (self.modality > VIDEO)).any(),
+                              (self.noisy & ~lat).any(), (self.text_loss & lat).any(),
+                              (self.latent_loss & ~self.noisy).any(), (pad & (lat | self.text_loss)).any()])
+        n_latent, bad_modality, noisy_text, loss_on_latent, loss_on_clean, padding = checks.tolist()
+        if bad_modality:
             raise ValueError("PackedBatch.modality: values must be 0 (text), 1 (image) or 2 (video)")
-        n_latent = int(self.is_latent.sum())
         if self.latents.dim() != 2 or self.latents.shape[0] != n_latent:
             raise ValueError(f"PackedBatch.latents: {tuple(self.latents.shape)} rows do not match the "
                              f"{n_latent} latent positions of modality")
@@ -63,13 +69,10 @@ class PackedBatch:
                              f"the model expects {patch_dim}")
         if tuple(self.timestep.shape) != (n_latent,):
             raise ValueError(f"PackedBatch.timestep: shape {tuple(self.timestep.shape)} != ({n_latent},)")
-        if (self.noisy & ~self.is_latent).any():
-            raise ValueError("PackedBatch.noisy: set on a text position")
-        if (self.text_loss & self.is_latent).any():
-            raise ValueError("PackedBatch.text_loss: set on a latent position")
-        if (self.latent_loss & ~self.noisy).any():
-            raise ValueError("PackedBatch.latent_loss: set on a position that is not a noised latent")
-        pad = self.doc == -1
-        if (pad & (self.is_latent | self.text_loss)).any():
-            raise ValueError("PackedBatch.doc: padding (-1) holds a latent or a loss position")
+        for bad, message in ((noisy_text, "noisy: set on a text position"),
+                             (loss_on_latent, "text_loss: set on a latent position"),
+                             (loss_on_clean, "latent_loss: set on a position that is not a noised latent"),
+                             (padding, "doc: padding (-1) holds a latent or a loss position")):
+            if bad:
+                raise ValueError(f"PackedBatch.{message}")
         return self

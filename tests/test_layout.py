@@ -81,3 +81,20 @@ def test_one_timestep_per_noised_unit():
         groups.setdefault((r, u), set()).add(t)
     assert len(groups) == 8 and all(len(v) == 1 for v in groups.values())
     assert len({next(iter(v)) for v in groups.values()}) > 1  # blocks get their own times
+
+
+@pytest.mark.parametrize("field,corrupt", [
+    ("noisy", lambda b: b.noisy.__setitem__((0, 0), True)),              # a text position marked noised
+    ("text_loss", lambda b: b.text_loss.__setitem__(tuple(b.is_latent.nonzero()[0].tolist()), True)),
+    ("latent_loss", lambda b: b.latent_loss.__setitem__((0, 0), True)),   # loss on a token that is not noised
+    ("doc", lambda b: b.text_loss.__setitem__((0, -1), True)),            # a loss in the padding
+    ("modality", lambda b: b.modality.__setitem__((0, 0), 7)),
+    ("timestep", lambda b: setattr(b, "timestep", b.timestep[:-1])),
+])
+def test_validate_names_the_inconsistent_field(field, corrupt):
+    doc = layout_document([TextSegment([20, 21]), LatentSegment(torch.randn(1, 2, 2))], LayoutSpec(patch_size=1))
+    batch = pack_rows([[doc]], len(doc) + 2)
+    batch.validate()
+    corrupt(batch)
+    with pytest.raises(ValueError, match=rf"PackedBatch\.{field}"):
+        batch.validate()
