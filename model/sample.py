@@ -53,8 +53,9 @@ def unit_time(cfg, scheduler, t) -> float:
     return float(t) / (cfg.num_train_timesteps - 1)
 
 
-def _rows(docs: Sequence[DocLayout], piece: Callable[[DocLayout], DocLayout], device):
-    parts = [piece(d) for d in docs]
+def _rows(docs: Sequence[DocLayout], starts: Sequence[int], a: int, b: int, device):
+    """One row per sample: its tokens [start + a, start + b) (start = its first latent token)."""
+    parts = [d.slice(f + a, f + b) for d, f in zip(docs, starts)]
     return pack_rows([[p] for p in parts], max(len(p) for p in parts)).to(device)
 
 
@@ -82,18 +83,20 @@ def sample_latents(model, prompts: Sequence[Sequence[int]], shape: Sequence[int]
     blank = torch.zeros(tuple(shape))
     check_prompts(model, prompts, shape)
     docs = [layout_document([TextSegment(c), LatentSegment(blank, "generate")], spec) for c in captions]
-    ref = docs[0].slice(_first(docs[0]), len(docs[0]))  # the latent part (same in every row)
+    starts = [int((d.modality != 0).nonzero()[0]) for d in docs]  # first latent token of each row
+    ref = docs[0].slice(starts[0], len(docs[0]))  # the latent part (same in every row)
     noised_units = ref.unit[ref.noisy]
     bounds = torch.cat([torch.tensor([0]), torch.nonzero(noised_units[1:] != noised_units[:-1]).flatten() + 1,
                         torch.tensor([len(noised_units)])]).tolist()
     n_noised, P = len(noised_units), cfg.latent_patch_dim
     gen = torch.Generator().manual_seed(seed)
 
-    prefix = _rows(docs, lambda d: d.slice(0, _first(d)), device)
+    prompts_only = [d.slice(0, f) for d, f in zip(docs, starts)]
+    prefix = pack_rows([[p] for p in prompts_only], max(starts)).to(device)
     cache = model.step(prefix, extend=True)[1] if use_cache else None
     done: list[torch.Tensor] = []  # finished blocks (n, len, P)
     for a, b in zip(bounds[:-1], bounds[1:]):
-        noised = _rows(docs, lambda d: d.slice(_first(d) + a, _first(d) + b), device)
+        noised = _rows(docs, starts, a, b, device)
         x = torch.randn((n, b - a, P), generator=gen).to(device)
         scheduler = make_scheduler(cfg, sampler)
         scheduler.set_timesteps(steps)
@@ -103,7 +106,7 @@ def sample_latents(model, prompts: Sequence[Sequence[int]], shape: Sequence[int]
             if use_cache:
                 pred = model.step(noised, rows_x.reshape(-1, P), cache)[0].latent_pred
             else:
-                pred = _uncached_pred(model, docs, a, b, n_noised, done, rows_x, noised.timestep[0], device)
+                pred = _uncached_pred(model, docs, starts, a, b, n_noised, done, rows_x, noised.timestep[0], device)
             pred = pred.reshape(-1, b - a, P).float()
             if guided:
                 cond, uncond = pred[:n], pred[n:]
@@ -113,7 +116,7 @@ def sample_latents(model, prompts: Sequence[Sequence[int]], shape: Sequence[int]
                 progress(1)
         done.append(x)
         if spec.mode == "acdit" and use_cache:  # the clean copy of this block joins the cache
-            clean = _rows(docs, lambda d: d.slice(_first(d) + n_noised + a, _first(d) + n_noised + b), device)
+            clean = _rows(docs, starts, n_noised + a, n_noised + b, device)
             clean.timestep = torch.zeros(clean.latents.shape[0], device=device)
             rows_x = torch.cat([x, x]) if guided else x
             cache = model.step(clean, rows_x.reshape(-1, P), cache, extend=True)[1]
@@ -121,19 +124,13 @@ def sample_latents(model, prompts: Sequence[Sequence[int]], shape: Sequence[int]
     return unsequence(tokens, cfg, shape, spec)
 
 
-def _first(d: DocLayout) -> int:
-    """Index of the first latent token of a laid-out sample."""
-    return int((d.modality != 0).nonzero()[0])
-
-
-def _uncached_pred(model, docs, a, b, n_noised, done, rows_x, t_now, device):
+def _uncached_pred(model, docs, starts, a, b, n_noised, done, rows_x, t_now, device):
     """The prediction for noised tokens [a, b) from the whole visible sequence, recomputed:
     the prompt, (acdit) the clean copies of the finished blocks, and the noised block."""
     acdit = model.cfg.mode == "acdit" and a > 0
     finished = torch.cat(done, dim=1) if acdit else None
     rows, values = [], []
-    for r, d in enumerate(docs):
-        f = _first(d)
+    for r, (d, f) in enumerate(zip(docs, starts)):
         clean = [d.slice(f + n_noised, f + n_noised + a)] if acdit else []
         rows.append([DocLayout.concat([d.slice(0, f), *clean, d.slice(f + a, f + b)])])
         values += ([finished[r % finished.shape[0]]] if acdit else []) + [rows_x[r]]

@@ -59,12 +59,11 @@ def test_resume_reproduces_losses_weights_and_ema(tiny_config, tmp_path, stage):
         ea = torch.load(straight / f"checkpoints/step_00000006/rank_{rank:05d}.pt", weights_only=False)["ema"]
         eb = torch.load(resumed / f"checkpoints/step_00000006/rank_{rank:05d}.pt", weights_only=False)["ema"]
         assert all(torch.equal(x, y) for x, y in zip(ea["shadow"], eb["shadow"]))
-        assert not all(torch.equal(x, y) for x, y in zip(ea["shadow"], consolidated_partition_guard(ea)))
-
-
-def consolidated_partition_guard(ema_state):
-    """A zero tensor per partition: the EMA must hold real weights, not an untouched buffer."""
-    return [torch.zeros_like(s) for s in ema_state["shadow"]]
+    # the EMA is a real, lagging average: it differs from the weights it follows
+    from pretrain.convert import consolidate_ema
+    ema = consolidate_ema(straight / "checkpoints/step_00000006")
+    assert ema.keys() == wa.keys()
+    assert sum(float((ema[k] - wa[k]).norm()) for k in wa) > 1e-3
 
 
 def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tiny_config, tmp_path):
