@@ -23,6 +23,7 @@ import torch
 
 from data_pipelines.documents import stateless_uniform
 from data_pipelines.loader import PackedLoader
+from data_pipelines.slot import DataError
 from model.config import ConfigError, load_config
 from model.transformer import UnifiedTransformer
 from pretrain import checkpoint as ckpt
@@ -228,7 +229,11 @@ def main(argv=None) -> int:
     # DeepSpeed 0.19 calls this deprecated torch API on every step; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     dist = init_distributed()
-    return Trainer(cfg, dist, args.resume).run()
+    try:
+        return Trainer(cfg, dist, args.resume).run()
+    except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        print(f"error{f' (rank {dist.rank})' if dist.world_size > 1 else ''}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -110,6 +110,17 @@ def test_unknown_config_key_is_a_one_line_error(tiny_config):
     assert r.stderr.strip().count("\n") == 0 and "train.max_stepz" in r.stderr and str(tiny_config) in r.stderr
 
 
+@pytest.mark.parametrize("bad", ["--resume={tmp}/no-checkpoint", "data.datasets.0.path={tmp}/no-shards"])
+def test_missing_checkpoint_or_shards_is_an_error_naming_the_path(tiny_config, tmp_path, bad):
+    bad = bad.format(tmp=tmp_path)
+    r = subprocess.run([sys.executable, "-m", "pretrain.train", *args(tiny_config, tmp_path / "run", bad)],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and bad.split("=", 1)[1] in last
+
+
 def test_wandb_offline_leaves_a_run_with_the_metrics(tiny_config, test_data, tmp_path):
     run = tmp_path / "run"
     held_out = f"data.eval_datasets=[{{path: {test_data['digits']}}}]"
