@@ -81,7 +81,8 @@ class Block(nn.Module):
 
     def forward(self, x, rope, bias: AttentionBias, cond: Optional[torch.Tensor] = None,
                 latent_mask: Optional[torch.Tensor] = None, past: Optional[tuple] = None):
-        """x B,S,D; cond B,S,6,D (zero at text) and latent_mask B,S,1 float, or None (text only);
+        """x B,S,D; cond B,S,6,D (zero at text) and latent_mask B,S,1 float (both may be 1 in place of S:
+        no latent token), or None (text only, no training);
         `past`: cached (k, v) of this layer. Returns (x, (k, v) of these tokens)."""
         if cond is None:
             a, kv = self.attn(self.attn_norm(x), rope, bias, past)
@@ -176,9 +177,14 @@ class UnifiedTransformer(nn.Module):
             x = x.index_put((lat,), self.latent_in(latent_input.to(self.latent_in.weight.dtype)).to(dtype))
             c = F.silu(self.time_embed(batch.timestep))
             B, S, D = x.shape
-            cond = x.new_zeros(B, S, 6, D).index_put((lat,), self.ada(c).view(-1, 6, D).to(dtype))
+            ada = self.ada(c).view(-1, 6, D).to(dtype)
+            if latent_input.shape[0]:
+                cond = x.new_zeros(B, S, 6, D).index_put((lat,), ada)
+                latent_mask = lat[..., None].to(dtype)
+            else:  # no latent token: a zero that broadcasts over the row keeps the graph, not the cost
+                cond = x.new_zeros(B, 1, 6, D) + ada.sum() * 0.0
+                latent_mask = x.new_zeros(B, 1, 1)
             final_mod = self.final_ada(c).chunk(2, dim=-1)
-            latent_mask = lat[..., None].to(dtype)
         rope = self.rotary(batch.pos)
         kv = cache.key_arrays(batch) if cache is not None else None
         bias = build_attention_bias(batch.doc, batch.unit, batch.noisy, self.attention_backend(x.device), kv)

@@ -177,8 +177,15 @@ def test_every_parameter_gets_a_gradient_from_a_text_only_batch():
     model = UnifiedTransformer(cfg).train()
     spec = LayoutSpec.from_model_config(cfg)
     batch = pack_rows([[layout_document([TextSegment(list(range(10, 30)))], spec)]], 24)
-    model.loss(batch)["loss"].backward()
+    loss = model.loss(batch)["loss"]
+    loss.backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+    latent_only = [p for n, p in model.named_parameters()
+                   if n.split(".")[0] in ("latent_in", "time_embed", "ada", "final_ada", "latent_out")
+                   or n.endswith("ada_table")]
+    assert len(latent_only) == 12 + cfg.n_layers and all(p.grad.abs().sum() == 0 for p in latent_only)
+    with torch.no_grad():  # ... and the text path is exactly the plain Llama block (eval mode skips the latent path)
+        assert torch.equal(model.eval().loss(batch)["loss"], loss.detach())
 
 
 def test_every_parameter_gets_a_gradient_from_a_batch_without_text_targets():
