@@ -8,7 +8,9 @@ newest complete one.
 Writing: every rank writes into `step_N.tmp`; after a barrier (all ranks done) rank 0
 renames it to `step_N`, then replaces `latest` atomically (temp file + rename) and prunes
 to the last `keep`. A crash before the rename leaves only a `.tmp` folder, which loading
-ignores and the next save removes; `latest` always names a complete checkpoint.
+ignores and the next save removes; `latest` always names a complete checkpoint. When a run
+resumed from an earlier checkpoint saves a step that exists already, `latest` first moves
+back to the newest earlier step, then the old folder is replaced.
 """
 from __future__ import annotations
 
@@ -24,7 +26,13 @@ import torch
 
 LATEST = "latest"
 TAG = re.compile(r"^step_(\d{8})(_universal)?$")
-FAULT_ENV = "MONOFUSION_FAULT"  # testing hook: "checkpoint-write@N" exits inside the save of step N
+FAULT_ENV = "MONOFUSION_FAULT"  # testing hook: "checkpoint-write@N" / "checkpoint-replace@N" exit inside
+                                # the save of step N (after writing / while an older step N is replaced)
+
+
+def _fault(point: str, step: int) -> None:
+    if os.environ.get(FAULT_ENV) == f"{point}@{step}":
+        os._exit(17)
 
 
 def tag_for(step: int) -> str:
@@ -95,12 +103,16 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, rank_stat
     _barrier()
     engine.save_checkpoint(str(root), tmp, client_state=client_state, save_latest=False)
     torch.save(rank_state, root / tmp / f"rank_{rank:05d}.pt")
-    if os.environ.get(FAULT_ENV) == f"checkpoint-write@{step}":
-        os._exit(17)  # as if killed after writing, before the checkpoint is committed
+    _fault("checkpoint-write", step)  # as if killed after writing, before the checkpoint is committed
     _barrier()
     if rank == 0:
-        if (root / tag).exists():
+        if (root / tag).exists():  # a run resumed from an earlier step saves this step again
+            if read_latest(root) == tag:  # `latest` must not name it while it is replaced
+                earlier = [t for t in list_checkpoints(root) if int(TAG.match(t).group(1)) < step]
+                if earlier:
+                    write_latest(root, earlier[-1])
             shutil.rmtree(root / tag)
+            _fault("checkpoint-replace", step)
         os.replace(root / tmp, root / tag)
         write_latest(root, tag)
         prune(root, keep)

@@ -78,6 +78,14 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tiny_
     assert read_latest(run / "checkpoints") == "step_00000006"
     assert not list((run / "checkpoints").glob("*.tmp"))
     assert "from step 3" in r.stderr + r.stdout
+    # roll back to step 3 and crash while its step 6 replaces the old step 6: step 3 is `latest` again
+    r = torchrun(2, args(tiny_config, run, *common, f"--resume={run}/checkpoints/step_00000003"),
+                 extra_env={"MONOFUSION_FAULT": "checkpoint-replace@6"})
+    assert r.returncode != 0
+    assert read_latest(run / "checkpoints") == "step_00000003"
+    r = torchrun(2, args(tiny_config, run, *common))
+    assert r.returncode == 0 and "from step 3" in r.stderr + r.stdout, r.stderr[-3000:]
+    assert read_latest(run / "checkpoints") == "step_00000006"
 
 
 def test_sigterm_checkpoints_exits_0_and_resumes(tiny_config, tmp_path):
