@@ -7,6 +7,7 @@ import torch
 from model.config import load_config
 from model.transformer import UnifiedTransformer
 from pretrain.config import ExperimentConfig, TrainConfig
+from pretrain.engine import param_groups
 from pretrain.schedule import lr_factor
 from tests.test_model import packed_mixed_batch, randomize, tiny
 
@@ -31,6 +32,19 @@ def test_cosine_and_wsd_schedules():
     wsd = TrainConfig(max_steps=100, warmup_steps=10, schedule="wsd", wsd_decay_fraction=0.2, min_lr_ratio=0.0)
     assert lr_factor(50, wsd) == 1.0 and lr_factor(79, wsd) == 1.0
     assert lr_factor(90, wsd) == pytest.approx(0.5) and lr_factor(100, wsd) == pytest.approx(0.0)
+
+
+def test_weight_decay_reaches_linear_weights_only():
+    model = UnifiedTransformer(tiny())
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
+    assert {"lm_head.weight", "blocks.0.attn.wq.weight", "blocks.0.ffn.w2.weight", "ada.weight",
+            "latent_in.weight", "time_embed.mlp.0.weight"} <= decayed
+    assert not decayed & {"tok_emb.weight", "blocks.0.ada_table", "blocks.0.attn_norm.weight", "ada.bias",
+                          "norm.weight"}
 
 
 def test_activation_checkpointing_gives_the_same_loss_and_gradients():
