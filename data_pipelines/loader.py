@@ -98,6 +98,7 @@ class PackedLoader:
         else:
             items = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
                                                      prefetch_factor=2, persistent_workers=False,
+                                                     pin_memory=torch.cuda.is_available(),
                                                      worker_init_fn=_ignore_stop_signals))
         for batch, state, keys in items:
             self.slot_states[state["slot"]] = state

@@ -39,6 +39,10 @@ class PackedBatch:
         return PackedBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                               for f in dataclasses.fields(self)})
 
+    def pin_memory(self) -> "PackedBatch":
+        """Page-locked copy (DataLoader(pin_memory=True) calls this), for `to(cuda, non_blocking=True)`."""
+        return PackedBatch(**{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})
+
     def validate(self, patch_dim: int | None = None) -> "PackedBatch":
         """Check shapes and cross-field consistency; ValueError names the first bad field."""
         if self.tokens.dim() != 2:

@@ -14,6 +14,7 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    control_group: object = None  # gloo group for host-side flags (None: the default group is gloo)
 
     @property
     def is_main(self) -> bool:
@@ -41,7 +42,9 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+    # Host-side agreement (stop on a signal?) goes through gloo so that it never waits on the GPU stream.
+    control = torch.distributed.new_group(backend="gloo") if cuda else None
+    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, control)
 
 
 def all_gather_objects(obj) -> list:
@@ -50,14 +53,15 @@ def all_gather_objects(obj) -> list:
     return out
 
 
-def any_rank(flag: bool, device) -> bool:
-    """True on every rank when `flag` is true on any rank."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank when `flag` is true on any rank (a CPU tensor: `group` must be gloo)."""
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 
-def mean_over_ranks(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def mean_over_ranks(values: list, device) -> list[float]:
+    """Mean over ranks of each value (floats or 0-dim tensors, which are read only here)."""
+    t = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in values])
     torch.distributed.all_reduce(t)
     return (t / torch.distributed.get_world_size()).tolist()
