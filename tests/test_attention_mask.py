@@ -1,7 +1,8 @@
 """The attention rule against hand-written matrices (rows = queries, columns = keys)."""
+import pytest
 import torch
 
-from model.attention import attention_mask
+from model.attention import attention_mask, resolve_backend
 from model.layout import LatentSegment, LayoutSpec, TextSegment, block_order, layout_document, pack_rows
 from model.special_tokens import BOI, EOI
 
@@ -131,3 +132,12 @@ def test_padding_attends_nowhere():
     m, batch = mask_of(a, seq_len=5)
     assert batch.doc[0].tolist() == [0, 0, -1, -1, -1]
     assert not m[2:].any() and not m[:, 2:].any()
+
+
+def test_auto_backend_is_flex_for_whole_sequences_on_cuda_only():
+    assert resolve_backend("auto", torch.device("cuda")) == "flex"
+    assert resolve_backend("auto", torch.device("cuda"), cached=True) == "sdpa"  # growing KV length
+    assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    assert resolve_backend("flex", torch.device("cpu"), cached=True) == "flex"  # an explicit choice stays
+    with pytest.raises(ValueError, match="attention"):
+        resolve_backend("fast", torch.device("cpu"))
