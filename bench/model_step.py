@@ -65,6 +65,7 @@ def sync(device: str) -> None:
 def bench(cfg: ModelConfig, kind: str, batch_size: int, seq: int, steps: int, compile_blocks: bool,
           device: str) -> dict:
     torch.manual_seed(0)
+    torch._dynamo.reset()  # each row compiles for its own static shapes, as a run of one kind does
     model = UnifiedTransformer(cfg).to(device)
     if compile_blocks:
         for blk in model.blocks:

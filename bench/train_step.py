@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -68,6 +69,7 @@ def main() -> None:
     print(f"preset={args.preset} {model_kw} rows={rows} device={dist.device} zero={args.zero_stage}")
     print(f"{'row':11s} {'seq':>6s} {'ms/step':>9s} {'tokens/s':>10s} {'MFU':>7s}")
     for kind in args.kinds.split(","):
+        torch._dynamo.reset()  # each row compiles for its own static shapes, as a run of one kind does
         with tempfile.TemporaryDirectory() as tmp:
             mc = ModelConfig(**model_kw, latent_channels=4, patch_size=2, block_size=block,
                              mode="acdit" if kind == "acdit" else "monoformer")
@@ -84,7 +86,7 @@ def main() -> None:
             batches = iter(trainer.loader)
             for _ in range(3):
                 trainer.train_step(batches)
-            sync = __import__("torch").cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
+            sync = torch.cuda.synchronize if dist.device.type == "cuda" else (lambda: None)
             sync()
             t = time.perf_counter()
             for _ in range(args.steps):

@@ -81,13 +81,15 @@ class Block(nn.Module):
 
     def forward(self, x, rope, bias: AttentionBias, cond: Optional[torch.Tensor] = None,
                 latent_mask: Optional[torch.Tensor] = None, past: Optional[tuple] = None):
-        """x B,S,D; cond B,S,6,D (zero at text) and latent_mask B,S,1 float (both may be 1 in place of S:
-        no latent token), or None (text only, no training);
+        """x B,S,D; cond B,S,6,D (zero at text) and latent_mask B,S,1 float, or None (no latent token);
         `past`: cached (k, v) of this layer. Returns (x, (k, v) of these tokens)."""
         if cond is None:
             a, kv = self.attn(self.attn_norm(x), rope, bias, past)
             x = x + a
-            return x + self.ffn(self.ffn_norm(x)), kv
+            x = x + self.ffn(self.ffn_norm(x))
+            if self.training:  # a zero that keeps ada_table in the graph (see UnifiedTransformer._run)
+                x = x + self.ada_table.sum() * 0.0
+            return x, kv
         mod = (cond + self.ada_table) * latent_mask[..., None]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
         text = 1.0 - latent_mask
@@ -181,9 +183,8 @@ class UnifiedTransformer(nn.Module):
             if latent_input.shape[0]:
                 cond = x.new_zeros(B, S, 6, D).index_put((lat,), ada)
                 latent_mask = lat[..., None].to(dtype)
-            else:  # no latent token: a zero that broadcasts over the row keeps the graph, not the cost
-                cond = x.new_zeros(B, 1, 6, D) + ada.sum() * 0.0
-                latent_mask = x.new_zeros(B, 1, 1)
+            else:  # no latent token: plain blocks, with zeros that keep the latent parameters in the graph
+                x = x + ada.sum() * 0.0
             final_mod = self.final_ada(c).chunk(2, dim=-1)
         rope = self.rotary(batch.pos)
         kv = cache.key_arrays(batch) if cache is not None else None
