@@ -15,7 +15,8 @@ PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
 pin() { .venv/bin/python -c "import importlib.metadata as m; print('$1=='+m.version('$1'))"; }
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${PLATFORMS[@]}" \
     -d .whl "$(pin webdataset)" "$(pin braceexpand)" "$(pin diffusers)" "$(pin hjson)" \
-    "$(pin pydantic)" "$(pin pydantic_core)" "$(pin annotated_types)" "$(pin typing_inspection)"
+    "$(pin pydantic)" "$(pin pydantic_core)" "$(pin annotated_types)" "$(pin typing_inspection)" \
+    "$(pin typing_extensions)"  # pydantic needs a newer one than some images hold
 # deepspeed is published as source only: build its pure-Python wheel here
 .venv/bin/python -m pip wheel -q --no-deps -w .whl "$(pin deepspeed)"
 ls -la .whl .gpu

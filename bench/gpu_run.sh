@@ -4,25 +4,28 @@
 #   bash bench/gpu_run.sh model   # reference_step + bench/model_step.py 0.9b + the `gpu` tests
 #   bash bench/gpu_run.sh train   # reference_step + bench/train_step.py 0.9b (the real trainer)
 #   bash bench/gpu_run.sh sample  # bench/sample_speed.py at GPU sizes
+# SMOKE=1 runs the same steps at CPU sizes (check the script here before spending device time).
 set -uo pipefail
 part=${1:?usage: gpu_run.sh model|train|sample}
+if [[ ${SMOKE:-0} == 1 ]]; then ref=(--tiny); model=(--preset tiny); train=(--preset tiny-cpu); sample=(--dim 64 --layers 2 --latent 8)
+else ref=(); model=(--preset 0.9b --compile); train=(--preset 0.9b --compile); sample=(--dim 2048 --layers 16 --latent 32); fi
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 DS_ACCELERATOR=$([[ ${SMOKE:-0} == 1 ]] && echo cpu || echo cuda)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee "$out/device.txt"
 python3 -c "import torch, deepspeed, diffusers; print(torch.__version__, deepspeed.__version__, diffusers.__version__)" \
     | tee -a "$out/device.txt"
 case $part in
   model)
-    python3 .gpu/reference_step.py 2>&1 | tee "$out/reference.txt"
-    python3 bench/model_step.py --preset 0.9b --compile --steps 10 2>&1 | tee "$out/model_step.txt"
+    python3 .gpu/reference_step.py "${ref[@]}" 2>&1 | tee "$out/reference.txt"
+    python3 bench/model_step.py "${model[@]}" --steps 10 2>&1 | tee "$out/model_step.txt"
     python3 -m pytest -q -m gpu tests/test_model.py 2>&1 | tee "$out/gpu_tests.txt" ;;
   train)
-    python3 .gpu/reference_step.py 2>&1 | tee "$out/reference.txt"
-    python3 bench/train_step.py --preset 0.9b --compile --steps 10 2>&1 | tee "$out/train_step.txt" ;;
+    python3 .gpu/reference_step.py "${ref[@]}" 2>&1 | tee "$out/reference.txt"
+    python3 bench/train_step.py "${train[@]}" --steps 10 2>&1 | tee "$out/train_step.txt" ;;
   sample)
-    python3 bench/sample_speed.py --dim 2048 --layers 16 --latent 32 --steps 20 2>&1 | tee "$out/sample_speed.txt" ;;
+    python3 bench/sample_speed.py "${sample[@]}" --steps 20 2>&1 | tee "$out/sample_speed.txt" ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac
