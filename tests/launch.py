@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def env(**extra) -> dict:
     e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    return dict(e, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONPATH=str(REPO), **extra)
+    path = os.pathsep.join([str(REPO)] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return dict(e, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONPATH=path, **extra)
 
 
 def torchrun(n: int, args: list, extra_env: dict = None, timeout: int = 300) -> subprocess.CompletedProcess:
