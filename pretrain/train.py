@@ -57,6 +57,7 @@ class Trainer:
         self.engine = build_engine(model, cfg, dist.device, load_universal=universal)
         self.ema = ShardedEMA(self.engine, cfg.train.ema_decay) if cfg.train.ema_decay else None
         self.loader = PackedLoader(cfg.data, cfg.model, cfg.train.micro_batch_size, dist.rank, dist.world_size)
+        self.grid_inputs = self._grid_inputs()
         self.step, self.tokens = 0, 0
         self.stop_signal: Optional[int] = None
 
@@ -132,30 +133,41 @@ class Trainer:
         lm, diff = mean_over_ranks([s / max(n, 1) for s in sums], self.dist.device)
         return {"eval/lm_loss": lm, "eval/diffusion_loss": diff}
 
-    @torch.no_grad()
-    def sample_grid(self) -> Optional[Path]:
-        """Sample train.sample_prompts with the current weights (every rank runs the same sampling,
-        as ZeRO-3 needs) and save a PNG grid on rank 0."""
+    def _grid_inputs(self) -> Optional[tuple]:
+        """(prompt token ids, latent shape, encoder) for the sample grids, loaded at start so that
+        a missing tokenizer or VAE stops the run now, not at its first evaluation; None when the
+        run samples no grids or its data has no images or no tokenizer."""
         from data_pipelines.encoders import load_encoder
         from data_pipelines.tokenizer import Tokenizer
-        from model.sample import sample_latents
-        from pretrain.images import decode, save_image_grid
         from pretrain.release import data_info
+        t = self.cfg.train
+        if not (t.sample_prompts and t.eval_interval):
+            return None
         info, tok_path = data_info(self.cfg.to_dict()["data"])
         if "image" not in info["latent_shapes"] or tok_path is None:
             return None
         tok = Tokenizer(tok_path)
+        return [tok.encode(p) for p in t.sample_prompts], info["latent_shapes"]["image"], load_encoder(info["encoder"])
+
+    @torch.no_grad()
+    def sample_grid(self) -> Optional[Path]:
+        """Sample train.sample_prompts with the current weights (every rank runs the same sampling,
+        as ZeRO-3 needs) and save a PNG grid on rank 0."""
+        from model.sample import sample_latents
+        from pretrain.images import decode, save_image_grid
+        if self.grid_inputs is None:
+            return None
+        prompts, shape, encoder = self.grid_inputs
         model = self.engine.module
         model.eval()
-        latents = sample_latents(model, [tok.encode(p) for p in self.cfg.train.sample_prompts],
-                                 info["latent_shapes"]["image"], self.cfg.train.sample_steps,
-                                 self.cfg.train.sample_cfg, seed=self.cfg.run.seed)
+        latents = sample_latents(model, prompts, shape, self.cfg.train.sample_steps, self.cfg.train.sample_cfg,
+                                 seed=self.cfg.run.seed)
         model.train()
         if not self.dist.is_main:
             return None
         path = Path(self.cfg.run.dir) / "samples" / f"step_{self.step:08d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        return save_image_grid(decode(load_encoder(info["encoder"]), latents), path)
+        return save_image_grid(decode(encoder, latents), path)
 
     # ---- the run -------------------------------------------------------------------------
     def run(self) -> int:
@@ -195,7 +207,7 @@ class Trainer:
             if t.eval_interval and self.step % t.eval_interval == 0:
                 if cfg.data.eval_datasets:
                     metrics.update(self.evaluate())
-                grid = self.sample_grid() if t.sample_prompts else None
+                grid = self.sample_grid()
                 if grid is not None:
                     log.log_images(self.step, "samples", grid)
             log.log(self.step, metrics, advance=1)

@@ -129,6 +129,23 @@ def test_missing_checkpoint_or_shards_is_an_error_naming_the_path(tiny_config, t
     assert last.startswith("error:") and bad.split("=", 1)[1] in last
 
 
+def test_a_missing_tokenizer_stops_a_run_that_samples_grids_before_its_first_step(test_data, tiny_config, tmp_path):
+    import json
+    from data_pipelines.shards import fingerprint
+    shards = tmp_path / "digits"
+    shutil.copytree(test_data["digits"], shards)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["tokenizer"]["path"] = str(tmp_path / "moved.model")
+    manifest["fingerprint"] = fingerprint(manifest)
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    r = subprocess.run([sys.executable, "-m", "pretrain.train", *args(tiny_config, tmp_path / "run"),
+                        f"data.datasets.0.path={shards}", "train.eval_interval=5", "train.sample_prompts=[a digit]"],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'moved.model'}: tokenizer model not found"
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_wandb_offline_leaves_a_run_with_the_metrics(tiny_config, test_data, tmp_path):
     run = tmp_path / "run"
     held_out = f"data.eval_datasets=[{{path: {test_data['digits']}}}]"
