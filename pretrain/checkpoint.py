@@ -14,6 +14,7 @@ back to the newest earlier step, then the old folder is replaced.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 
 LATEST = "latest"
+CONFIG_FILE = "config.json"  # the resolved experiment config, readable without loading any weights
 TAG = re.compile(r"^step_(\d{8})(_universal)?$")
 FAULT_ENV = "MONOFUSION_FAULT"  # testing hook: "checkpoint-write@N" / "checkpoint-replace@N" exit inside
                                 # the save of step N (after writing / while an older step N is replaced)
@@ -102,6 +104,8 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, rank_stat
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
     _barrier()
     engine.save_checkpoint(str(root), tmp, client_state=client_state, save_latest=False)
+    if rank == 0 and "config" in client_state:
+        (root / tmp / CONFIG_FILE).write_text(json.dumps(client_state["config"], indent=2) + "\n")
     torch.save(rank_state, root / tmp / f"rank_{rank:05d}.pt")
     _fault("checkpoint-write", step)  # as if killed after writing, before the checkpoint is committed
     _barrier()
@@ -152,3 +156,24 @@ def load_checkpoint(engine, root: Path, tag: str, rank: int) -> tuple[dict, Opti
     rank_file = Path(root) / tag / f"rank_{rank:05d}.pt"
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
     return client, rank_state
+
+
+def check_model_matches(root: Path, tag: str, model_cfg) -> None:
+    """ConfigError naming the model keys when the checkpoint's weights have other shapes than
+    `model_cfg` gives (a checkpoint without CONFIG_FILE is not checked)."""
+    from model.config import ConfigError
+    from model.model_config import ModelConfig
+    from model.transformer import UnifiedTransformer
+    path = Path(root) / tag / CONFIG_FILE
+    if not path.is_file():
+        return
+    saved = ModelConfig.from_dict(json.loads(path.read_text())["model"])
+
+    def shapes(cfg):
+        with torch.device("meta"):
+            return {k: tuple(v.shape) for k, v in UnifiedTransformer(cfg).state_dict().items()}
+
+    if shapes(saved) != shapes(model_cfg):
+        was, now = saved.to_dict(), model_cfg.to_dict()
+        diff = ", ".join(f"model.{k} is {was[k]!r} there, {now[k]!r} here" for k in now if was.get(k) != now[k])
+        raise ConfigError(f"--resume {Path(root) / tag}: the checkpoint's weights have other shapes ({diff})")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from pretrain.checkpoint import CONFIG_FILE
+
 EMA_FILE = "ema_fp32.pt"
 
 
@@ -69,6 +71,8 @@ def to_universal(ckpt: str | Path, out: str | Path) -> Path:
     ema = consolidate_ema(ckpt)
     if ema is not None:
         torch.save(ema, tmp / EMA_FILE)
+    if (ckpt / CONFIG_FILE).is_file():
+        shutil.copy2(ckpt / CONFIG_FILE, tmp / CONFIG_FILE)
     os.replace(tmp, out)
     return out
 

@@ -46,6 +46,8 @@ class Trainer:
         self.cfg, self.dist = cfg, dist
         self.ckpt_root = Path(cfg.run.dir) / "checkpoints"
         self.resume_from = ckpt.resolve_resume(resume, self.ckpt_root)
+        if self.resume_from is not None:
+            ckpt.check_model_matches(*self.resume_from, cfg.model)
         universal = self.resume_from is not None and ckpt.is_universal(*self.resume_from)
         torch.manual_seed(cfg.run.seed)
         model = UnifiedTransformer(cfg.model)

@@ -86,6 +86,11 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tiny_
     r = torchrun(2, args(tiny_config, run, *common))
     assert r.returncode == 0 and "from step 3" in r.stderr + r.stdout, r.stderr[-3000:]
     assert read_latest(run / "checkpoints") == "step_00000006"
+    # a resume whose config gives the weights other shapes is one line naming the key, before any loading
+    r = subprocess.run([sys.executable, "-m", "pretrain.train", *args(tiny_config, run, "train.max_steps=9",
+                                                                      "model.ffn_dim=96")],
+                       cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 2 and "model.ffn_dim is" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 
 
 def test_sigterm_checkpoints_exits_0_and_resumes(tiny_config, tmp_path):
@@ -182,7 +187,7 @@ def test_two_ranks_to_universal_to_one_rank(tiny_config, tmp_path):
     r = torchrun(2, args(tiny_config, a, *common))
     assert r.returncode == 0, r.stderr[-3000:]
     universal = to_universal(a / "checkpoints/step_00000004", tmp_path / "step_00000004_universal")
-    assert (universal / "ema_fp32.pt").is_file()
+    assert (universal / "ema_fp32.pt").is_file() and (universal / "config.json").is_file()
     # one rank, twice the accumulation: the same global batch
     r = torchrun(1, ["--resume", str(universal), *args(tiny_config, b, *common, "train.grad_accum=2")])
     assert r.returncode == 0, r.stderr[-3000:]
