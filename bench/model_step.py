@@ -68,8 +68,7 @@ def bench(cfg: ModelConfig, kind: str, batch_size: int, seq: int, steps: int, co
     torch._dynamo.reset()  # each row compiles for its own static shapes, as a run of one kind does
     model = UnifiedTransformer(cfg).to(device)
     if compile_blocks:
-        for blk in model.blocks:
-            blk.compile()
+        model.compile_blocks()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     batch = make_batch(cfg, kind, batch_size, seq).to(device)
     gen = torch.Generator().manual_seed(0)

@@ -138,6 +138,12 @@ class UnifiedTransformer(nn.Module):
         for blk in self.blocks:
             nn.init.zeros_(blk.ada_table)
 
+    def compile_blocks(self) -> None:
+        """torch.compile each block's forward. Not the block's __call__: module hooks (ZeRO-3's
+        parameter gathering) stay outside the compiled graph, which they would break up."""
+        for blk in self.blocks:
+            blk.forward = torch.compile(blk.forward)
+
     def num_params(self, exclude_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if exclude_embeddings else n

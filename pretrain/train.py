@@ -25,7 +25,7 @@ from data_pipelines.documents import stateless_uniform
 from data_pipelines.loader import PackedLoader
 from data_pipelines.slot import DataError
 from model.config import ConfigError, load_config
-from model.transformer import UnifiedTransformer
+from model.transformer import Block, UnifiedTransformer
 from pretrain import checkpoint as ckpt
 from pretrain.config import ExperimentConfig
 from pretrain.convert import EMA_FILE
@@ -52,9 +52,11 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)
         model = UnifiedTransformer(cfg.model)
         model.activation_checkpointing = cfg.train.activation_checkpointing
+        if cfg.train.zero_stage == 3:  # gather a block's parameters at once, not one Linear at a time
+            from deepspeed.utils import set_z3_leaf_modules
+            set_z3_leaf_modules(model, [Block])
         if cfg.train.compile:
-            for block in model.blocks:
-                block.compile()
+            model.compile_blocks()
         self.num_params = model.num_params()
         self.engine = build_engine(model, cfg, dist.device, load_universal=universal)
         self.ema = ShardedEMA(self.engine, cfg.train.ema_decay) if cfg.train.ema_decay else None
