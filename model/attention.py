@@ -62,14 +62,14 @@ def block_mask(doc: torch.Tensor, unit: torch.Tensor, noisy: torch.Tensor,
                              BLOCK_SIZE=block_size, _compile=doc.is_cuda)
 
 
-def resolve_backend(name: str, device: torch.device, cached: bool = False) -> str:
-    """'auto' = flex for whole sequences on CUDA; sdpa on CPU and for steps after a KV cache,
-    whose ever-growing key length would recompile the (static-shape) compiled flex kernel and
-    its block mask at every step."""
+def resolve_backend(name: str, device: torch.device, inference: bool = False) -> str:
+    """'auto' = flex for training passes on CUDA; sdpa on CPU and for inference (no gradient:
+    evaluation, sampling), whose varying lengths (prompts, a growing KV cache) would recompile
+    the static-shape compiled flex kernel and its block mask for each new length."""
     if name not in BACKENDS:
         raise ValueError(f"attention: {name!r} is not one of {'|'.join(BACKENDS)}")
     if name == "auto":
-        return "flex" if torch.device(device).type == "cuda" and not cached else "sdpa"
+        return "flex" if torch.device(device).type == "cuda" and not inference else "sdpa"
     return name
 
 

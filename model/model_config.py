@@ -23,7 +23,7 @@ class ModelConfig(Config):
     init_std: float = knob(0.02, "std of the normal init of linear and embedding weights")
     attention: Literal["auto", "flex", "sdpa"] = knob(
         "auto", "attention back-end: flex (FlexAttention block mask), sdpa (dense mask), "
-        "auto = flex on CUDA (sdpa for KV-cached steps)")
+        "auto = flex for training on CUDA, sdpa otherwise")
     # latent interface
     latent_channels: int = knob(4, "channels of the (VAE) latent")
     patch_size: int = knob(2, "spatial patch size over the latent (video: per frame)")

@@ -149,8 +149,8 @@ class UnifiedTransformer(nn.Module):
         return n - self.tok_emb.weight.numel() if exclude_embeddings else n
 
     # ---- forward -------------------------------------------------------------------------
-    def attention_backend(self, device, cached: bool = False) -> str:
-        return resolve_backend(self.cfg.attention, device, cached)
+    def attention_backend(self, device, inference: bool = False) -> str:
+        return resolve_backend(self.cfg.attention, device, inference)
 
     def forward(self, batch: PackedBatch, latent_input: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None, return_loss: bool = False):
@@ -194,7 +194,8 @@ class UnifiedTransformer(nn.Module):
             final_mod = self.final_ada(c).chunk(2, dim=-1)
         rope = self.rotary(batch.pos)
         kv = cache.key_arrays(batch) if cache is not None else None
-        bias = build_attention_bias(batch.doc, batch.unit, batch.noisy, self.attention_backend(x.device, cache is not None), kv)
+        backend = self.attention_backend(x.device, inference=cache is not None or not torch.is_grad_enabled())
+        bias = build_attention_bias(batch.doc, batch.unit, batch.noisy, backend, kv)
         new_kv = []
         for i, blk in enumerate(self.blocks):
             past = cache.layers[i] if cache is not None else None

@@ -134,10 +134,10 @@ def test_padding_attends_nowhere():
     assert not m[2:].any() and not m[:, 2:].any()
 
 
-def test_auto_backend_is_flex_for_whole_sequences_on_cuda_only():
+def test_auto_backend_is_flex_for_training_on_cuda_only():
     assert resolve_backend("auto", torch.device("cuda")) == "flex"
-    assert resolve_backend("auto", torch.device("cuda"), cached=True) == "sdpa"  # growing KV length
+    assert resolve_backend("auto", torch.device("cuda"), inference=True) == "sdpa"  # varying lengths
     assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
-    assert resolve_backend("flex", torch.device("cpu"), cached=True) == "flex"  # an explicit choice stays
+    assert resolve_backend("flex", torch.device("cpu"), inference=True) == "flex"  # an explicit choice stays
     with pytest.raises(ValueError, match="attention"):
         resolve_backend("fast", torch.device("cpu"))
