@@ -41,6 +41,7 @@ class TrainConfig(Config):
     activation_checkpointing: bool = knob(False, "recompute each block in the backward pass")
     compile: bool = knob(False, "torch.compile each transformer block")
     ema_decay: float = knob(0.0, "EMA of the weights (e.g. 0.9999); 0 = no EMA")
+    ema_warmup: bool = knob(True, "decay min(ema_decay, (1+n)/(10+n)) at step n, as diffusers' EMAModel")
     log_interval: int = knob(10, "log metrics every N steps")
     eval_interval: int = knob(0, "evaluate on data.eval_datasets every N steps (0 = never)")
     eval_batches: int = knob(4, "micro-batches per evaluation")

@@ -20,16 +20,24 @@ def fp32_partitions(engine) -> list[torch.Tensor]:
     raise RuntimeError(f"EMA needs a ZeRO optimizer (stage 1, 2 or 3), got {type(opt).__name__}")
 
 
+def decay_at(step: int, decay: float, warmup: bool = True) -> float:
+    """The decay of the update after optimizer step `step` (0-based). With warmup (diffusers'
+    EMAModel default) the early EMA follows the weights instead of keeping the initialisation
+    for ~1/(1-decay) steps."""
+    return min(decay, (1 + step) / (10 + step)) if warmup else decay
+
+
 class ShardedEMA:
-    def __init__(self, engine, decay: float):
-        self.decay = decay
+    def __init__(self, engine, decay: float, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
         self.masters = fp32_partitions(engine)
         self.shadow = [m.detach().clone() for m in self.masters]
 
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int) -> None:
+        weight = 1.0 - decay_at(step, self.decay, self.warmup)
         for s, m in zip(self.shadow, self.masters):
-            s.lerp_(m.detach(), 1.0 - self.decay)
+            s.lerp_(m.detach(), weight)
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}

@@ -59,7 +59,8 @@ class Trainer:
             model.compile_blocks()
         self.num_params = model.num_params()
         self.engine = build_engine(model, cfg, dist.device, load_universal=universal)
-        self.ema = ShardedEMA(self.engine, cfg.train.ema_decay) if cfg.train.ema_decay else None
+        t = cfg.train
+        self.ema = ShardedEMA(self.engine, t.ema_decay, t.ema_warmup) if t.ema_decay else None
         self.loader = PackedLoader(cfg.data, cfg.model, cfg.train.micro_batch_size, dist.rank, dist.world_size)
         self.grid_inputs = self._grid_inputs()
         self.step, self.tokens = 0, 0
@@ -108,7 +109,7 @@ class Trainer:
             for k in sums:
                 sums[k] = sums[k] + losses[k].detach() / self.cfg.train.grad_accum
         if self.ema is not None:
-            self.ema.update()
+            self.ema.update(self.step)
         self.step += 1
         self.tokens += batch.tokens.numel() * self.cfg.train.grad_accum * self.dist.world_size
         return sums

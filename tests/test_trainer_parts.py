@@ -7,6 +7,7 @@ import torch
 from model.config import load_config
 from model.transformer import UnifiedTransformer
 from pretrain.config import ExperimentConfig, TrainConfig
+from pretrain.ema import decay_at
 from pretrain.engine import param_groups
 from pretrain.schedule import lr_factor
 from tests.test_model import packed_mixed_batch, randomize, tiny
@@ -32,6 +33,13 @@ def test_cosine_and_wsd_schedules():
     wsd = TrainConfig(max_steps=100, warmup_steps=10, schedule="wsd", wsd_decay_fraction=0.2, min_lr_ratio=0.0)
     assert lr_factor(50, wsd) == 1.0 and lr_factor(79, wsd) == 1.0
     assert lr_factor(90, wsd) == pytest.approx(0.5) and lr_factor(100, wsd) == pytest.approx(0.0)
+
+
+def test_ema_warmup_forgets_the_initialisation_early():
+    import math
+    init_weight = {w: math.prod(decay_at(n, 0.9999, w) for n in range(100)) for w in (True, False)}
+    assert init_weight[True] < 1e-6 and init_weight[False] > 0.99  # share of the init after 100 steps
+    assert decay_at(0, 0.9999) == pytest.approx(0.1) and decay_at(10 ** 6, 0.9999) == 0.9999
 
 
 def test_weight_decay_reaches_linear_weights_only():
