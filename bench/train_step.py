@@ -95,7 +95,7 @@ def main() -> None:
             dt = (time.perf_counter() - t) / args.steps
             batch = trainer.last_batch
             peak = peak_flops(0.0, dist.device)
-            mfu = batch_flops(mc, trainer.num_params, batch) / dt / peak if peak else float("nan")
+            mfu = batch_flops(mc, trainer.params_by_use, batch) / dt / peak if peak else float("nan")
             print(f"{kind:11s} {batch.tokens.shape[1]:6d} {dt * 1e3:9.1f} {batch.tokens.numel() / dt:10.0f} "
                   f"{mfu:7.1%}", flush=True)
             del trainer

@@ -144,6 +144,15 @@ class UnifiedTransformer(nn.Module):
         for blk in self.blocks:
             blk.forward = torch.compile(blk.forward)
 
+    def params_by_use(self) -> dict[str, int]:
+        """Parameter counts by the tokens whose matmuls use them (for FLOP counts): `every` token
+        (blocks, final norm), `text` loss positions (LM head), `latent` tokens (in/out projections,
+        timestep embedding, adaLN). The embedding is a lookup and counts nowhere."""
+        def count(*modules):
+            return sum(p.numel() for m in modules for p in m.parameters())
+        return {"every": count(self.blocks, self.norm), "text": count(self.lm_head),
+                "latent": count(self.latent_in, self.time_embed, self.ada, self.final_ada, self.latent_out)}
+
     def num_params(self, exclude_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if exclude_embeddings else n

@@ -24,12 +24,15 @@ def peak_flops(cfg_tflops: float, device: torch.device) -> Optional[float]:
     return None
 
 
-def batch_flops(model_cfg, num_params: int, batch) -> float:
-    """Training FLOPs of one micro-batch: 6 * params * tokens + attention over the pairs the mask allows
-    (forward 4 * D per pair per layer, backward twice that)."""
-    tokens = batch.tokens.numel()
+def batch_flops(model_cfg, params_by_use: dict, batch) -> float:
+    """Training FLOPs of one micro-batch (forward + backward = 6 per parameter per token that uses
+    it; `UnifiedTransformer.params_by_use`), plus attention over the pairs the mask allows
+    (forward 4 * D per pair per layer, backward twice that). Padding counts nowhere."""
+    real = int((batch.doc != -1).sum())
+    text, latent = int(batch.text_loss.sum()), int(batch.is_latent.sum())
     pairs = allowed_pairs(batch.doc, batch.unit, batch.noisy)
-    return 6.0 * num_params * tokens + 12.0 * model_cfg.n_layers * model_cfg.dim * pairs
+    matmuls = params_by_use["every"] * real + params_by_use["text"] * text + params_by_use["latent"] * latent
+    return 6.0 * matmuls + 12.0 * model_cfg.n_layers * model_cfg.dim * pairs
 
 
 class RunLogger:

@@ -57,7 +57,7 @@ class Trainer:
             set_z3_leaf_modules(model, [Block])
         if cfg.train.compile:
             model.compile_blocks()
-        self.num_params = model.num_params()
+        self.num_params, self.params_by_use = model.num_params(), model.params_by_use()  # before ZeRO-3 shards
         self.engine = build_engine(model, cfg, dist.device, load_universal=universal)
         t = cfg.train
         self.ema = ShardedEMA(self.engine, t.ema_decay, t.ema_warmup) if t.ema_decay else None
@@ -205,7 +205,7 @@ class Trainer:
                 metrics.update(grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
                                lr=self.engine.get_lr()[0], tokens_per_s=(self.tokens - window_tokens) / elapsed,
                                tokens=self.tokens)
-                flops = batch_flops(cfg.model, self.num_params, self.last_batch) * t.grad_accum * window_steps
+                flops = batch_flops(cfg.model, self.params_by_use, self.last_batch) * t.grad_accum * window_steps
                 metrics["mfu"] = flops / elapsed / peak if peak else None
                 window = dict.fromkeys(window, 0.0)
                 window_steps, window_start, window_tokens = 0, time.time(), self.tokens

@@ -9,6 +9,7 @@ from model.transformer import UnifiedTransformer
 from pretrain.config import ExperimentConfig, TrainConfig
 from pretrain.ema import decay_at
 from pretrain.engine import param_groups
+from pretrain.metrics import batch_flops
 from pretrain.schedule import lr_factor
 from tests.test_model import packed_mixed_batch, randomize, tiny
 
@@ -40,6 +41,23 @@ def test_ema_warmup_forgets_the_initialisation_early():
     init_weight = {w: math.prod(decay_at(n, 0.9999, w) for n in range(100)) for w in (True, False)}
     assert init_weight[True] < 1e-6 and init_weight[False] > 0.99  # share of the init after 100 steps
     assert decay_at(0, 0.9999) == pytest.approx(0.1) and decay_at(10 ** 6, 0.9999) == 0.9999
+
+
+def test_flops_count_each_parameter_for_the_tokens_that_use_it():
+    from model.layout import LayoutSpec, TextSegment, layout_document, pack_rows
+    from model.synthetic import synthetic_batch
+    cfg = tiny()
+    model = UnifiedTransformer(cfg)
+    use = model.params_by_use()
+    assert sum(use.values()) + model.tok_emb.weight.numel() == sum(p.numel() for p in model.parameters())
+    spec = LayoutSpec.from_model_config(cfg)
+    text = pack_rows([[layout_document([TextSegment(list(range(10, 30)))], spec)]], 30)  # 20 tokens + 10 padding
+    causal_pairs = 20 * 21 // 2
+    assert batch_flops(cfg, use, text) == 6 * (use["every"] * 20 + use["text"] * 19) + \
+        12 * cfg.n_layers * cfg.dim * causal_pairs
+    image = synthetic_batch(cfg, 1, 0, 4)  # one latent, no text target: the LM head's size does not count
+    assert not image.text_loss.any() and batch_flops(cfg, use, image) == batch_flops(cfg, dict(use, text=10 ** 9), image)
+    assert batch_flops(cfg, use, text) == batch_flops(cfg, dict(use, latent=10 ** 9), text)
 
 
 def test_weight_decay_reaches_linear_weights_only():
