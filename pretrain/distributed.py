@@ -47,9 +47,10 @@ def init_distributed() -> DistInfo:
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, control)
 
 
-def all_gather_objects(obj) -> list:
+def all_gather_objects(obj, group=None) -> list:
+    """Every rank's `obj` (picklable), gathered over `group` (gloo: CPU tensors, no GPU sync)."""
     out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
+    torch.distributed.all_gather_object(out, obj, group=group)
     return out
 
 

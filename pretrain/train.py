@@ -68,7 +68,7 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------
     def save(self) -> Path:
-        data_state = PackedLoader.merge_states(all_gather_objects(self.loader.state_dict()))
+        data_state = PackedLoader.merge_states(all_gather_objects(self.loader.state_dict(), self.dist.control_group))
         client = {"step": self.step, "tokens": self.tokens, "data": data_state, "config": self.cfg.to_dict()}
         own = {"rng": ckpt.rng_state(), "ema": self.ema.state_dict() if self.ema else None}
         return ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, own, self.cfg.checkpoint.keep,
