@@ -43,7 +43,7 @@ def consolidate_ema(ckpt: Path) -> dict | None:
         for f in ckpt.glob("*model_states.pt"):
             os.symlink(f.resolve(), shadow_ckpt / f.name)
         for rank, ema in enumerate(shadows):
-            src = next(ckpt.glob(f"zero_pp_rank_{rank}_*optim_states.pt"))
+            src = next(ckpt.glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))  # bf16 runs: bf16_zero_pp_...
             osd = torch.load(src, map_location="cpu", weights_only=False)["optimizer_state_dict"]
             key = "single_partition_of_fp32_groups" if int(osd["zero_stage"]) <= 2 else "fp32_flat_groups"
             slim = {k: osd[k] for k in ("zero_stage", "partition_count", "ds_version") if k in osd}

@@ -37,9 +37,11 @@ def consolidated(ckpt_dir):
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_resume_reproduces_losses_weights_and_ema(tiny_config, tmp_path, stage):
-    common = [f"train.zero_stage={stage}", "train.max_steps=6", "checkpoint.interval=3", "checkpoint.keep=0"]
+@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")])
+def test_resume_reproduces_losses_weights_and_ema(tiny_config, tmp_path, stage, precision):
+    """bf16 is the GPU's precision: DeepSpeed's bf16 path (bf16 weights, fp32 masters) runs on CPU too."""
+    common = [f"train.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=6",
+              "checkpoint.interval=3", "checkpoint.keep=0"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     r = torchrun(2, args(tiny_config, straight, *common))
     assert r.returncode == 0, r.stderr[-3000:]
