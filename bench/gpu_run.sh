@@ -21,7 +21,7 @@ case $part in
   model)
     python3 .gpu/reference_step.py "${ref[@]}" 2>&1 | tee "$out/reference.txt"
     python3 bench/model_step.py "${model[@]}" --steps 10 2>&1 | tee "$out/model_step.txt"
-    python3 -m pytest -q -m gpu tests/test_model.py 2>&1 | tee "$out/gpu_tests.txt" ;;
+    python3 -m pytest -q -m gpu tests/ 2>&1 | tee "$out/gpu_tests.txt" ;;
   train)
     python3 .gpu/reference_step.py "${ref[@]}" 2>&1 | tee "$out/reference.txt"
     python3 bench/train_step.py "${train[@]}" --steps 10 2>&1 | tee "$out/train_step.txt" ;;
