@@ -1,4 +1,5 @@
-"""torch.distributed setup for one process or many (torchrun, the deepspeed launcher, Slurm)."""
+"""torch.distributed setup for one process or many (torchrun or the deepspeed launcher; on Slurm,
+one `srun` task per node that starts torchrun)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,6 +7,10 @@ import os
 import socket
 
 import torch
+
+
+class LaunchError(RuntimeError):
+    """The processes were started in a way that cannot form one run."""
 
 
 @dataclasses.dataclass
@@ -32,6 +37,10 @@ def init_distributed() -> DistInfo:
     process when they are absent): NCCL on GPU, gloo on CPU (DeepSpeed's CPU accelerator)."""
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
+    tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    if "RANK" not in os.environ and tasks > 1:  # else each task would train alone, into the same run.dir
+        raise LaunchError(f"srun started {tasks} tasks without a torch.distributed environment (RANK unset): "
+                          "start one task per node that runs torchrun --nproc-per-node G -m pretrain.train ...")
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))

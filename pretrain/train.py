@@ -29,7 +29,8 @@ from model.transformer import Block, UnifiedTransformer
 from pretrain import checkpoint as ckpt
 from pretrain.config import ExperimentConfig
 from pretrain.convert import EMA_FILE
-from pretrain.distributed import DistInfo, all_gather_objects, any_rank, init_distributed, mean_over_ranks
+from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any_rank, init_distributed,
+                                  mean_over_ranks)
 from pretrain.ema import ShardedEMA
 from pretrain.engine import build_engine
 from pretrain.metrics import RunLogger, batch_flops, peak_flops
@@ -246,7 +247,11 @@ def main(argv=None) -> int:
         return 2
     # DeepSpeed 0.19 calls this deprecated torch API on every step; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    dist = init_distributed()
+    try:
+        dist = init_distributed()
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         return Trainer(cfg, dist, args.resume).run()
     except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one line, no traceback

@@ -155,6 +155,16 @@ def test_unknown_config_key_is_a_one_line_error(tiny_config):
     assert r.stderr.strip().count("\n") == 0 and "train.max_stepz" in r.stderr and str(tiny_config) in r.stderr
 
 
+def test_srun_tasks_without_a_torch_distributed_environment_are_refused(tiny_config, tmp_path):
+    """Slurm's srun -n 2 python -m pretrain.train would otherwise start two separate runs in one run.dir."""
+    from tests.launch import env
+    e = {k: v for k, v in env(SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1").items() if k not in ("RANK", "WORLD_SIZE")}
+    r = subprocess.run([sys.executable, "-m", "pretrain.train", *args(tiny_config, tmp_path / "run")],
+                       cwd=REPO, env=e, capture_output=True, text=True)
+    assert r.returncode == 2 and "srun started 2 tasks" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("bad", ["--resume={tmp}/no-checkpoint", "data.datasets.0.path={tmp}/no-shards"])
 def test_missing_checkpoint_or_shards_is_an_error_naming_the_path(tiny_config, tmp_path, bad):
     bad = bad.format(tmp=tmp_path)
