@@ -50,6 +50,9 @@ class Trainer:
         if self.resume_from is not None:
             ckpt.check_model_matches(*self.resume_from, cfg.model)
         universal = self.resume_from is not None and ckpt.is_universal(*self.resume_from)
+        # data and sampling inputs first: a missing file stops the run before the engine is built
+        self.loader = PackedLoader(cfg.data, cfg.model, cfg.train.micro_batch_size, dist.rank, dist.world_size)
+        self.grid_inputs = self._grid_inputs()
         torch.manual_seed(cfg.run.seed)
         model = UnifiedTransformer(cfg.model)
         model.activation_checkpointing = cfg.train.activation_checkpointing
@@ -62,8 +65,6 @@ class Trainer:
         self.engine = build_engine(model, cfg, dist.device, load_universal=universal)
         t = cfg.train
         self.ema = ShardedEMA(self.engine, t.ema_decay, t.ema_warmup) if t.ema_decay else None
-        self.loader = PackedLoader(cfg.data, cfg.model, cfg.train.micro_batch_size, dist.rank, dist.world_size)
-        self.grid_inputs = self._grid_inputs()
         self.step, self.tokens = 0, 0
         self.stop_signal: Optional[int] = None
 
