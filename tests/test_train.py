@@ -222,12 +222,13 @@ def sample_log(run_dir, steps):
     return seen
 
 
-def test_two_ranks_to_universal_to_one_rank(tiny_config, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_ranks_to_universal_to_one_rank(tiny_config, tmp_path, precision):
     from pretrain.convert import consolidate_ema, to_universal
     a, b = tmp_path / "a", tmp_path / "b"
     # no EMA warmup: a slow EMA shows whether it went through the conversion (below)
     common = ["train.max_steps=8", "checkpoint.interval=4", "checkpoint.keep=0", "train.log_samples=true",
-              "train.ema_warmup=false"]
+              "train.ema_warmup=false", f"train.precision={precision}"]
     r = torchrun(2, args(tiny_config, a, *common))
     assert r.returncode == 0, r.stderr[-3000:]
     universal = to_universal(a / "checkpoints/step_00000004", tmp_path / "step_00000004_universal")
