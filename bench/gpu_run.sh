@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Runs ON the device (after bench/gpu_prepare.sh here; carry .whl and .gpu). Each part fits one
 # 10-minute device call and runs the shared reference in the same call, as RESULTS.md requires:
-#   bash bench/gpu_run.sh model   # reference_step + bench/model_step.py 0.9b + the `gpu` tests
+#   bash bench/gpu_run.sh model   # reference_step + bench/model_step.py 0.9b
 #   bash bench/gpu_run.sh train   # reference_step + bench/train_step.py 0.9b (the real trainer)
+#   bash bench/gpu_run.sh tests   # the `gpu` tests (flex = sdpa on CUDA; a bf16 compiled run resumed)
 #   bash bench/gpu_run.sh sample  # bench/sample_speed.py at GPU sizes
 # SMOKE=1 runs the same steps at CPU sizes (check the script here before spending device time).
 set -uo pipefail
-part=${1:?usage: gpu_run.sh model|train|sample}
+part=${1:?usage: gpu_run.sh model|train|tests|sample}
 if [[ ${SMOKE:-0} == 1 ]]; then ref=(--tiny); model=(--preset tiny); train=(--preset tiny-cpu); sample=(--dim 64 --layers 2 --latent 8)
 else ref=(); model=(--preset 0.9b --compile); train=(--preset 0.9b --compile); sample=(--dim 2048 --layers 16 --latent 32); fi
 out=${OUT:-/tmp/gpu-out}
@@ -20,7 +21,8 @@ python3 -c "import torch, deepspeed, diffusers; print(torch.__version__, deepspe
 case $part in
   model)
     python3 .gpu/reference_step.py "${ref[@]}" 2>&1 | tee "$out/reference.txt"
-    python3 bench/model_step.py "${model[@]}" --steps 10 2>&1 | tee "$out/model_step.txt"
+    python3 bench/model_step.py "${model[@]}" --steps 10 2>&1 | tee "$out/model_step.txt" ;;
+  tests)
     python3 -m pytest -q -m gpu tests/ 2>&1 | tee "$out/gpu_tests.txt" ;;
   train)
     python3 .gpu/reference_step.py "${ref[@]}" 2>&1 | tee "$out/reference.txt"
