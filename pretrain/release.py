@@ -32,14 +32,22 @@ class Loaded:
 
 
 def data_info(data_cfg: dict) -> tuple[dict, Optional[Path]]:
-    """Encoder, latent shapes and tokenizer of a run, from its datasets' manifests."""
+    """Encoder, latent shapes and tokenizer of a run, from its datasets' manifests (those still
+    readable: a release may be made after the shards moved)."""
     from data_pipelines.shards import load_manifest
-    info, tokenizer = {"encoder": None, "latent_shapes": {}}, None
+    manifests = []
     for entry in data_cfg.get("datasets", []):
         try:
-            m = load_manifest(entry["path"])
+            manifests.append(load_manifest(entry["path"]))
         except (FileNotFoundError, ValueError):
             continue
+    return info_from_manifests(manifests)
+
+
+def info_from_manifests(manifests: list[dict]) -> tuple[dict, Optional[Path]]:
+    """({encoder, latent_shapes}, tokenizer path) of a list of shard manifests: the first of each."""
+    info, tokenizer = {"encoder": None, "latent_shapes": {}}, None
+    for m in manifests:
         info["encoder"] = info["encoder"] or m.get("encoder")
         for kind, shape in m.get("latent_shapes", {}).items():
             info["latent_shapes"].setdefault(kind, shape)

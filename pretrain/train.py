@@ -45,25 +45,25 @@ def noise_generator(*keys: int) -> torch.Generator:
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo, resume: str = "auto"):
         self.cfg, self.dist = cfg, dist
+        t = cfg.train
         self.ckpt_root = Path(cfg.run.dir) / "checkpoints"
         self.resume_from = ckpt.resolve_resume(resume, self.ckpt_root)
         if self.resume_from is not None:
             ckpt.check_model_matches(*self.resume_from, cfg.model)
         universal = self.resume_from is not None and ckpt.is_universal(*self.resume_from)
         # data and sampling inputs first: a missing file stops the run before the engine is built
-        self.loader = PackedLoader(cfg.data, cfg.model, cfg.train.micro_batch_size, dist.rank, dist.world_size)
+        self.loader = PackedLoader(cfg.data, cfg.model, t.micro_batch_size, dist.rank, dist.world_size)
         self.grid_inputs = self._grid_inputs()
         torch.manual_seed(cfg.run.seed)
         model = UnifiedTransformer(cfg.model)
-        model.activation_checkpointing = cfg.train.activation_checkpointing
-        if cfg.train.zero_stage == 3:  # gather a block's parameters at once, not one Linear at a time
+        model.activation_checkpointing = t.activation_checkpointing
+        if t.zero_stage == 3:  # gather a block's parameters at once, not one Linear at a time
             from deepspeed.utils import set_z3_leaf_modules
             set_z3_leaf_modules(model, [Block])
-        if cfg.train.compile:
+        if t.compile:
             model.compile_blocks()
         self.num_params, self.params_by_use = model.num_params(), model.params_by_use()  # before ZeRO-3 shards
         self.engine = build_engine(model, cfg, dist.device, load_universal=universal)
-        t = cfg.train
         self.ema = ShardedEMA(self.engine, t.ema_decay, t.ema_warmup) if t.ema_decay else None
         self.step, self.tokens = 0, 0
         self.stop_signal: Optional[int] = None
@@ -146,11 +146,11 @@ class Trainer:
         run samples no grids or its data has no images or no tokenizer."""
         from data_pipelines.encoders import load_encoder
         from data_pipelines.tokenizer import Tokenizer
-        from pretrain.release import data_info
+        from pretrain.release import info_from_manifests
         t = self.cfg.train
         if not (t.sample_prompts and t.eval_interval):
             return None
-        info, tok_path = data_info(self.cfg.to_dict()["data"])
+        info, tok_path = info_from_manifests(self.loader.manifests)  # the manifests the loader has read
         if "image" not in info["latent_shapes"] or tok_path is None:
             return None
         tok = Tokenizer(tok_path)

@@ -24,6 +24,17 @@ def torchrun(n: int, args: list, extra_env: dict = None, timeout: int = 300) -> 
                           timeout=timeout)
 
 
+def train_cli(args: list, **extra_env) -> subprocess.CompletedProcess:
+    """`python -m pretrain.train ARGS` as one process, without a launcher."""
+    return subprocess.run([sys.executable, "-m", "pretrain.train", *args], cwd=REPO, env=env(**extra_env),
+                          capture_output=True, text=True)
+
+
+def error_line(r: subprocess.CompletedProcess) -> str:
+    """The last line a failed command wrote to stderr (its one-line error)."""
+    return r.stderr.strip().splitlines()[-1] if r.stderr.strip() else ""
+
+
 def spawn_ranks(n: int, args: list, log_dir: Path) -> list:
     """Start n rank processes directly, each in its own process group (signal it with os.killpg, as
     Slurm signals every process of a job step, DataLoader workers included)."""

@@ -8,7 +8,7 @@ from PIL import Image
 
 from data_pipelines.write_shards import write_shards
 from pretrain.release import load_for_sampling
-from tests.launch import REPO, cleanup_shm, env
+from tests.launch import REPO, cleanup_shm, env, train_cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,9 +22,8 @@ def trained_run(test_data, tmp_path_factory):
         .replace("runs/demo/data/text", str(root / "video")).replace("vocab_size: 2000", "vocab_size: 1000")
     (root / "tiny.yaml").write_text(cfg)
     run = root / "run"
-    r = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(root / "tiny.yaml"), f"run.dir={run}",
-                        "train.max_steps=4", "wandb.mode=disabled", "data.num_workers=0", "data.seq_len=512",
-                        "model.max_seq_len=600"], cwd=REPO, env=env(), capture_output=True, text=True)
+    r = train_cli(["--config", str(root / "tiny.yaml"), f"run.dir={run}", "train.max_steps=4", "wandb.mode=disabled",
+                   "data.num_workers=0", "data.seq_len=512", "model.max_seq_len=600"])
     assert r.returncode == 0, r.stderr[-3000:]
     yield run
     cleanup_shm()

@@ -2,15 +2,13 @@
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
 from pretrain.checkpoint import read_latest
-from tests.launch import REPO, cleanup_shm, metrics, spawn_ranks, torchrun
+from tests.launch import REPO, cleanup_shm, error_line, metrics, spawn_ranks, torchrun, train_cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -119,10 +117,8 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tiny_
     assert r.returncode == 0 and "from step 3" in r.stderr + r.stdout, r.stderr[-3000:]
     assert read_latest(run / "checkpoints") == "step_00000006"
     # a resume whose config gives the weights other shapes is one line naming the key, before any loading
-    r = subprocess.run([sys.executable, "-m", "pretrain.train", *args(tiny_config, run, "train.max_steps=9",
-                                                                      "model.ffn_dim=96")],
-                       cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 2 and "model.ffn_dim is" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    r = train_cli(args(tiny_config, run, "train.max_steps=9", "model.ffn_dim=96"))
+    assert r.returncode == 2 and "model.ffn_dim is" in error_line(r), r.stderr[-2000:]
 
 
 def test_sigterm_checkpoints_exits_0_and_resumes(tiny_config, tmp_path):
@@ -149,31 +145,25 @@ def test_sigterm_checkpoints_exits_0_and_resumes(tiny_config, tmp_path):
 
 
 def test_unknown_config_key_is_a_one_line_error(tiny_config):
-    r = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(tiny_config), "train.max_stepz=3"],
-                       cwd=REPO, capture_output=True, text=True)
+    r = train_cli(["--config", str(tiny_config), "train.max_stepz=3"])
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "train.max_stepz" in r.stderr and str(tiny_config) in r.stderr
 
 
 def test_srun_tasks_without_a_torch_distributed_environment_are_refused(tiny_config, tmp_path):
     """Slurm's srun -n 2 python -m pretrain.train would otherwise start two separate runs in one run.dir."""
-    from tests.launch import env
-    e = {k: v for k, v in env(SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1").items() if k not in ("RANK", "WORLD_SIZE")}
-    r = subprocess.run([sys.executable, "-m", "pretrain.train", *args(tiny_config, tmp_path / "run")],
-                       cwd=REPO, env=e, capture_output=True, text=True)
-    assert r.returncode == 2 and "srun started 2 tasks" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    r = train_cli(args(tiny_config, tmp_path / "run"), SLURM_STEP_NUM_TASKS="2", SLURM_PROCID="1")  # no RANK
+    assert r.returncode == 2 and "srun started 2 tasks" in error_line(r), r.stderr[-2000:]
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("bad", ["--resume={tmp}/no-checkpoint", "data.datasets.0.path={tmp}/no-shards"])
 def test_missing_checkpoint_or_shards_is_an_error_naming_the_path(tiny_config, tmp_path, bad):
     bad = bad.format(tmp=tmp_path)
-    r = subprocess.run([sys.executable, "-m", "pretrain.train", *args(tiny_config, tmp_path / "run", bad)],
-                       cwd=REPO, capture_output=True, text=True)
+    r = train_cli(args(tiny_config, tmp_path / "run", bad))
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
-    last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and bad.split("=", 1)[1] in last
+    assert error_line(r).startswith("error:") and bad.split("=", 1)[1] in error_line(r)
 
 
 def test_a_missing_tokenizer_stops_a_run_that_samples_grids_before_its_first_step(test_data, tiny_config, tmp_path):
@@ -185,11 +175,10 @@ def test_a_missing_tokenizer_stops_a_run_that_samples_grids_before_its_first_ste
     manifest["tokenizer"]["path"] = str(tmp_path / "moved.model")
     manifest["fingerprint"] = fingerprint(manifest)
     (shards / "manifest.json").write_text(json.dumps(manifest))
-    r = subprocess.run([sys.executable, "-m", "pretrain.train", *args(tiny_config, tmp_path / "run"),
-                        f"data.datasets.0.path={shards}", "train.eval_interval=5", "train.sample_prompts=[a digit]"],
-                       cwd=REPO, capture_output=True, text=True)
+    r = train_cli(args(tiny_config, tmp_path / "run", f"data.datasets.0.path={shards}", "train.eval_interval=5",
+                       "train.sample_prompts=[a digit]"))
     assert r.returncode == 2, r.stderr[-2000:]
-    assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'moved.model'}: tokenizer model not found"
+    assert error_line(r) == f"error: {tmp_path / 'moved.model'}: tokenizer model not found"
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
