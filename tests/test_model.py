@@ -194,3 +194,21 @@ def test_every_parameter_gets_a_gradient_from_a_batch_without_text_targets():
     batch = synthetic_batch(cfg, 1, 0, 4)
     model.loss(batch)["loss"].backward()
     assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_training_passes_ask_for_the_training_backend_and_inference_for_the_other():
+    """`auto` picks flex on CUDA only for passes that train; sampling and evaluation (no gradient,
+    or a KV cache) must say they are inference."""
+    from model.generate import generate_text
+    cfg = tiny()
+    model = UnifiedTransformer(cfg)
+    asked = []
+    real = model.attention_backend
+    model.attention_backend = lambda device, inference=False: asked.append(inference) or real(device, inference)
+    batch = packed_mixed_batch(cfg)
+    model.train().loss(batch)
+    assert asked == [False]
+    with torch.no_grad():
+        model.eval().loss(batch)
+    generate_text(model, [10, 11, 12], max_new_tokens=3)
+    assert asked[1:] and all(asked[1:])
