@@ -22,7 +22,7 @@ import torch
 from data_pipelines.config import DataConfig, DatasetConfig
 from data_pipelines.order import Dealing, DatasetOrder
 from data_pipelines.shards import load_manifest
-from data_pipelines.slot import DataError, Dataset, Slot, base_from_json, base_to_json
+from data_pipelines.slot import DataError, Dataset, Slot, base_from_json, base_to_json, unstarted_state
 from model.diffusion import Diffusion
 from model.layout import LayoutSpec
 
@@ -114,10 +114,12 @@ class PackedLoader:
                 "seed": self.cfg.seed, "shuffle": self.cfg.shuffle, "num_epochs": self.num_epochs}
 
     def state_dict(self) -> dict:
-        """This rank's part of the state (merge all ranks' with `merge_states`)."""
+        """This rank's part of the state (merge all ranks' with `merge_states`). Every slot of the
+        rank is in it: one that has handed out no batch yet is at its start (cursors (0, 0))."""
         return {"version": STATE_VERSION, "fingerprints": self.fingerprints(), "layout": self.layout(),
                 "base": [base_to_json(*b) for b in self.base],
-                "slots": {str(j): self.slot_states[j] for j in self.own_slots() if j in self.slot_states}}
+                "slots": {str(j): self.slot_states.get(j) or unstarted_state(j, len(self.entries))
+                          for j in self.own_slots()}}
 
     @staticmethod
     def merge_states(states: list[dict]) -> dict:

@@ -103,7 +103,7 @@ class Slot:
         self.datasets, self.cfg, self.spec, self.diffusion = datasets, cfg, spec, diffusion
         self.batch_size, self.slot = batch_size, slot
         self.slots = datasets[0].dealing.slots
-        state = state or {}
+        state = state or unstarted_state(slot, len(datasets))
         self.batches = state.get("batches", 0)
         self.mix = state.get("mix", 0)
         self.bad = state.get("bad", 0)
@@ -211,6 +211,12 @@ class Slot:
             batch = assign_timesteps(batch, self.diffusion, gen)
             self.batches += 1
             yield batch, self.state(), keys
+
+
+def unstarted_state(slot: int, num_datasets: int) -> dict:
+    """The state of a slot that has handed out no batch: at the start of its share (cursors (0, 0))."""
+    return {"slot": slot, "batches": 0, "mix": 0, "bad": 0, "oversize": 0, "done": [False] * num_datasets,
+            "cursors": [[0, 0]] * num_datasets, "buffer": []}
 
 
 def weighted_pick(weights: list[float], u: float) -> int:

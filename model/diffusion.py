@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -65,6 +65,15 @@ def assign_timesteps(batch: PackedBatch, diffusion: Diffusion,
         groups, inverse = torch.unique(key.cpu(), dim=0, return_inverse=True)
         t[noisy.cpu()] = diffusion.sample_t(groups.shape[0], generator)[inverse]
     return dataclasses.replace(batch, timestep=t.to(batch.latents.device))
+
+
+def row_noise(batch: PackedBatch, generators: Sequence[torch.Generator], patch_dim: int) -> torch.Tensor:
+    """Noise (N,P) for the latent tokens of a batch (CPU), row b drawn from generators[b]: a row's
+    noise does not depend on the rows batched with it, so the same global batch gets the same noise
+    however it is split into micro-batches and ranks."""
+    counts = batch.is_latent.sum(1).tolist()
+    return torch.cat([torch.zeros(0, patch_dim)] + [torch.randn(n, patch_dim, generator=g)
+                                                   for n, g in zip(counts, generators)])
 
 
 class TimestepEmbedder(nn.Module):

@@ -61,6 +61,17 @@ class FeedForward(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def at_rows(h: torch.Tensor, rows: torch.Tensor, scale: Optional[torch.Tensor] = None,
+            shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """h (B,S,D) with the N flat rows `rows` replaced by h[rows] * scale + shift (N,D each); the
+    other rows are left exactly as they are."""
+    flat = h.reshape(-1, h.shape[-1])
+    picked = flat.index_select(0, rows)
+    picked = picked * scale if scale is not None else picked
+    picked = picked + shift if shift is not None else picked
+    return flat.index_copy(0, rows, picked).view_as(h)
+
+
 class Block(nn.Module):
     """Pre-norm Llama block; latent tokens get adaLN-Zero modulation.
 
@@ -68,7 +79,10 @@ class Block(nn.Module):
     `cond + ada_table[l]`, where `cond` = one linear map of the token's timestep
     embedding shared by all layers (adaLN-single, PixArt-alpha) and `ada_table` a learned
     per-layer offset. Both start at zero, so gates start at 0 (adaLN-Zero). Text tokens
-    have shift = scale = 0 and gate = 1: a plain Llama block.
+    are not touched: a plain Llama block. The modulation is applied to the latent rows
+    only (gathered and scattered back), so the ops and their order are the same whatever
+    the batch holds, zero latent tokens included: data-parallel ranks then produce their
+    gradients in the same order, which ZeRO-2's reduction buckets rely on.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -79,24 +93,20 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.ada_table = nn.Parameter(torch.zeros(6, cfg.dim))
 
-    def forward(self, x, rope, bias: AttentionBias, cond: Optional[torch.Tensor] = None,
-                latent_mask: Optional[torch.Tensor] = None, past: Optional[tuple] = None):
-        """x B,S,D; cond B,S,6,D (zero at text) and latent_mask B,S,1 float, or None (no latent token);
+    def forward(self, x, rope, bias: AttentionBias, cond: torch.Tensor, rows: torch.Tensor,
+                past: Optional[tuple] = None):
+        """x B,S,D; cond N,6,D for the N latent tokens at flat positions `rows` (N,) of x;
         `past`: cached (k, v) of this layer. Returns (x, (k, v) of these tokens)."""
-        if cond is None:
-            a, kv = self.attn(self.attn_norm(x), rope, bias, past)
-            x = x + a
-            x = x + self.ffn(self.ffn_norm(x))
-            if self.training:  # a zero that keeps ada_table in the graph (see UnifiedTransformer._run)
-                x = x + self.ada_table.sum() * 0.0
-            return x, kv
-        mod = (cond + self.ada_table) * latent_mask[..., None]
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.unbind(2)
-        text = 1.0 - latent_mask
-        a, kv = self.attn(self.attn_norm(x) * (1 + scale1) + shift1, rope, bias, past)
-        x = x + (gate1 + text) * a
-        h = self.ffn_norm(x) * (1 + scale2) + shift2
-        return x + (gate2 + text) * self.ffn(h), kv
+        shift1, scale1, gate1, shift2, scale2, gate2 = (cond + self.ada_table).unbind(1)
+        a, kv = self.attn(at_rows(self.attn_norm(x), rows, 1 + scale1, shift1), rope, bias, past)
+        x = x + at_rows(a, rows, gate1)
+        h = at_rows(self.ffn_norm(x), rows, 1 + scale2, shift2)
+        return x + at_rows(self.ffn(h), rows, gate2), kv
+
+
+def loss_token_counts(batch: PackedBatch) -> torch.Tensor:
+    """(text targets, latent loss tokens) of a batch: the tokens that `UnifiedTransformer.loss` sums over."""
+    return torch.stack([batch.text_loss.sum(), batch.latent_loss.sum()])
 
 
 class ModelOutput(NamedTuple):
@@ -162,12 +172,13 @@ class UnifiedTransformer(nn.Module):
         return resolve_backend(self.cfg.attention, device, inference)
 
     def forward(self, batch: PackedBatch, latent_input: Optional[torch.Tensor] = None,
-                generator: Optional[torch.Generator] = None, return_loss: bool = False):
+                generator: Optional[torch.Generator] = None, return_loss: bool = False,
+                noise: Optional[torch.Tensor] = None, normalizer: Optional[tuple] = None):
         """Run the packed batch -> ModelOutput; `latent_input` (N,P) replaces `batch.latents` as the
         latent tokens fed in (the noised copy during sampling). With `return_loss=True`: the
         training losses of `loss()` instead (the form a DeepSpeed engine calls)."""
         if return_loss:
-            return self.loss(batch, generator)
+            return self.loss(batch, generator, noise, normalizer)
         return self._run(batch, latent_input)[0]
 
     def step(self, batch: PackedBatch, latent_input: Optional[torch.Tensor] = None,
@@ -183,24 +194,18 @@ class UnifiedTransformer(nn.Module):
         latent_input = batch.latents if latent_input is None else latent_input
         if latent_input.shape[0] == 0:  # a text-only batch may carry a (0, 0) tensor
             latent_input = latent_input.new_zeros(0, self.cfg.latent_patch_dim)
-        lat = batch.is_latent
+        rows = batch.is_latent.flatten().nonzero().squeeze(1)  # flat positions of the latent tokens
         x = self.tok_emb(batch.tokens)
         dtype = x.dtype
-        cond = final_mod = latent_mask = None
-        # Training always runs the latent path, even over zero latent tokens, so that every
-        # parameter gets a (zero) gradient on every rank: data-parallel reductions (ZeRO
-        # buckets) must see the same parameters on all ranks.
-        if latent_input.shape[0] or self.training:
-            x = x.index_put((lat,), self.latent_in(latent_input.to(self.latent_in.weight.dtype)).to(dtype))
-            c = F.silu(self.time_embed(batch.timestep))
-            B, S, D = x.shape
-            ada = self.ada(c).view(-1, 6, D).to(dtype)
-            if latent_input.shape[0]:
-                cond = x.new_zeros(B, S, 6, D).index_put((lat,), ada)
-                latent_mask = lat[..., None].to(dtype)
-            else:  # no latent token: plain blocks, with zeros that keep the latent parameters in the graph
-                x = x + ada.sum() * 0.0
-            final_mod = self.final_ada(c).chunk(2, dim=-1)
+        # The latent modules run in every pass, even over zero latent tokens, and the ops are the
+        # same whatever the batch holds: under ZeRO-3 a module's forward is a collective (it gathers
+        # the parameters), so every rank must run the same modules; in training every parameter
+        # gets a (zero) gradient, in the same order on every rank (ZeRO's reduction buckets).
+        latent_x = self.latent_in(latent_input.to(self.latent_in.weight.dtype)).to(dtype)
+        x = x.reshape(-1, x.shape[-1]).index_copy(0, rows, latent_x).view_as(x)  # replaces the placeholder
+        c = F.silu(self.time_embed(batch.timestep))
+        cond = self.ada(c).view(-1, 6, x.shape[-1]).to(dtype)
+        shift, scale = self.final_ada(c).chunk(2, dim=-1)
         rope = self.rotary(batch.pos)
         kv = cache.key_arrays(batch) if cache is not None else None
         backend = self.attention_backend(x.device, inference=cache is not None or not torch.is_grad_enabled())
@@ -209,45 +214,47 @@ class UnifiedTransformer(nn.Module):
         for i, blk in enumerate(self.blocks):
             past = cache.layers[i] if cache is not None else None
             if self.activation_checkpointing and self.training:
-                x, layer_kv = checkpoint(blk, x, rope, bias, cond, latent_mask, past, use_reentrant=False)
+                x, layer_kv = checkpoint(blk, x, rope, bias, cond, rows, past, use_reentrant=False)
             else:
-                x, layer_kv = blk(x, rope, bias, cond, latent_mask, past)
+                x, layer_kv = blk(x, rope, bias, cond, rows, past)
             new_kv.append(layer_kv)
         h = self.norm(x)
-        if final_mod is None:
-            return ModelOutput(h, h.new_zeros(0, self.cfg.latent_patch_dim)), new_kv
-        shift, scale = final_mod
-        pred = self.latent_out(h[lat] * (1 + scale) + shift)
+        pred = self.latent_out(h.reshape(-1, h.shape[-1]).index_select(0, rows) * (1 + scale) + shift)
         return ModelOutput(h, pred), new_kv
 
     def logits(self, batch: PackedBatch) -> torch.Tensor:
         """B,S,V next-token logits at every position (tests, generation)."""
         return self.lm_head(self(batch).hidden)
 
-    def loss(self, batch: PackedBatch, generator: Optional[torch.Generator] = None) -> dict:
+    def loss(self, batch: PackedBatch, generator: Optional[torch.Generator] = None,
+             noise: Optional[torch.Tensor] = None, normalizer: Optional[tuple] = None) -> dict:
         """Total loss = lm_weight * CE(text) + diffusion_weight * MSE(latent), plus each part.
 
-        The noise is drawn from `generator` (CPU) so that a run is reproducible."""
+        Each part is a sum over its tokens (`loss_token_counts`) divided by `normalizer` =
+        (text targets, latent loss tokens) counted over the whole optimizer step (every
+        micro-batch, every rank), so that a token weighs the same whatever it was packed with;
+        by default this batch's own counts. Returns `loss` (to backpropagate), `lm_loss` and
+        `diffusion_loss` (this batch's means, 0 without such tokens) and `lm_sum`,
+        `diffusion_sum` (detached sums, for token-weighted logging). The noise (N,P) is `noise`,
+        else drawn from `generator` (CPU) so that a run is reproducible."""
         cfg = self.cfg
         x0 = batch.latents if batch.latents.shape[0] else batch.latents.new_zeros(0, cfg.latent_patch_dim)
-        noisy = batch.noisy[batch.is_latent]
-        eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        xt, target = self.diffusion.noise(x0, eps, batch.timestep)
-        out, _ = self._run(batch, torch.where(noisy[:, None], xt, x0))
-        zero = out.hidden.sum() * 0.0  # keeps every output in the graph when a part is empty
+        is_noisy = batch.noisy[batch.is_latent]
+        eps = torch.randn(x0.shape, generator=generator) if noise is None else noise
+        xt, target = self.diffusion.noise(x0, eps.to(x0.device, x0.dtype), batch.timestep)
+        out, _ = self._run(batch, torch.where(is_noisy[:, None], xt, x0))
         sel = batch.text_loss
-        if sel.any():
-            labels = torch.roll(batch.tokens, shifts=-1, dims=1)[sel]
-            lm_loss = F.cross_entropy(self.lm_head(out.hidden[sel]).float(), labels)
-        else:
-            lm_loss = zero + self.lm_head.weight.sum() * 0.0
+        labels = torch.roll(batch.tokens, shifts=-1, dims=1)[sel]
+        # the LM head runs even with no text target (ZeRO-3: the same modules on every rank)
+        lm_sum = F.cross_entropy(self.lm_head(out.hidden[sel]).float(), labels, reduction="sum")
         lsel = batch.latent_loss[batch.is_latent]
-        if lsel.any():
-            diffusion_loss = F.mse_loss(out.latent_pred[lsel].float(), target[lsel].float())
-        else:
-            diffusion_loss = zero + out.latent_pred.sum() * 0.0 + self.latent_out.weight.sum() * 0.0
-        total = cfg.lm_weight * lm_loss + cfg.diffusion_weight * diffusion_loss
-        return {"loss": total, "lm_loss": lm_loss.detach(), "diffusion_loss": diffusion_loss.detach()}
+        diffusion_sum = (out.latent_pred[lsel].float() - target[lsel].float()).pow(2).mean(-1).sum()
+        own = loss_token_counts(batch).clamp(min=1)  # tensors: no host sync
+        n_text, n_latent = (own[0], own[1]) if normalizer is None else (max(normalizer[0], 1), max(normalizer[1], 1))
+        total = cfg.lm_weight * lm_sum / n_text + cfg.diffusion_weight * diffusion_sum / n_latent
+        lm_sum, diffusion_sum = lm_sum.detach(), diffusion_sum.detach()
+        return {"loss": total, "lm_loss": lm_sum / own[0], "diffusion_loss": diffusion_sum / own[1],
+                "lm_sum": lm_sum, "diffusion_sum": diffusion_sum}
 
     # ---- release folder ------------------------------------------------------------------
     def save_pretrained(self, directory, dtype: Optional[torch.dtype] = None) -> Path:

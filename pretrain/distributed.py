@@ -70,8 +70,9 @@ def any_rank(flag: bool, group=None) -> bool:
     return bool(t.item())
 
 
-def mean_over_ranks(values: list, device) -> list[float]:
-    """Mean over ranks of each value (floats or 0-dim tensors, which are read only here)."""
+def sum_over_ranks(values: list, device=None, group=None) -> list[float]:
+    """Sum over ranks of each value (numbers or 0-dim tensors, which are read only here). With a gloo
+    `group` (CPU tensors) this never waits on the GPU stream."""
     t = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in values])
-    torch.distributed.all_reduce(t)
-    return (t / torch.distributed.get_world_size()).tolist()
+    torch.distributed.all_reduce(t, group=group)
+    return t.tolist()

@@ -34,6 +34,13 @@ class ShardedEMA:
         self.shadow = [m.detach().clone() for m in self.masters]
 
     @torch.no_grad()
+    def reset(self, engine) -> None:
+        """Start the EMA over from the engine's current weights (after loading a checkpoint without one)."""
+        self.masters = fp32_partitions(engine)
+        for s, m in zip(self.shadow, self.masters):
+            s.copy_(m)
+
+    @torch.no_grad()
     def update(self, step: int) -> None:
         weight = 1.0 - decay_at(step, self.decay, self.warmup)
         for s, m in zip(self.shadow, self.masters):

@@ -35,6 +35,20 @@ def batch_flops(model_cfg, params_by_use: dict, batch) -> float:
     return 6.0 * matmuls + 12.0 * model_cfg.n_layers * model_cfg.dim * pairs
 
 
+def loss_record(sums: list, counts: list, model_cfg, prefix: str = "") -> dict:
+    """Token-weighted losses from loss sums and token counts (text targets, latent tokens), both
+    totalled over ranks and steps: `loss` (lm_weight * lm + diffusion_weight * diffusion),
+    `lm_loss`, `diffusion_loss`. A part with no token in the window is absent, not 0."""
+    parts = {}
+    for name, total, n in zip(("lm_loss", "diffusion_loss"), sums, counts):
+        if n > 0:
+            parts[name] = float(total) / float(n)
+    if not parts:
+        return {}
+    loss = model_cfg.lm_weight * parts.get("lm_loss", 0.0) + model_cfg.diffusion_weight * parts.get("diffusion_loss", 0.0)
+    return {prefix + k: v for k, v in {"loss": loss, **parts}.items()}
+
+
 class RunLogger:
     def __init__(self, cfg, is_main: bool, start_step: int):
         self.is_main, self.cfg = is_main, cfg

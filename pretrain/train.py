@@ -11,7 +11,9 @@ when SIGTERM or SIGUSR1 arrives (then the run exits 0); `--resume auto` continue
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
 import signal
 import sys
 import time
@@ -25,15 +27,18 @@ from data_pipelines.documents import stateless_uniform
 from data_pipelines.loader import PackedLoader
 from data_pipelines.slot import DataError
 from model.config import ConfigError, load_config
-from model.transformer import Block, UnifiedTransformer
+from model.diffusion import row_noise
+from model.layout import pack_rows
+from model.transformer import Block, UnifiedTransformer, loss_token_counts
 from pretrain import checkpoint as ckpt
 from pretrain.config import ExperimentConfig
 from pretrain.convert import EMA_FILE
 from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any_rank, init_distributed,
-                                  mean_over_ranks)
+                                  sum_over_ranks)
 from pretrain.ema import ShardedEMA
 from pretrain.engine import build_engine
-from pretrain.metrics import RunLogger, batch_flops, peak_flops
+from pretrain.metrics import RunLogger, batch_flops, loss_record, peak_flops
+from pretrain.run_lock import RunDirBusy, RunDirLock, exit_with_parent
 
 NOISE, EVAL = 11, 12  # hash domains of the diffusion noise seeds
 
@@ -46,6 +51,7 @@ class Trainer:
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo, resume: str = "auto"):
         self.cfg, self.dist = cfg, dist
         t = cfg.train
+        self.lock = self._lock_run_dir()
         self.ckpt_root = Path(cfg.run.dir) / "checkpoints"
         self.resume_from = ckpt.resolve_resume(resume, self.ckpt_root)
         if self.resume_from is not None:
@@ -68,6 +74,20 @@ class Trainer:
         self.step, self.tokens = 0, 0
         self.stop_signal: Optional[int] = None
 
+    def _lock_run_dir(self) -> Optional[RunDirLock]:
+        """Rank 0 locks run.dir; every rank learns the outcome, so all stop on a busy directory."""
+        lock, error = None, None
+        if self.dist.is_main:
+            try:
+                lock = RunDirLock(self.cfg.run.dir).acquire()
+            except RunDirBusy as e:
+                error = str(e)
+        if self.dist.world_size > 1:
+            error = all_gather_objects(error, self.dist.control_group)[0]
+        if error:
+            raise RunDirBusy(error)
+        return lock
+
     # ---- checkpoints ---------------------------------------------------------------------
     def save(self) -> Path:
         data_state = PackedLoader.merge_states(all_gather_objects(self.loader.state_dict(), self.dist.control_group))
@@ -76,45 +96,84 @@ class Trainer:
         return ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, own, self.cfg.checkpoint.keep,
                                     self.dist.rank)
 
-    def resume(self) -> None:
-        """Load the checkpoint chosen by --resume; a universal one may come from another world size."""
+    def resume(self) -> Optional[str]:
+        """Load the checkpoint chosen by --resume (a universal one may come from another world size);
+        returns a note for the log when the EMA had to start from the loaded weights."""
         if self.resume_from is None:
-            return
+            return None
         root, tag = self.resume_from
         client, own = ckpt.load_checkpoint(self.engine, root, tag, self.dist.rank)
         self.step, self.tokens = client["step"], client["tokens"]
         self.loader.load_state_dict(client["data"])  # world-size independent
         if own is not None:  # same world size: this rank's RNG and EMA partition
             ckpt.set_rng_state(own["rng"])
-            if self.ema is not None and own.get("ema") is not None:
-                self.ema.load_state_dict(own["ema"])
-        elif self.ema is not None and (root / tag / EMA_FILE).is_file():
+        if self.ema is None:
+            return None
+        if own is not None and own.get("ema") is not None:
+            self.ema.load_state_dict(own["ema"])
+        elif own is None and (root / tag / EMA_FILE).is_file():
             self.ema.load_full(self.engine, torch.load(root / tag / EMA_FILE, map_location="cpu"))
+        else:  # not from the random initialisation it was copied from before the weights were loaded
+            self.ema.reset(self.engine)
+            return f"{root / tag} has no EMA: the EMA starts from its weights"
+        return None
 
     def _on_signal(self, signum, _frame) -> None:
         self.stop_signal = signum
 
     # ---- steps ---------------------------------------------------------------------------
-    def train_step(self, batches) -> dict:
-        """One optimizer step over grad_accum micro-batches; returns this rank's mean losses
-        (0-dim tensors on the device: reading them waits for the GPU)."""
-        sums = {"loss": 0.0, "lm_loss": 0.0, "diffusion_loss": 0.0}  # device tensors: no sync per step
-        for micro in range(self.cfg.train.grad_accum):
-            batch = next(batches)
+    def step_token_counts(self, micro: list) -> list[int]:
+        """[ranks whose data ended, text targets, latent loss tokens] of this optimizer step, summed
+        over every micro-batch of every rank (one all-reduce on CPU tensors: no GPU sync)."""
+        local = [int(len(micro) < self.cfg.train.grad_accum)]
+        local += sum((loss_token_counts(b) for b in micro), torch.zeros(2, dtype=torch.long)).tolist()
+        if self.dist.world_size == 1:
+            return local
+        return [int(v) for v in sum_over_ranks(local, group=self.dist.control_group)]
+
+    def accumulate(self, micro: list, counts: list[int]) -> dict:
+        """Forward and backward of one optimizer step's micro-batches, the optimizer step itself not
+        taken. Each loss is a sum over its tokens divided by `counts` (text targets, latent tokens of
+        the whole step): a token weighs the same whatever it was packed with (ARCHITECTURE.md).
+        Returns this rank's loss sums (device tensors: reading them waits for the GPU)."""
+        sums = {"lm_sum": 0.0, "diffusion_sum": 0.0}
+        for m, batch in enumerate(micro):
             self.last_batch = batch
-            if self.cfg.train.log_samples:
-                self._log_samples(micro)
-            gen = noise_generator(self.cfg.run.seed, NOISE, self.step, micro, self.dist.rank)
-            losses = self.engine(batch.to(self.dist.device, non_blocking=True), generator=gen, return_loss=True)
-            self.engine.backward(losses["loss"])
-            self.engine.step()
+            noise = row_noise(batch, self._row_generators(NOISE, self.step, m, batch.shape[0]),
+                              self.cfg.model.latent_patch_dim)
+            out = self.engine(batch.to(self.dist.device, non_blocking=True), noise=noise, normalizer=counts,
+                              return_loss=True)
+            # DeepSpeed averages gradients over ranks: undo it, the normaliser already counts every rank
+            self.engine.backward(out["loss"] * self.dist.world_size, scale_wrt_gas=False)
+            if m < len(micro) - 1:
+                self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
             for k in sums:
-                sums[k] = sums[k] + losses[k].detach() / self.cfg.train.grad_accum
+                sums[k] = sums[k] + out[k]
+        return sums
+
+    def _row_generators(self, domain: int, step: int, micro: int, rows: int) -> list:
+        """A noise generator per row, keyed by the row's place in the global batch of the step."""
+        first = (micro * self.dist.world_size + self.dist.rank) * rows
+        return [noise_generator(self.cfg.run.seed, domain, step, first + b) for b in range(rows)]
+
+    def train_step(self, batches) -> tuple[dict, list[int]]:
+        """One optimizer step over grad_accum micro-batches -> (this rank's loss sums, the step's
+        global token counts). StopIteration on every rank when any rank's data ended."""
+        micro = []
+        for batch in itertools.islice(batches, self.cfg.train.grad_accum):
+            if self.cfg.train.log_samples:
+                self._log_samples(len(micro))
+            micro.append(batch)
+        ended, *counts = self.step_token_counts(micro)
+        if ended:
+            raise StopIteration
+        sums = self.accumulate(micro, counts)
+        self.engine.step()
         if self.ema is not None:
             self.ema.update(self.step)
         self.step += 1
-        self.tokens += batch.tokens.numel() * self.cfg.train.grad_accum * self.dist.world_size
-        return sums
+        self.tokens += micro[0].tokens.numel() * self.cfg.train.grad_accum * self.dist.world_size
+        return sums, counts
 
     def _log_samples(self, micro: int) -> None:
         path = Path(self.cfg.run.dir) / f"samples_rank{self.dist.rank}.jsonl"
@@ -124,21 +183,28 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Mean per-modality losses on data.eval_datasets (same batches every time)."""
+        """Token-weighted losses on data.eval_datasets (the same batches every time). Every rank runs
+        the same number of forwards (ZeRO-3 gathers parameters in each): a rank whose share of the
+        held-out data ran out feeds an all-padding batch, which adds no token."""
         cfg = self.cfg
         loader = PackedLoader(cfg.data.replace(num_workers=0), cfg.model, cfg.train.micro_batch_size,
                               self.dist.rank, self.dist.world_size, datasets=cfg.data.eval_datasets, num_epochs=1)
-        sums, n = [0.0, 0.0], 0
+        batches = iter(loader)
+        empty = pack_rows([[] for _ in range(cfg.train.micro_batch_size)], cfg.data.seq_len)
+        sums, counts = [0.0, 0.0], torch.zeros(2, dtype=torch.long)
         self.engine.eval()
-        for i, batch in zip(range(cfg.train.eval_batches), loader):
-            gen = noise_generator(cfg.run.seed, EVAL, i, self.dist.rank)
-            losses = self.engine(batch.to(self.dist.device), generator=gen, return_loss=True)
-            sums[0] += float(losses["lm_loss"])
-            sums[1] += float(losses["diffusion_loss"])
-            n += 1
+        for i in range(cfg.train.eval_batches):
+            batch = next(batches, None)
+            if not any_rank(batch is not None, self.dist.control_group):
+                break
+            batch = empty if batch is None else batch
+            counts += loss_token_counts(batch)
+            noise = row_noise(batch, self._row_generators(EVAL, 0, i, batch.shape[0]), cfg.model.latent_patch_dim)
+            out = self.engine(batch.to(self.dist.device), noise=noise, return_loss=True)
+            sums = [sums[0] + out["lm_sum"], sums[1] + out["diffusion_sum"]]
         self.engine.train()
-        lm, diff = mean_over_ranks([s / max(n, 1) for s in sums], self.dist.device)
-        return {"eval/lm_loss": lm, "eval/diffusion_loss": diff}
+        totals = sum_over_ranks([*sums, *counts.tolist()], self.dist.device)
+        return loss_record(totals[:2], totals[2:], cfg.model, prefix="eval/")
 
     def _grid_inputs(self) -> Optional[tuple]:
         """(prompt token ids, latent shape, encoder) for the sample grids, loaded at start so that
@@ -179,37 +245,40 @@ class Trainer:
     # ---- the run -------------------------------------------------------------------------
     def run(self) -> int:
         cfg, t = self.cfg, self.cfg.train
-        self.resume()
+        ema_note = self.resume()
         log = RunLogger(cfg, self.dist.is_main, self.step)
         log.message(f"{self.num_params / 1e6:.1f}M parameters, {self.dist.world_size} rank(s) on "
                     f"{self.dist.device.type}, ZeRO-{t.zero_stage}, from step {self.step}")
+        if ema_note:
+            log.message(ema_note)
+        if self.lock is not None and self.lock.previous:
+            log.message(f"run.dir: took over the lock of {self.lock.previous} (that process is gone)")
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         peak = peak_flops(t.peak_tflops, self.dist.device)
         batches = iter(self.loader)
-        window = {"loss": 0.0, "lm_loss": 0.0, "diffusion_loss": 0.0}
+        window_sums, window_counts = [0.0, 0.0], [0, 0]  # loss sums (this rank), token counts (all ranks)
         window_steps, window_start, window_tokens = 0, time.time(), self.tokens
         saved_at = self.step
         while self.step < t.max_steps:
             try:
-                losses = self.train_step(batches)
+                sums, counts = self.train_step(batches)
             except StopIteration:
                 log.message(f"data exhausted at step {self.step} (data.num_epochs={cfg.data.num_epochs})")
                 break
-            for k, v in losses.items():
-                window[k] += v
+            window_sums = [window_sums[0] + sums["lm_sum"], window_sums[1] + sums["diffusion_sum"]]
+            window_counts = [a + b for a, b in zip(window_counts, counts)]
             window_steps += 1
             metrics = {}
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
-                means = mean_over_ranks([window[k] / window_steps for k in window], self.dist.device)
                 elapsed = time.time() - window_start
-                metrics = dict(zip(window, means))
+                metrics = loss_record(sum_over_ranks(window_sums, self.dist.device), window_counts, cfg.model)
                 metrics.update(grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
                                lr=self.engine.get_lr()[0], tokens_per_s=(self.tokens - window_tokens) / elapsed,
                                tokens=self.tokens)
                 flops = batch_flops(cfg.model, self.params_by_use, self.last_batch) * t.grad_accum * window_steps
                 metrics["mfu"] = flops / elapsed / peak if peak else None
-                window = dict.fromkeys(window, 0.0)
+                window_sums, window_counts = [0.0, 0.0], [0, 0]
                 window_steps, window_start, window_tokens = 0, time.time(), self.tokens
             if t.eval_interval and self.step % t.eval_interval == 0:
                 if cfg.data.eval_datasets:
@@ -229,6 +298,8 @@ class Trainer:
         if saved_at != self.step:
             log.message(f"checkpoint {self.save()}")
         log.close()
+        if self.lock is not None:
+            self.lock.release()
         return 0
 
 
@@ -248,6 +319,8 @@ def main(argv=None) -> int:
         return 2
     # DeepSpeed 0.19 calls this deprecated torch API on every step; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    if "RANK" in os.environ:  # started by a launcher (torchrun, deepspeed, srun): do not outlive it
+        exit_with_parent(f"rank {os.environ['RANK']}")
     try:
         dist = init_distributed()
     except LaunchError as e:
@@ -255,7 +328,7 @@ def main(argv=None) -> int:
         return 2
     try:
         return Trainer(cfg, dist, args.resume).run()
-    except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one line, no traceback
+    except (ConfigError, DataError, FileNotFoundError, RunDirBusy) as e:  # bad input: one line, no traceback
         print(f"error{f' (rank {dist.rank})' if dist.world_size > 1 else ''}: {e}", file=sys.stderr)
         return 2
 

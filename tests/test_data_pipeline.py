@@ -145,6 +145,21 @@ def test_resume_on_one_rank_yields_exactly_the_unseen_samples(test_data):
     assert_each_token_once(seen + rest, documents(test_data, "digits", "text"))
 
 
+def test_a_state_saved_before_every_slot_handed_out_a_batch_resumes_on_another_layout(test_data):
+    """2 ranks x 2 workers, one batch each: each rank's second worker has handed out nothing yet
+    (a checkpoint at step 1). Its slot is at its start; on 1 rank every token still comes once."""
+    cfg = data_config(test_data["digits"], test_data["text"])
+    mc = model_config()
+    first = [PackedLoader(cfg, mc, 2, rank=r, world_size=2) for r in range(2)]
+    _, seen = run(first, limit=1)
+    state = json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict() for ld in first])))
+    assert sorted(state["slots"]) == ["0", "1", "2", "3"]
+    single = PackedLoader(cfg.replace(num_workers=1), mc, 2, rank=0, world_size=1)
+    single.load_state_dict(state)
+    _, rest = run([single])
+    assert_each_token_once(seen + rest, documents(test_data, "digits", "text"))
+
+
 def test_mixture_weights_hold_within_3_points(test_data):
     cfg = data_config(test_data["digits"], test_data["text"], weights=[0.7, 0.3], num_epochs=0, num_workers=0,
                       seq_len=128)

@@ -1,0 +1,82 @@
+"""Run under torchrun by tests/test_scale.py: the full gradient of one optimizer step over a fixed
+global batch of 4 rows, as the trainer computes it, whatever the ranks x micro-batches layout.
+
+    python -m torch.distributed.run --nproc-per-node N tests/grad_probe.py CONFIG OUT key=value ...
+
+Global row g goes to micro-batch m, rank r, row b with g = (m * ranks + r) * micro_batch_size + b.
+Rank 0 writes {parameter name: full gradient} to OUT.
+"""
+import dataclasses
+import sys
+
+import torch
+
+from model.config import load_config
+from model.diffusion import Diffusion, assign_timesteps
+from model.layout import LatentSegment, LayoutSpec, TextSegment, layout_document, pack_rows
+from model.packed_batch import PackedBatch
+from pretrain.config import ExperimentConfig
+from pretrain.distributed import init_distributed
+from pretrain.train import Trainer
+
+
+def global_rows(cfg) -> list[PackedBatch]:
+    """Rows whose loss tokens differ a lot: text-heavy, image-heavy, text only, one image only."""
+    g = torch.Generator().manual_seed(0)
+    spec = LayoutSpec.from_model_config(cfg.model)
+    hw = 8
+
+    def text(n):
+        return TextSegment(torch.randint(9, 500, (n,), generator=g).tolist())
+
+    def image():
+        return LatentSegment(torch.randn(cfg.model.latent_channels, hw, hw, generator=g))
+
+    docs = [[[text(150), image()]], [[text(3), image(), image(), image()], [text(2), image()]],
+            [[text(40)], [text(60)]], [[image()]]]
+    rows = []
+    for i, row in enumerate(docs):
+        batch = pack_rows([[layout_document(d, spec) for d in row]], cfg.data.seq_len)
+        rows.append(assign_timesteps(batch, Diffusion(cfg.model), torch.Generator().manual_seed(100 + i)))
+    return rows
+
+
+def cat_rows(rows: list[PackedBatch]) -> PackedBatch:
+    """Stack 1-row batches into one (a text-only row carries a (0, 0) latents tensor)."""
+    fields = {f.name: torch.cat([getattr(r, f.name) for r in rows]) for f in dataclasses.fields(PackedBatch)
+              if f.name != "latents"}
+    latents = [r.latents for r in rows if r.latents.shape[0]]
+    return PackedBatch(**fields, latents=torch.cat(latents) if latents else rows[0].latents)
+
+
+def perturb(model, zero_stage: int) -> None:
+    """Move every weight off its initialisation (the zero-initialised latent head and adaLN would
+    give many parameters a zero gradient), the same way on every rank and layout."""
+    import deepspeed
+    params = list(model.named_parameters())
+    with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=0, enabled=zero_stage == 3):
+        with torch.no_grad():
+            for i, (_, p) in enumerate(params):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(p.dtype) * 0.02)
+
+
+def main(config: str, out: str, *overrides: str) -> None:
+    cfg = load_config(ExperimentConfig, config, list(overrides))
+    dist = init_distributed()
+    trainer = Trainer(cfg, dist, resume="none")
+    perturb(trainer.engine.module, cfg.train.zero_stage)
+    rows = global_rows(cfg)
+    B, world = cfg.train.micro_batch_size, dist.world_size
+    assert len(rows) == B * cfg.train.grad_accum * world, "the layout must hold the 4 global rows"
+    micro = [cat_rows([rows[(m * world + dist.rank) * B + b] for b in range(B)]) for m in range(cfg.train.grad_accum)]
+    _, *counts = trainer.step_token_counts(micro)
+    trainer.accumulate(micro, counts)
+    from deepspeed.utils import safe_get_full_grad
+    grads = {n: safe_get_full_grad(p).detach().clone().cpu() for n, p in trainer.engine.module.named_parameters()}
+    if dist.is_main:
+        torch.save(grads, out)
+
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

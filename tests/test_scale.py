@@ -1,0 +1,169 @@
+"""What a cluster run hits on day one and one process does not show: the same gradient whatever the
+ranks x micro-batches layout (loss normalisation, ZeRO's reduction order), the same modules on every
+rank under ZeRO-3 (training and evaluation), the EMA after a resume, one run per run directory."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.distributed import free_port
+from tests.launch import REPO, cleanup_shm, env, error_line, metrics, train_cli
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def tiny_config(test_data, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    text = (REPO / "configs/tiny-cpu.yaml").read_text()
+    text = text.replace("runs/demo/data/digits", str(test_data["digits"])).replace(
+        "runs/demo/data/text", str(test_data["text"])).replace("vocab_size: 2000", "vocab_size: 1000")
+    path.write_text(text)
+    yield path
+    cleanup_shm()
+
+
+def probe_gradient(cfg, out: Path, ranks: int, micro_batch: int, accum: int, *extra) -> dict:
+    """The full gradient of one step over the 4 rows of tests/grad_probe.py on this layout."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
+           str(free_port()), str(REPO / "tests/grad_probe.py"), str(cfg), str(out), f"run.dir={out.parent / out.stem}",
+           "wandb.mode=disabled", "data.num_workers=0", f"train.micro_batch_size={micro_batch}",
+           f"train.grad_accum={accum}", *extra]
+    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(out)
+
+
+def assert_same_gradient(got: dict, ref: dict, rtol: float = 1e-5) -> None:
+    assert got.keys() == ref.keys()
+    for name in ref:
+        assert (got[name] - ref[name]).norm() <= rtol * ref[name].norm(), name
+
+
+@pytest.fixture(scope="module")
+def reference_gradient(tiny_config, tmp_path_factory):
+    """1 rank x 1 micro-batch holding the whole global batch."""
+    return probe_gradient(tiny_config, tmp_path_factory.mktemp("ref") / "g.pt", 1, 4, 1)
+
+
+def test_one_step_gradient_does_not_depend_on_accumulation_or_ranks(tiny_config, tmp_path, reference_gradient):
+    """Rows with 1 to 150 text targets and 0 to 64 latent tokens: a token must weigh the same
+    wherever it was packed (each loss / its count over the whole step, every micro-batch and rank)."""
+    assert all(g.norm() > 0 for g in reference_gradient.values())  # every parameter is checked
+    assert_same_gradient(probe_gradient(tiny_config, tmp_path / "accum.pt", 1, 2, 2), reference_gradient)
+    assert_same_gradient(probe_gradient(tiny_config, tmp_path / "ranks.pt", 2, 2, 1), reference_gradient)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_two_ranks_with_different_modalities_reduce_the_right_gradient(tiny_config, tmp_path, reference_gradient,
+                                                                       stage):
+    """2 ranks x 2 micro-batches: in the second, rank 0 holds text only and rank 1 one image and no
+    text target. ZeRO-3 needs every module's forward on both ranks (lm_head, the latent modules);
+    ZeRO-2 reduces gradients in the order autograd produces them, so both ranks must build the same
+    graph; every parameter must get its gradient."""
+    got = probe_gradient(tiny_config, tmp_path / "g.pt", 2, 1, 2, f"train.zero_stage={stage}")
+    assert_same_gradient(got, reference_gradient)
+
+
+def test_zero3_evaluation_over_mixed_held_out_data(tiny_config, test_data, tmp_path):
+    """Held-out data dealt so that rank 0 gets a caption+image document and rank 1 text only, and
+    the ranks hold different numbers of batches: every rank runs every module, the same number
+    of times, and the eval losses are token-weighted."""
+    from data_pipelines.write_shards import write_shards
+    common = dict(tokenizer=str(test_data["tokenizer"]), encoder="pixels", channels=1, progress=False)
+    write_shards("digits", str(tmp_path / "one_digit"), num_samples=1, **common)
+    write_shards("text", str(tmp_path / "two_texts"), num_samples=3, input=[str(test_data["corpus"])],
+                 max_chars=400, **common)
+    held_out = f"data.eval_datasets=[{{path: {tmp_path / 'one_digit'}}}, {{path: {tmp_path / 'two_texts'}}}]"
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "pretrain.train", "--config", str(tiny_config), f"run.dir={run}", "train.zero_stage=3",
+           "train.max_steps=2", "train.log_interval=1", "train.eval_interval=1", "train.eval_batches=4",
+           "train.micro_batch_size=1", "data.num_workers=0", "wandb.mode=disabled", held_out]
+    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = metrics(run)
+    for step in (1, 2):
+        assert m[step]["eval/lm_loss"] > 0 and m[step]["eval/diffusion_loss"] > 0
+        # tiny-cpu weighs both losses 1: the total is their sum, each weighted by its own tokens
+        assert m[step]["eval/loss"] == pytest.approx(m[step]["eval/lm_loss"] + m[step]["eval/diffusion_loss"])
+
+
+def train_args(cfg, run_dir, *extra):
+    return ["--config", str(cfg), f"run.dir={run_dir}", "train.log_interval=1", "wandb.mode=disabled",
+            "data.num_workers=1", *extra]
+
+
+def test_a_resume_without_an_ema_starts_the_ema_from_the_loaded_weights(tiny_config, tmp_path):
+    """A checkpoint of a run without an EMA: the resumed run's EMA must follow the loaded weights,
+    not the random initialisation it was copied from before the checkpoint was loaded."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from pretrain.convert import consolidate_ema
+    from tests.launch import torchrun
+    run = tmp_path / "run"
+    r = torchrun(2, train_args(tiny_config, run, "train.max_steps=3", "checkpoint.interval=3", "checkpoint.keep=0",
+                               "train.ema_decay=0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, train_args(tiny_config, run, "train.max_steps=4", "checkpoint.keep=0", "train.ema_decay=0.999",
+                               "train.ema_warmup=false"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "has no EMA: the EMA starts from its weights" in r.stdout + r.stderr
+    ckpt = run / "checkpoints"
+    w3, w4 = (get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=t) for t in ("step_00000003", "step_00000004"))
+    ema = consolidate_ema(ckpt / "step_00000004")  # = 0.999 * w3 + 0.001 * w4
+    gap = sum(float((ema[k] - w3[k]).detach().norm()) for k in w3)
+    one_step = sum(float((w4[k] - w3[k]).norm()) for k in w3)
+    assert one_step > 0 and gap < 0.01 * one_step
+
+
+def processes_with(marker: str) -> list[int]:
+    """Pids of the processes whose command line holds `marker`."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and int(d.name) != os.getpid():
+            try:
+                if marker in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_one_run_per_run_directory_and_no_rank_outlives_its_launcher(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "pretrain.train", *train_args(tiny_config, run, "train.max_steps=100000", "checkpoint.interval=100000")]
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / "launcher.log", "w"))
+    try:
+        deadline = time.time() + 180
+        while max(metrics(run), default=0) < 2:
+            assert time.time() < deadline and launcher.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
+            time.sleep(0.5)
+        holder = (run / "run.lock").read_text().split()
+        assert holder[0].startswith("host=") and holder[1].startswith("pid=")
+        # (a) a second run into the same directory is refused with one line naming the holder
+        r = train_cli(train_args(tiny_config, run, "train.max_steps=1"))
+        assert r.returncode == 2 and "is in use by" in error_line(r) and holder[1] in error_line(r), r.stderr[-2000:]
+        # (b) kill -9 of the launcher alone: its ranks (own sessions) exit by themselves, without a checkpoint
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait()
+        deadline = time.time() + 60
+        while processes_with(str(run)):
+            assert time.time() < deadline, f"ranks still running after the launcher died: {processes_with(str(run))}"
+            time.sleep(0.5)
+    finally:
+        launcher.kill()
+        for pid in processes_with(str(run)):
+            os.kill(pid, signal.SIGKILL)
+    assert not list((run / "checkpoints").glob("step_*"))
+    # the lock the killed run left behind is taken over, and released at the end
+    r = train_cli(train_args(tiny_config, run, "train.max_steps=1", "data.num_workers=0"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"took over the lock of {' '.join(holder)}" in r.stdout + r.stderr
+    assert (run / "run.lock").read_text() == ""
