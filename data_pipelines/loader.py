@@ -6,7 +6,8 @@
     state = PackedLoader.merge_states(all_ranks)   # gathered by the trainer, saved once
     loader.load_state_dict(state)                  # same or another number of ranks/workers
 
-Resumed with the same ranks x workers, every slot continues exactly (same batches).
+Resumed with the same number of slots (ranks x workers, e.g. 2 x 1 or 1 x 2), every slot continues
+exactly (same batches).
 Otherwise the slots' progress is folded into the consumed set of the global order and the
 unseen samples are dealt to the new slots (none repeated, none skipped). A state whose
 dataset fingerprints differ from the shards on disk is refused.
@@ -143,7 +144,7 @@ class PackedLoader:
                 raise DataError(f"loader state has data.{key}={old[key]}, the config says {self.layout()[key]}")
         slots = {int(j): s for j, s in state["slots"].items()}
         bases = [base_from_json(b) for b in state["base"]]
-        if old == self.layout():
+        if old["slots"] == self.num_slots:  # the same slots, whichever rank or worker reads each: exact
             self.base, self.slot_states = bases, slots
             return
         missing = sorted(set(range(old["slots"])) - set(slots))

@@ -149,13 +149,33 @@ def load_checkpoint(engine, root: Path, tag: str, rank: int) -> tuple[dict, Opti
     """Load into the engine; returns (client state, this rank's own state or None)."""
     if not (Path(root) / tag).is_dir():
         raise FileNotFoundError(f"{Path(root) / tag}: checkpoint not found")
+    universal = is_universal(root, tag)
+    groups = [{k: v for k, v in g.items() if k not in SCHEDULED} for g in engine.optimizer.optimizer.param_groups]
     path, client = engine.load_checkpoint(str(root), tag, load_module_strict=True, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if path is None:
         raise FileNotFoundError(f"{Path(root) / tag}: DeepSpeed could not load this checkpoint")
+    if universal:
+        _repair_universal_optimizer(engine.optimizer.optimizer, groups)
     rank_file = Path(root) / tag / f"rank_{rank:05d}.pt"
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
     return client, rank_state
+
+
+SCHEDULED = ("params", "lr", "initial_lr")  # param-group entries a checkpoint must not take from this run
+
+
+def _repair_universal_optimizer(optimizer, groups: list[dict]) -> None:
+    """Undo two things DeepSpeed 0.19.8's ZeRO-3 universal loader does to the torch optimizer (after it,
+    a resume through a universal checkpoint continues bit for bit, as a ZeRO checkpoint does):
+    it hands every parameter group's state *one shared* `step` tensor, which AdamW then increments
+    once per group and step; and it copies group 0's hyperparameters into every group (the weight
+    decay of the decayed group onto the group without). Groups get this run's values back."""
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    for group, own in zip(optimizer.param_groups, groups):
+        group.update(own)
 
 
 def check_model_matches(root: Path, tag: str, model_cfg) -> None:

@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True, help="YAML experiment config")
     p.add_argument("--resume", default="auto", help="auto (latest in run.dir), none, or a checkpoint folder")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
-    args, unknown = p.parse_known_args(argv)
+    args, unknown = p.parse_known_intermixed_args(argv)  # overrides may come before and after options
     unknown = [u for u in unknown if not u.startswith("--local_rank") and not u.startswith("--local-rank")]
     try:
         if unknown:

@@ -35,12 +35,30 @@ def consolidated(ckpt_dir):
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
 
 
+def assert_same_run_from(a, b, steps, ckpt):
+    """Runs a and b logged the same losses at `steps` and wrote the same weights and EMA in `ckpt`."""
+    ma, mb = metrics(a), metrics(b)
+    assert sorted(mb) == list(steps)
+    for step in steps:
+        for key in ("loss", "lm_loss", "diffusion_loss"):
+            assert abs(ma[step][key] - mb[step][key]) <= 1e-6, (step, key, ma[step][key], mb[step][key])
+    wa, wb = consolidated(a / "checkpoints" / ckpt), consolidated(b / "checkpoints" / ckpt)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    from pretrain.convert import consolidate_ema
+    ea, eb = consolidate_ema(a / "checkpoints" / ckpt), consolidate_ema(b / "checkpoints" / ckpt)
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    return wa, ea
+
+
 @pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "fp32"), (3, "fp32"), (2, "bf16")])
 def test_resume_reproduces_losses_weights_and_ema(tiny_config, tmp_path, stage, precision):
-    """bf16 is the GPU's precision: DeepSpeed's bf16 path (bf16 weights, fp32 masters) runs on CPU too."""
+    """bf16 is the GPU's precision: DeepSpeed's bf16 path (bf16 weights, fp32 masters) runs on CPU too.
+    A resume through a universal checkpoint on the same ranks is exact too (weight decay on, which
+    differs between the optimizer's two parameter groups)."""
+    from pretrain.convert import to_universal
     common = [f"train.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=6",
-              "checkpoint.interval=3", "checkpoint.keep=0"]
-    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+              "checkpoint.interval=3", "checkpoint.keep=0", "train.weight_decay=0.1"]
+    straight, resumed, universal = tmp_path / "straight", tmp_path / "resumed", tmp_path / "universal"
     r = torchrun(2, args(tiny_config, straight, *common))
     assert r.returncode == 0, r.stderr[-3000:]
     (resumed / "checkpoints").mkdir(parents=True)  # resume from the step-3 checkpoint in a new process
@@ -48,22 +66,14 @@ def test_resume_reproduces_losses_weights_and_ema(tiny_config, tmp_path, stage, 
     (resumed / "checkpoints/latest").write_text("step_00000003\n")
     r = torchrun(2, args(tiny_config, resumed, *common))
     assert r.returncode == 0, r.stderr[-3000:]
-    a, b = metrics(straight), metrics(resumed)
-    assert sorted(b) == [4, 5, 6]
-    for step in (4, 5, 6):
-        for key in ("loss", "lm_loss", "diffusion_loss"):
-            assert abs(a[step][key] - b[step][key]) <= 1e-6, (step, key)
-    wa, wb = consolidated(straight / "checkpoints/step_00000006"), consolidated(resumed / "checkpoints/step_00000006")
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    for rank in range(2):
-        ea = torch.load(straight / f"checkpoints/step_00000006/rank_{rank:05d}.pt", weights_only=False)["ema"]
-        eb = torch.load(resumed / f"checkpoints/step_00000006/rank_{rank:05d}.pt", weights_only=False)["ema"]
-        assert all(torch.equal(x, y) for x, y in zip(ea["shadow"], eb["shadow"]))
+    weights, ema = assert_same_run_from(straight, resumed, (4, 5, 6), "step_00000006")
     # the EMA is a real, lagging average: it differs from the weights it follows
-    from pretrain.convert import consolidate_ema
-    ema = consolidate_ema(straight / "checkpoints/step_00000006")
-    assert ema.keys() == wa.keys()
-    assert sum(float((ema[k] - wa[k]).detach().norm()) for k in wa) > 1e-3
+    assert sum(float((ema[k] - weights[k]).detach().norm()) for k in weights) > 1e-3
+    if precision == "fp32":
+        ckpt = to_universal(straight / "checkpoints/step_00000003", tmp_path / "step_00000003_universal")
+        r = torchrun(2, ["--resume", str(ckpt), *args(tiny_config, universal, *common)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert_same_run_from(straight, universal, (4, 5, 6), "step_00000006")
 
 
 @pytest.mark.gpu
@@ -213,6 +223,8 @@ def sample_log(run_dir, steps):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_two_ranks_to_universal_to_one_rank(tiny_config, tmp_path, precision):
+    """2 ranks x 1 worker -> universal -> 1 rank x 2 workers with twice the accumulation: the same
+    reader slots and the same global batches, so the run goes on as the straight one did."""
     from pretrain.convert import consolidate_ema, to_universal
     a, b = tmp_path / "a", tmp_path / "b"
     # no EMA warmup: a slow EMA shows whether it went through the conversion (below)
@@ -222,25 +234,22 @@ def test_two_ranks_to_universal_to_one_rank(tiny_config, tmp_path, precision):
     assert r.returncode == 0, r.stderr[-3000:]
     universal = to_universal(a / "checkpoints/step_00000004", tmp_path / "step_00000004_universal")
     assert (universal / "ema_fp32.pt").is_file() and (universal / "config.json").is_file()
-    # one rank, twice the accumulation: the same global batch
-    r = torchrun(1, ["--resume", str(universal), *args(tiny_config, b, *common, "train.grad_accum=2")])
+    r = torchrun(1, ["--resume", str(universal), *args(tiny_config, b, *common, "train.grad_accum=2",
+                                                       "data.num_workers=2")])
     assert r.returncode == 0, r.stderr[-3000:]
     ma, mb = metrics(a), metrics(b)
     assert sorted(mb) == [5, 6, 7, 8]
+    tol = 1e-4 if precision == "fp32" else 2e-2  # only the order of the gradient sums differs
     for step in (5, 6, 7, 8):
-        assert abs(ma[step]["loss"] - mb[step]["loss"]) < 0.1 * ma[step]["loss"], (step, ma[step], mb[step])
-    # no document (or text token range) seen before the conversion is seen again after it
-    before, after = sample_log(a, {1, 2, 3, 4}), sample_log(b, {5, 6, 7, 8})
+        assert abs(ma[step]["loss"] - mb[step]["loss"]) < tol * ma[step]["loss"], (step, ma[step], mb[step])
+    # nothing seen before the conversion is seen again, nothing is skipped: the documents (text: token
+    # ranges) of the whole run are those of the straight run, each once
+    before, after, straight = sample_log(a, {1, 2, 3, 4}), sample_log(b, {5, 6, 7, 8}), sample_log(a, set(range(9)))
     assert before and after and max(before.values()) == 1 and max(after.values()) == 1
-    assert not set(before) & set(after)
-    for key in after:  # text documents split across rows: ranges must not overlap either
-        if "@" in key:
-            doc, (lo, hi) = key.split("@")[0], map(int, key.split("@")[1].split(":"))
-            assert all(hi <= int(k.split("@")[1].split(":")[0]) or lo >= int(k.split(":")[1])
-                       for k in before if k.startswith(doc + "@"))
+    assert before + after == straight
     # the EMA went through the conversion: after 4 more steps it is still near run a's EMA
     ema_a, ema_b = consolidate_ema(a / "checkpoints/step_00000008"), consolidate_ema(b / "checkpoints/step_00000008")
     weights_a = consolidated(a / "checkpoints/step_00000008")
     gap = sum(float((ema_a[k] - ema_b[k]).norm()) for k in ema_a)
     drift = sum(float((ema_a[k] - weights_a[k]).detach().norm()) for k in ema_a)
-    assert gap < 0.2 * drift
+    assert gap < 0.05 * drift
