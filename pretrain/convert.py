@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -25,32 +26,45 @@ from pretrain.checkpoint import CONFIG_FILE
 EMA_FILE = "ema_fp32.pt"
 
 
-def consolidate_ema(ckpt: Path) -> dict | None:
-    """The full fp32 EMA state dict of a ZeRO checkpoint folder (None when it has no EMA).
+def consolidate(ckpt: Path, partitions: Optional[list] = None) -> dict:
+    """The full fp32 state dict of a ZeRO checkpoint folder: its fp32 master weights, or with
+    `partitions` (one list of flat tensors per rank, the layout of that rank's masters) those
+    tensors in their place (the EMA shadows).
 
-    DeepSpeed's zero_to_fp32 reassembles flat fp32 partitions into parameters; it is handed
-    slim copies of the optimizer files whose fp32 partitions are the ranks' EMA shadows."""
+    DeepSpeed's zero_to_fp32 reassembles flat fp32 partitions into parameters; it is handed slim
+    copies of the optimizer files (no Adam moments). The copies also name the ZeRO stage of
+    DeepSpeed's BF16_Optimizer files (ZeRO-1 in bf16), which zero_to_fp32 alone refuses."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    rank_files = sorted(ckpt.glob("rank_*.pt"))
+    ckpt = Path(ckpt)
+    with tempfile.TemporaryDirectory() as tmp:
+        slim_ckpt = Path(tmp) / ckpt.name
+        slim_ckpt.mkdir()
+        for f in ckpt.glob("*model_states.pt"):
+            os.symlink(f.resolve(), slim_ckpt / f.name)
+        rank = 0
+        while (src := next(ckpt.glob(f"*zero_pp_rank_{rank}_*optim_states.pt"), None)) is not None:
+            osd = torch.load(src, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
+            stage = int(osd.get("zero_stage", 1))  # BF16_Optimizer (ZeRO-1 in bf16) writes none
+            key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
+            slim = {k: osd[k] for k in ("partition_count", "ds_version") if k in osd}
+            slim.update(zero_stage=stage, **{key: osd[key] if partitions is None else partitions[rank]})
+            torch.save({"optimizer_state_dict": slim, "ds_config": {}, "ds_version": osd.get("ds_version")},
+                       slim_ckpt / src.name)
+            rank += 1
+        if rank == 0:
+            raise FileNotFoundError(f"{ckpt}: no *zero_pp_rank_0_*optim_states.pt (not a ZeRO checkpoint folder)")
+        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=ckpt.name)
+
+
+def consolidate_ema(ckpt: Path) -> dict | None:
+    """The full fp32 EMA state dict of a ZeRO checkpoint folder (None when it has no EMA)."""
+    rank_files = sorted(Path(ckpt).glob("rank_*.pt"))
     if not rank_files:
         return None
     shadows = [torch.load(f, map_location="cpu", weights_only=False).get("ema") for f in rank_files]
     if any(s is None for s in shadows):
         return None
-    with tempfile.TemporaryDirectory() as tmp:
-        shadow_ckpt = Path(tmp) / ckpt.name
-        shadow_ckpt.mkdir()
-        for f in ckpt.glob("*model_states.pt"):
-            os.symlink(f.resolve(), shadow_ckpt / f.name)
-        for rank, ema in enumerate(shadows):
-            src = next(ckpt.glob(f"*zero_pp_rank_{rank}_*optim_states.pt"))  # bf16 runs: bf16_zero_pp_...
-            osd = torch.load(src, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-            key = "single_partition_of_fp32_groups" if int(osd["zero_stage"]) <= 2 else "fp32_flat_groups"
-            slim = {k: osd[k] for k in ("zero_stage", "partition_count", "ds_version") if k in osd}
-            slim[key] = ema["shadow"]
-            torch.save({"optimizer_state_dict": slim, "ds_config": {}, "ds_version": osd.get("ds_version")},
-                       shadow_ckpt / src.name)
-        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=ckpt.name)
+    return consolidate(ckpt, [s["shadow"] for s in shadows])
 
 
 def to_universal(ckpt: str | Path, out: str | Path) -> Path:

@@ -1,7 +1,8 @@
 """EMA of the weights, kept per rank on that rank's ZeRO partition of the fp32 master weights.
 
 Each rank holds the EMA in exactly the flat layout of its own fp32 partitions (ZeRO-1/2:
-`optimizer.single_partition_of_fp32_groups`, ZeRO-3: `optimizer.fp32_partitioned_groups_flat`),
+`optimizer.single_partition_of_fp32_groups`, ZeRO-1 in bf16 (DeepSpeed's BF16_Optimizer):
+`fp32_groups_flat_partition`, ZeRO-3: `optimizer.fp32_partitioned_groups_flat`),
 so an update is one `lerp_` per parameter group with no communication, and the EMA can
 be reassembled the way DeepSpeed reassembles the fp32 master weights. These are DeepSpeed
 internals: the version is pinned by the tests that check them.
@@ -17,6 +18,8 @@ def fp32_partitions(engine) -> list[torch.Tensor]:
         return list(opt.single_partition_of_fp32_groups)
     if hasattr(opt, "fp32_partitioned_groups_flat"):
         return list(opt.fp32_partitioned_groups_flat)
+    if hasattr(opt, "fp32_groups_flat_partition"):  # ZeRO-1 in bf16 with fp32 gradient accumulation
+        return list(opt.fp32_groups_flat_partition)
     raise RuntimeError(f"EMA needs a ZeRO optimizer (stage 1, 2 or 3), got {type(opt).__name__}")
 
 

@@ -20,6 +20,10 @@ def deepspeed_config(cfg, device: torch.device, load_universal: bool = False) ->
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage, "stage3_param_persistence_threshold": 0},
         "bf16": {"enabled": precision(cfg, device) == "bf16"},
+        # bf16 weights, but gradients accumulated over micro-steps and reduced over ranks in fp32
+        # (DeepSpeed's default for both is the model's dtype)
+        "data_types": {"grad_accum_dtype": "fp32"},
+        "communication_data_type": "fp32",
         "zero_allow_untested_optimizer": True,
         "checkpoint": {"load_universal": load_universal},
         "steps_per_print": 2 ** 31,

@@ -79,8 +79,7 @@ def checkpoint_client_state(ckpt: Path) -> dict:
 
 def model_from_checkpoint(ckpt: Path, ema: bool = True) -> tuple[UnifiedTransformer, dict, bool]:
     """(model with consolidated weights, client state, whether the EMA was used)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from pretrain.convert import EMA_FILE, consolidate_ema
+    from pretrain.convert import EMA_FILE, consolidate, consolidate_ema
     client = checkpoint_client_state(ckpt)
     cfg = ModelConfig.from_dict(client["config"]["model"])
     state = None
@@ -89,7 +88,7 @@ def model_from_checkpoint(ckpt: Path, ema: bool = True) -> tuple[UnifiedTransfor
             else consolidate_ema(ckpt)
     used_ema = state is not None
     if state is None:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        state = consolidate(ckpt)
     model = UnifiedTransformer(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.eval(), client, used_ema

@@ -4,7 +4,7 @@ global batch of 4 rows, as the trainer computes it, whatever the ranks x micro-b
     python -m torch.distributed.run --nproc-per-node N tests/grad_probe.py CONFIG OUT key=value ...
 
 Global row g goes to micro-batch m, rank r, row b with g = (m * ranks + r) * micro_batch_size + b.
-Rank 0 writes {parameter name: full gradient} to OUT.
+Rank 0 writes {grads: {parameter name: full gradient}, accumulation, communication: dtypes} to OUT.
 """
 import dataclasses
 import sys
@@ -73,8 +73,10 @@ def main(config: str, out: str, *overrides: str) -> None:
     trainer.accumulate(micro, counts)
     from deepspeed.utils import safe_get_full_grad
     grads = {n: safe_get_full_grad(p).detach().clone().cpu() for n, p in trainer.engine.module.named_parameters()}
-    if dist.is_main:
-        torch.save(grads, out)
+    if dist.is_main:  # with the dtypes DeepSpeed accumulates and reduces gradients in
+        engine = trainer.engine
+        torch.save({"grads": grads, "accumulation": str(engine.get_data_types()[1]),
+                    "communication": str(engine.communication_data_type)}, out)
 
 
 

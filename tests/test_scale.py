@@ -28,7 +28,7 @@ def tiny_config(test_data, tmp_path_factory):
     cleanup_shm()
 
 
-def probe_gradient(cfg, out: Path, ranks: int, micro_batch: int, accum: int, *extra) -> dict:
+def probe_gradient(cfg, out: Path, ranks: int, micro_batch: int, accum: int, *extra, dtypes: bool = False) -> dict:
     """The full gradient of one step over the 4 rows of tests/grad_probe.py on this layout."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
            str(free_port()), str(REPO / "tests/grad_probe.py"), str(cfg), str(out), f"run.dir={out.parent / out.stem}",
@@ -36,7 +36,7 @@ def probe_gradient(cfg, out: Path, ranks: int, micro_batch: int, accum: int, *ex
            f"train.grad_accum={accum}", *extra]
     r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return torch.load(out)
+    return torch.load(out)["grads"] if not dtypes else torch.load(out)
 
 
 def assert_same_gradient(got: dict, ref: dict, rtol: float = 1e-5) -> None:
@@ -68,6 +68,19 @@ def test_two_ranks_with_different_modalities_reduce_the_right_gradient(tiny_conf
     graph; every parameter must get its gradient."""
     got = probe_gradient(tiny_config, tmp_path / "g.pt", 2, 1, 2, f"train.zero_stage={stage}")
     assert_same_gradient(got, reference_gradient)
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_bf16_gradients_are_accumulated_and_reduced_in_fp32(tiny_config, tmp_path, reference_gradient, stage):
+    """bf16 weights and activations, but DeepSpeed must not sum micro-steps and ranks in bf16 (its
+    default): ZeRO-1 then runs DeepSpeed's BF16_Optimizer, ZeRO-2/3 their fp32 gradient buffers.
+    The gradient is the fp32 one up to bf16's precision."""
+    got = probe_gradient(tiny_config, tmp_path / "g.pt", 2, 1, 2, f"train.zero_stage={stage}", "train.precision=bf16",
+                         dtypes=True)
+    assert got["accumulation"] == "torch.float32" and got["communication"] == "torch.float32"
+    total = sum(float(g.norm() ** 2) for g in reference_gradient.values()) ** 0.5
+    error = sum(float((got["grads"][k].float() - g).norm() ** 2) for k, g in reference_gradient.items()) ** 0.5
+    assert error < 0.05 * total
 
 
 def test_zero3_evaluation_over_mixed_held_out_data(tiny_config, test_data, tmp_path):
@@ -102,8 +115,7 @@ def train_args(cfg, run_dir, *extra):
 def test_a_resume_without_an_ema_starts_the_ema_from_the_loaded_weights(tiny_config, tmp_path):
     """A checkpoint of a run without an EMA: the resumed run's EMA must follow the loaded weights,
     not the random initialisation it was copied from before the checkpoint was loaded."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from pretrain.convert import consolidate_ema
+    from pretrain.convert import consolidate, consolidate_ema
     from tests.launch import torchrun
     run = tmp_path / "run"
     r = torchrun(2, train_args(tiny_config, run, "train.max_steps=3", "checkpoint.interval=3", "checkpoint.keep=0",
@@ -114,7 +126,7 @@ def test_a_resume_without_an_ema_starts_the_ema_from_the_loaded_weights(tiny_con
     assert r.returncode == 0, r.stderr[-3000:]
     assert "has no EMA: the EMA starts from its weights" in r.stdout + r.stderr
     ckpt = run / "checkpoints"
-    w3, w4 = (get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag=t) for t in ("step_00000003", "step_00000004"))
+    w3, w4 = (consolidate(ckpt / t) for t in ("step_00000003", "step_00000004"))
     ema = consolidate_ema(ckpt / "step_00000004")  # = 0.999 * w3 + 0.001 * w4
     gap = sum(float((ema[k] - w3[k]).detach().norm()) for k in w3)
     one_step = sum(float((w4[k] - w3[k]).norm()) for k in w3)
