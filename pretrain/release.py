@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from model.model_config import ModelConfig
-from model.transformer import CONFIG_FILE, UnifiedTransformer
+from model.transformer import WEIGHTS_FILE, UnifiedTransformer
 
 RELEASE_FILE, TOKENIZER_FILE = "release.json", "tokenizer.model"
 
@@ -98,7 +98,7 @@ def load_for_sampling(path: str | Path, device="cpu", ema: bool = True) -> Loade
     """A release folder, a run directory (its `latest`), or one checkpoint folder."""
     from pretrain.checkpoint import read_latest
     path = Path(path)
-    if (path / CONFIG_FILE).is_file():
+    if (path / WEIGHTS_FILE).is_file():  # not config.json: a checkpoint folder holds one too (the run's config)
         model = UnifiedTransformer.from_pretrained(path, device=device)
         info = json.loads((path / RELEASE_FILE).read_text()) if (path / RELEASE_FILE).is_file() else {}
         if (info.get("encoder") or {}).get("type") == "vae":
@@ -111,7 +111,7 @@ def load_for_sampling(path: str | Path, device="cpu", ema: bool = True) -> Loade
     if read_latest(path):
         ckpt = path / read_latest(path)
     if not list(ckpt.glob("*model_states.pt")):
-        raise FileNotFoundError(f"{path}: not a release folder (config.json), run directory or checkpoint")
+        raise FileNotFoundError(f"{path}: not a release folder ({WEIGHTS_FILE}), run directory or checkpoint")
     model, client, _ = model_from_checkpoint(ckpt, ema)
     info, tokenizer = data_info(client["config"].get("data", {}))
     return Loaded(model.to(device), tokenizer, info)

@@ -105,17 +105,23 @@ def test_gradients_reach_both_heads():
     losses["loss"].backward()
     assert model.lm_head.weight.grad.abs().sum() > 0
     assert model.latent_out.weight.grad.abs().sum() > 0  # the zero-initialised latent head learns
-    assert model.latent_in.weight.grad is not None
+    assert model.latent_in.weight.grad.abs().sum() > 0  # clean copies feed the text after them
 
 
 @pytest.mark.parametrize("objective,mode,block_size", [("ddpm", "monoformer", 0), ("flow", "acdit", 4)])
-def test_tiny_model_overfits_one_batch(objective, mode, block_size):
+def test_tiny_model_overfits_with_random_timesteps_and_noise(objective, mode, block_size):
+    """Timesteps and noise drawn anew at every step, as in training. The flow model samples each
+    image back from its caption (ACDiT: block by block through the KV cache)."""
+    from model.overfit import sample_back
     cfg = OverfitConfig(model=tiny(dim=128, objective=objective, mode=mode, block_size=block_size),
-                        steps=200, latent_hw=8)
-    history = overfit(cfg, log=lambda *_: None)
-    first, last = history[0], history[-1]
-    assert last["lm_loss"] < first["lm_loss"] / 10
-    assert last["diffusion_loss"] < first["diffusion_loss"] / 10
+                        steps=400, latent_hw=8)
+    model, history = overfit(cfg, log=None)
+    assert history[-1]["lm_loss"] < history[0]["lm_loss"] / 10
+
+    late = sum(h["diffusion_loss"] for h in history[-20:]) / 20  # random timesteps: a mean over steps
+    assert late < history[0]["diffusion_loss"] / 3
+    if objective == "flow":  # ddpm's epsilon model needs far more steps to sample back (see the issue note)
+        assert max(sample_back(model, cfg)) < 0.25
 
 
 def test_save_and_load_reproduce_outputs_bit_for_bit(tmp_path):

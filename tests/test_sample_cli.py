@@ -34,13 +34,36 @@ def sample_cli(*args):
                           capture_output=True, text=True)
 
 
-def test_cli_writes_a_png_grid_from_a_run_directory(trained_run, tmp_path):
+def grid_tiles(png, n: int, h: int, w: int, pad: int = 2) -> list:
+    """The n tiles (h x w, RGB) of a grid written by pretrain.images.save_image_grid."""
+    import math
+    import numpy as np
+    cols = math.ceil(math.sqrt(n))
+    with Image.open(png) as im:
+        grid = np.asarray(im.convert("RGB"))
+    k = grid.shape[1] // (cols * (w + pad) + pad)  # the upscale factor
+    grid = grid[::k, ::k]
+    return [grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w]
+            for r, q in (divmod(i, cols) for i in range(n))]
+
+
+@pytest.mark.parametrize("where", ["run", "step", "release"])
+def test_cli_writes_a_png_grid_from_a_run_a_checkpoint_or_a_release(trained_run, tmp_path, where):
+    from pretrain.convert import to_release
+    model = {"run": trained_run, "step": trained_run / "checkpoints/step_00000004",
+             "release": tmp_path / "release"}[where]
+    if where == "release":
+        to_release(trained_run / "checkpoints/step_00000004", model)
     out = tmp_path / "digits.png"
-    r = sample_cli("--model", trained_run, "--prompt", "a handwritten digit seven", "--out", out, "--n", 4,
+    r = sample_cli("--model", model, "--prompt", "a handwritten digit seven", "--out", out, "--n", 4,
                    "--steps", 3, "--cfg", 2.0)
     assert r.returncode == 0, r.stderr[-3000:]
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] >= 256 and im.size[0] == im.size[1]
+    tiles = grid_tiles(out, 4, 8, 8)
+    for t in tiles:  # a NaN decodes to a black tile, a dead model to a flat one
+        assert t.max() > 0 and t.std() > 0
+    assert len({t.tobytes() for t in tiles}) == 4  # four different samples
 
 
 def test_cli_writes_a_gif_for_video(trained_run, tmp_path):
