@@ -190,7 +190,7 @@ def test_every_parameter_gets_a_gradient_from_a_text_only_batch():
                    if n.split(".")[0] in ("latent_in", "time_embed", "ada", "final_ada", "latent_out")
                    or n.endswith("ada_table")]
     assert len(latent_only) == 12 + cfg.n_layers and all(p.grad.abs().sum() == 0 for p in latent_only)
-    with torch.no_grad():  # ... and the text path is exactly the plain Llama block (eval mode skips the latent path)
+    with torch.no_grad():  # ... and the text path is exactly the plain Llama block, in eval mode too
         assert torch.equal(model.eval().loss(batch)["loss"], loss.detach())
 
 

@@ -12,20 +12,9 @@ import pytest
 import torch
 
 from pretrain.distributed import free_port
-from tests.launch import REPO, cleanup_shm, env, error_line, metrics, train_cli
+from tests.launch import REPO, env, error_line, metrics, train_cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def tiny_config(test_data, tmp_path_factory):
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    text = (REPO / "configs/tiny-cpu.yaml").read_text()
-    text = text.replace("runs/demo/data/digits", str(test_data["digits"])).replace(
-        "runs/demo/data/text", str(test_data["text"])).replace("vocab_size: 2000", "vocab_size: 1000")
-    path.write_text(text)
-    yield path
-    cleanup_shm()
 
 
 def probe_gradient(cfg, out: Path, ranks: int, micro_batch: int, accum: int, *extra, dtypes: bool = False) -> dict:

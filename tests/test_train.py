@@ -8,21 +8,9 @@ import pytest
 import torch
 
 from pretrain.checkpoint import read_latest
-from tests.launch import REPO, cleanup_shm, error_line, metrics, spawn_ranks, torchrun, train_cli
+from tests.launch import error_line, metrics, spawn_ranks, torchrun, train_cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def tiny_config(test_data, tmp_path_factory):
-    """configs/tiny-cpu.yaml pointed at the test shards, with the tokenizer's vocabulary."""
-    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
-    text = (REPO / "configs/tiny-cpu.yaml").read_text()
-    text = text.replace("runs/demo/data/digits", str(test_data["digits"])).replace(
-        "runs/demo/data/text", str(test_data["text"])).replace("vocab_size: 2000", "vocab_size: 1000")
-    path.write_text(text)
-    yield path
-    cleanup_shm()
 
 
 def args(cfg, run_dir, *extra):
