@@ -77,6 +77,7 @@ class PackedLoader:
         self.base = [base_from_json(None) for _ in self.entries]  # (epochs, partial, first_epoch)
         self.slot_states: dict[int, dict] = {}
         self.last_keys: list[list[str]] = []
+        self.last_position: tuple[int, int] = (-1, -1)
 
     # ---- slots ---------------------------------------------------------------------------
     def own_slots(self) -> list[int]:
@@ -104,6 +105,7 @@ class PackedLoader:
         for batch, state, keys in items:
             self.slot_states[state["slot"]] = state
             self.last_keys = keys
+            self.last_position = (state["slot"], state["batches"] - 1)  # which slot, its how-many-th batch
             yield batch
 
     # ---- state ---------------------------------------------------------------------------

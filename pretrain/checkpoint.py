@@ -155,7 +155,7 @@ def load_checkpoint(engine, root: Path, tag: str, rank: int) -> tuple[dict, Opti
                                           load_lr_scheduler_states=True)
     if path is None:
         raise FileNotFoundError(f"{Path(root) / tag}: DeepSpeed could not load this checkpoint")
-    if universal:
+    if universal and engine.zero_optimization_stage() == 3:
         _repair_universal_optimizer(engine.optimizer.optimizer, groups)
     rank_file = Path(root) / tag / f"rank_{rank:05d}.pt"
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None

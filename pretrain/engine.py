@@ -49,4 +49,6 @@ def build_engine(model: nn.Module, cfg, device: torch.device, load_universal: bo
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, config=deepspeed_config(cfg, device, load_universal),
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, t)))
+    # the trainer scales each loss by the world size because DeepSpeed averages gradients over ranks
+    assert engine.gradient_average, "DeepSpeed must average gradients over ranks (gradient_allreduce_op mean)"
     return engine

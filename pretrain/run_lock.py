@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 LOCK_FILE = "run.lock"
 
@@ -46,7 +46,8 @@ class RunDirLock:
             holder = f.read().strip() or "another process"
             f.close()
             raise RunDirBusy(f"run.dir {self.path.parent} is in use by {holder} (lock file {self.path}); "
-                             "stop that run or choose another run.dir") from None
+                             "stop that run or choose another run.dir (a network file system may keep the lock "
+                             "of a crashed host: remove the file once that process is surely gone)") from None
         except OSError as e:
             if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
                 raise
@@ -59,7 +60,18 @@ class RunDirLock:
         f.write(f"host={socket.gethostname()} pid={os.getpid()} since={time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
         f.flush()
         self.file = f
+        os.register_at_fork(after_in_child=self._close_in_child)
         return self
+
+    def _close_in_child(self) -> None:
+        """A forked child (a DataLoader worker) drops its copy of the locked file: a flock belongs to
+        the open file, and a worker outliving a killed rank would otherwise keep the run locked."""
+        if self.file is not None:
+            try:
+                os.close(self.file.fileno())
+            except OSError:
+                pass
+            self.file = None
 
     def release(self) -> None:
         if self.file is not None:
@@ -68,9 +80,12 @@ class RunDirLock:
             self.file = None
 
 
-def exit_with_parent(what: str, poll_s: float = 1.0) -> Optional[threading.Thread]:
+def exit_with_parent(what: str, stopping: Callable[[], bool] = lambda: False, poll_s: float = 1.0,
+                     grace_s: float = 900.0) -> Optional[threading.Thread]:
     """Start a daemon thread that ends this process (exit code 1, no checkpoint) once its parent
-    process is gone; None when the parent is init already (nothing to watch)."""
+    process is gone; None when the parent is init already (nothing to watch). While `stopping()`
+    (a SIGTERM/SIGUSR1 arrived: Slurm signals the launcher too, which may die of it) the rank is
+    given `grace_s` to write its checkpoint and exit by itself."""
     parent = os.getppid()
     if parent <= 1:
         return None
@@ -78,6 +93,11 @@ def exit_with_parent(what: str, poll_s: float = 1.0) -> Optional[threading.Threa
     def watch():
         while os.getppid() == parent:
             time.sleep(poll_s)
+        time.sleep(2 * poll_s)  # a signal that killed the launcher may reach this rank a moment later
+        if stopping():
+            print(f"{what}: the launcher (pid {parent}) is gone; finishing the checkpoint of the stop signal",
+                  file=sys.stderr, flush=True)
+            time.sleep(grace_s)
         print(f"{what}: the launcher (pid {parent}) is gone; exiting without a checkpoint", file=sys.stderr,
               flush=True)
         os._exit(1)

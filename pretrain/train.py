@@ -80,7 +80,7 @@ class Trainer:
         if self.dist.is_main:
             try:
                 lock = RunDirLock(self.cfg.run.dir).acquire()
-            except RunDirBusy as e:
+            except (RunDirBusy, OSError) as e:  # every rank must reach the gather below
                 error = str(e)
         if self.dist.world_size > 1:
             error = all_gather_objects(error, self.dist.control_group)[0]
@@ -131,16 +131,16 @@ class Trainer:
             return local
         return [int(v) for v in sum_over_ranks(local, group=self.dist.control_group)]
 
-    def accumulate(self, micro: list, counts: list[int]) -> dict:
+    def accumulate(self, micro: list, counts: list[int], row_keys: list) -> dict:
         """Forward and backward of one optimizer step's micro-batches, the optimizer step itself not
         taken. Each loss is a sum over its tokens divided by `counts` (text targets, latent tokens of
         the whole step): a token weighs the same whatever it was packed with (ARCHITECTURE.md).
-        Returns this rank's loss sums (device tensors: reading them waits for the GPU)."""
+        `row_keys[m][b]` names row b of micro-batch m for its diffusion noise. Returns this rank's
+        loss sums (device tensors: reading them waits for the GPU)."""
         sums = {"lm_sum": 0.0, "diffusion_sum": 0.0}
         for m, batch in enumerate(micro):
             self.last_batch = batch
-            noise = row_noise(batch, self._row_generators(NOISE, self.step, m, batch.shape[0]),
-                              self.cfg.model.latent_patch_dim)
+            noise = self._noise(NOISE, batch, row_keys[m])
             out = self.engine(batch.to(self.dist.device, non_blocking=True), noise=noise, normalizer=counts,
                               return_loss=True)
             # DeepSpeed averages gradients over ranks: undo it, the normaliser already counts every rank
@@ -151,23 +151,30 @@ class Trainer:
                 sums[k] = sums[k] + out[k]
         return sums
 
-    def _row_generators(self, domain: int, step: int, micro: int, rows: int) -> list:
-        """A noise generator per row, keyed by the row's place in the global batch of the step."""
-        first = (micro * self.dist.world_size + self.dist.rank) * rows
-        return [noise_generator(self.cfg.run.seed, domain, step, first + b) for b in range(rows)]
+    def _noise(self, domain: int, batch, keys: list) -> torch.Tensor:
+        """Diffusion noise of a batch, row b drawn from a generator seeded by keys[b]."""
+        return row_noise(batch, [noise_generator(self.cfg.run.seed, domain, *k) for k in keys],
+                         self.cfg.model.latent_patch_dim)
+
+    def row_keys(self, rows: int) -> list:
+        """Noise keys of the rows of the batch the loader handed out last: (its slot, the slot's batch
+        index, row). They follow the data, not the ranks: a resume that reads the same slots on
+        another split of ranks x workers draws the same noise for the same rows."""
+        return [(*self.loader.last_position, b) for b in range(rows)]
 
     def train_step(self, batches) -> tuple[dict, list[int]]:
         """One optimizer step over grad_accum micro-batches -> (this rank's loss sums, the step's
         global token counts). StopIteration on every rank when any rank's data ended."""
-        micro = []
+        micro, keys = [], []
         for batch in itertools.islice(batches, self.cfg.train.grad_accum):
             if self.cfg.train.log_samples:
                 self._log_samples(len(micro))
             micro.append(batch)
+            keys.append(self.row_keys(batch.shape[0]))
         ended, *counts = self.step_token_counts(micro)
         if ended:
             raise StopIteration
-        sums = self.accumulate(micro, counts)
+        sums = self.accumulate(micro, counts, keys)
         self.engine.step()
         if self.ema is not None:
             self.ema.update(self.step)
@@ -193,14 +200,14 @@ class Trainer:
         empty = pack_rows([[] for _ in range(cfg.train.micro_batch_size)], cfg.data.seq_len)
         sums, counts = [0.0, 0.0], torch.zeros(2, dtype=torch.long)
         self.engine.eval()
-        for i in range(cfg.train.eval_batches):
+        for _ in range(cfg.train.eval_batches):
             batch = next(batches, None)
             if not any_rank(batch is not None, self.dist.control_group):
                 break
             batch = empty if batch is None else batch
             counts += loss_token_counts(batch)
-            noise = row_noise(batch, self._row_generators(EVAL, 0, i, batch.shape[0]), cfg.model.latent_patch_dim)
-            out = self.engine(batch.to(self.dist.device), noise=noise, return_loss=True)
+            keys = [(*loader.last_position, b) for b in range(batch.shape[0])]  # padding has no latent
+            out = self.engine(batch.to(self.dist.device), noise=self._noise(EVAL, batch, keys), return_loss=True)
             sums = [sums[0] + out["lm_sum"], sums[1] + out["diffusion_sum"]]
         self.engine.train()
         totals = sum_over_ranks([*sums, *counts.tolist()], self.dist.device)
@@ -319,16 +326,22 @@ def main(argv=None) -> int:
         return 2
     # DeepSpeed 0.19 calls this deprecated torch API on every step; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
+    trainer = None
     if "RANK" in os.environ:  # started by a launcher (torchrun, deepspeed, srun): do not outlive it
-        exit_with_parent(f"rank {os.environ['RANK']}")
+        exit_with_parent(f"rank {os.environ['RANK']}", lambda: trainer is not None and trainer.stop_signal is not None)
     try:
         dist = init_distributed()
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        return Trainer(cfg, dist, args.resume).run()
-    except (ConfigError, DataError, FileNotFoundError, RunDirBusy) as e:  # bad input: one line, no traceback
+        trainer = Trainer(cfg, dist, args.resume)
+        return trainer.run()
+    except RunDirBusy as e:  # the same on every rank: said once
+        if dist.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one line, no traceback
         print(f"error{f' (rank {dist.rank})' if dist.world_size > 1 else ''}: {e}", file=sys.stderr)
         return 2
 

@@ -68,15 +68,26 @@ def main(config: str, out: str, *overrides: str) -> None:
     rows = global_rows(cfg)
     B, world = cfg.train.micro_batch_size, dist.world_size
     assert len(rows) == B * cfg.train.grad_accum * world, "the layout must hold the 4 global rows"
-    micro = [cat_rows([rows[(m * world + dist.rank) * B + b] for b in range(B)]) for m in range(cfg.train.grad_accum)]
+    places = [[(m * world + dist.rank) * B + b for b in range(B)] for m in range(cfg.train.grad_accum)]
+    micro = [cat_rows([rows[g] for g in row_ids]) for row_ids in places]
     _, *counts = trainer.step_token_counts(micro)
-    trainer.accumulate(micro, counts)
+    trainer.accumulate(micro, counts, [[(g,) for g in row_ids] for row_ids in places])  # noise keyed by row
     from deepspeed.utils import safe_get_full_grad
     grads = {n: safe_get_full_grad(p).detach().clone().cpu() for n, p in trainer.engine.module.named_parameters()}
     if dist.is_main:  # with the dtypes DeepSpeed accumulates and reduces gradients in
         engine = trainer.engine
-        torch.save({"grads": grads, "accumulation": str(engine.get_data_types()[1]),
+        torch.save({"grads": grads, "accumulation": str(accumulated_in(engine.optimizer)),
                     "communication": str(engine.communication_data_type)}, out)
+
+
+def accumulated_in(opt) -> torch.dtype:
+    """The dtype of the buffers that hold the accumulated gradient partitions (DeepSpeed 0.19.8)."""
+    if getattr(opt, "grad_partitions_flat_buffer", None) is not None:  # ZeRO-3
+        return opt.grad_partitions_flat_buffer.dtype
+    if getattr(opt, "fp32_groups_gradients_flat", None):  # BF16_Optimizer (ZeRO-1 in bf16)
+        return opt.fp32_groups_gradients_flat[0].dtype
+    grads = [g for group in opt.averaged_gradients.values() for g in group if g is not None]  # ZeRO-1/2
+    return grads[0].dtype
 
 
 

@@ -9,7 +9,7 @@ from model.transformer import UnifiedTransformer
 from pretrain.config import ExperimentConfig, TrainConfig
 from pretrain.ema import decay_at
 from pretrain.engine import param_groups
-from pretrain.metrics import batch_flops
+from pretrain.metrics import batch_flops, loss_record
 from pretrain.schedule import lr_factor
 from tests.test_model import packed_mixed_batch, randomize, tiny
 
@@ -87,3 +87,14 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
+
+
+def test_logged_losses_are_token_weighted_and_an_absent_modality_is_absent():
+    cfg = tiny(lm_weight=0.5)
+    # two windows' sums over ranks: 300 text targets with a CE sum of 600, no latent token
+    assert loss_record([600.0, 0.0], [300, 0], cfg) == {"loss": 1.0, "lm_loss": 2.0}
+    # a micro-batch mean of 4.0 over 10 tokens and of 1.0 over 990 tokens is 1.03, not their mean 2.5
+    record = loss_record([40.0 + 990.0, 25.0], [1000, 50], cfg, prefix="eval/")
+    assert record == {"eval/loss": pytest.approx(0.5 * 1.03 + 0.5), "eval/lm_loss": pytest.approx(1.03),
+                      "eval/diffusion_loss": 0.5}
+    assert loss_record([0.0, 0.0], [0, 0], cfg) == {}
