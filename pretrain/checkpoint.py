@@ -149,13 +149,14 @@ def load_checkpoint(engine, root: Path, tag: str, rank: int) -> tuple[dict, Opti
     """Load into the engine; returns (client state, this rank's own state or None)."""
     if not (Path(root) / tag).is_dir():
         raise FileNotFoundError(f"{Path(root) / tag}: checkpoint not found")
-    universal = is_universal(root, tag)
-    groups = [{k: v for k, v in g.items() if k not in SCHEDULED} for g in engine.optimizer.optimizer.param_groups]
+    repair = is_universal(root, tag) and engine.zero_optimization_stage() == 3
+    groups = [{k: v for k, v in g.items() if k not in SCHEDULED} for g in engine.optimizer.optimizer.param_groups] \
+        if repair else []
     path, client = engine.load_checkpoint(str(root), tag, load_module_strict=True, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if path is None:
         raise FileNotFoundError(f"{Path(root) / tag}: DeepSpeed could not load this checkpoint")
-    if universal and engine.zero_optimization_stage() == 3:
+    if repair:
         _repair_universal_optimizer(engine.optimizer.optimizer, groups)
     rank_file = Path(root) / tag / f"rank_{rank:05d}.pt"
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None

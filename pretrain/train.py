@@ -156,11 +156,12 @@ class Trainer:
         return row_noise(batch, [noise_generator(self.cfg.run.seed, domain, *k) for k in keys],
                          self.cfg.model.latent_patch_dim)
 
-    def row_keys(self, rows: int) -> list:
-        """Noise keys of the rows of the batch the loader handed out last: (its slot, the slot's batch
+    @staticmethod
+    def row_keys(loader: PackedLoader, rows: int) -> list:
+        """Noise keys of the rows of the batch `loader` handed out last: (its slot, the slot's batch
         index, row). They follow the data, not the ranks: a resume that reads the same slots on
         another split of ranks x workers draws the same noise for the same rows."""
-        return [(*self.loader.last_position, b) for b in range(rows)]
+        return [(*loader.last_position, b) for b in range(rows)]
 
     def train_step(self, batches) -> tuple[dict, list[int]]:
         """One optimizer step over grad_accum micro-batches -> (this rank's loss sums, the step's
@@ -170,7 +171,7 @@ class Trainer:
             if self.cfg.train.log_samples:
                 self._log_samples(len(micro))
             micro.append(batch)
-            keys.append(self.row_keys(batch.shape[0]))
+            keys.append(self.row_keys(self.loader, batch.shape[0]))
         ended, *counts = self.step_token_counts(micro)
         if ended:
             raise StopIteration
@@ -206,8 +207,8 @@ class Trainer:
                 break
             batch = empty if batch is None else batch
             counts += loss_token_counts(batch)
-            keys = [(*loader.last_position, b) for b in range(batch.shape[0])]  # padding has no latent
-            out = self.engine(batch.to(self.dist.device), noise=self._noise(EVAL, batch, keys), return_loss=True)
+            noise = self._noise(EVAL, batch, self.row_keys(loader, batch.shape[0]))  # padding: no latent, no noise
+            out = self.engine(batch.to(self.dist.device), noise=noise, return_loss=True)
             sums = [sums[0] + out["lm_sum"], sums[1] + out["diffusion_sum"]]
         self.engine.train()
         totals = sum_over_ranks([*sums, *counts.tolist()], self.dist.device)
