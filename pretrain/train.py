@@ -11,6 +11,7 @@ when SIGTERM or SIGUSR1 arrives (then the run exits 0); `--resume auto` continue
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -31,16 +32,19 @@ from model.diffusion import row_noise
 from model.layout import pack_rows
 from model.transformer import Block, UnifiedTransformer, loss_token_counts
 from pretrain import checkpoint as ckpt
+from pretrain import job_history
 from pretrain.config import ExperimentConfig
 from pretrain.convert import EMA_FILE
 from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any_rank, init_distributed,
                                   sum_over_ranks)
 from pretrain.ema import ShardedEMA
+from pretrain.job_history import FINISHED
 from pretrain.engine import build_engine
 from pretrain.metrics import RunLogger, batch_flops, loss_record, peak_flops
 from pretrain.run_lock import RunDirBusy, RunDirLock, exit_with_parent
 
 NOISE, EVAL = 11, 12  # hash domains of the diffusion noise seeds
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # checkpoint at the end of the step, then exit 0
 
 
 def noise_generator(*keys: int) -> torch.Generator:
@@ -48,8 +52,8 @@ def noise_generator(*keys: int) -> torch.Generator:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, dist: DistInfo, resume: str = "auto"):
-        self.cfg, self.dist = cfg, dist
+    def __init__(self, cfg: ExperimentConfig, dist: DistInfo, resume: str = "auto", stop_signals=STOP_SIGNALS):
+        self.cfg, self.dist, self.stop_signals = cfg, dist, tuple(stop_signals)
         t = cfg.train
         self.lock = self._lock_run_dir()
         self.ckpt_root = Path(cfg.run.dir) / "checkpoints"
@@ -73,6 +77,7 @@ class Trainer:
         self.ema = ShardedEMA(self.engine, t.ema_decay, t.ema_warmup) if t.ema_decay else None
         self.step, self.tokens = 0, 0
         self.stop_signal: Optional[int] = None
+        self.end_reason = "not started"
 
     def _lock_run_dir(self) -> Optional[RunDirLock]:
         """Rank 0 locks run.dir; every rank learns the outcome, so all stop on a busy directory."""
@@ -261,23 +266,29 @@ class Trainer:
             log.message(ema_note)
         if self.lock is not None and self.lock.previous:
             log.message(f"run.dir: took over the lock of {self.lock.previous} (that process is gone)")
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        job = job_history.slurm_job()
+        if job is not None and self.dist.is_main:
+            job_history.record(cfg.run.dir, "start", self.step, ranks=self.dist.world_size)
+            log.message(f"Slurm job {job['job']}" + (f", requeued {job['restart']} time(s)" if job["restart"] else ""))
+        for sig in self.stop_signals:
             signal.signal(sig, self._on_signal)
         peak = peak_flops(t.peak_tflops, self.dist.device)
         batches = iter(self.loader)
         window_sums, window_counts = [0.0, 0.0], [0, 0]  # loss sums (this rank), token counts (all ranks)
         window_steps, window_start, window_tokens = 0, time.time(), self.tokens
-        saved_at = self.step
+        saved_at, self.end_reason = self.step, FINISHED
+        first_record = {"requeues": job["restart"]} if job is not None else {}
         while self.step < t.max_steps:
             try:
                 sums, counts = self.train_step(batches)
             except StopIteration:
                 log.message(f"data exhausted at step {self.step} (data.num_epochs={cfg.data.num_epochs})")
+                self.end_reason = "data exhausted"
                 break
             window_sums = [window_sums[0] + sums["lm_sum"], window_sums[1] + sums["diffusion_sum"]]
             window_counts = [a + b for a, b in zip(window_counts, counts)]
             window_steps += 1
-            metrics = {}
+            metrics, first_record = first_record, {}
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 elapsed = time.time() - window_start
                 metrics = loss_record(sum_over_ranks(window_sums, self.dist.device), window_counts, cfg.model)
@@ -301,17 +312,34 @@ class Trainer:
                 saved_at = self.step
                 log.message(f"checkpoint {path}")
             if stop:
-                log.message(f"stopping on signal {self.stop_signal} at step {self.step}")
+                self.end_reason = f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal \
+                    else "signal on another rank"
+                log.message(f"stopping on {self.end_reason} at step {self.step}")
                 break
         if saved_at != self.step:
             log.message(f"checkpoint {self.save()}")
+        if self.dist.is_main:
+            job_history.record(cfg.run.dir, "end", self.step, reason=self.end_reason)
         log.close()
         if self.lock is not None:
             self.lock.release()
         return 0
 
 
+@dataclasses.dataclass
+class Outcome:
+    code: int  # the exit code: 0 = finished or stopped by a signal (checkpointed), 2 = bad input
+    stopped: bool = False  # a signal (on any rank) stopped the run before its end, after a checkpoint
+    stop_signal: Optional[int] = None  # the signal this rank received
+    step: int = 0
+
+
 def main(argv=None) -> int:
+    return run_training(argv).code
+
+
+def run_training(argv=None, stop_signals=STOP_SIGNALS) -> Outcome:
+    """The command line of this module, run in this process -> what came of it."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML experiment config")
     p.add_argument("--resume", default="auto", help="auto (latest in run.dir), none, or a checkpoint folder")
@@ -324,7 +352,7 @@ def main(argv=None) -> int:
         cfg = load_config(ExperimentConfig, args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return Outcome(2)
     # DeepSpeed 0.19 calls this deprecated torch API on every step; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
     trainer = None
@@ -334,17 +362,18 @@ def main(argv=None) -> int:
         dist = init_distributed()
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return Outcome(2)
     try:
-        trainer = Trainer(cfg, dist, args.resume)
-        return trainer.run()
+        trainer = Trainer(cfg, dist, args.resume, stop_signals)
+        code = trainer.run()
+        return Outcome(code, trainer.end_reason.startswith("signal"), trainer.stop_signal, trainer.step)
     except RunDirBusy as e:  # the same on every rank: said once
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)
-        return 2
+        return Outcome(2)
     except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one line, no traceback
         print(f"error{f' (rank {dist.rank})' if dist.world_size > 1 else ''}: {e}", file=sys.stderr)
-        return 2
+        return Outcome(2)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 import pytest
 import torch
@@ -32,3 +33,23 @@ def tiny_config(test_data, tmp_path_factory):
     path.write_text(text)
     yield path
     cleanup_shm()
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real two-node Slurm (slurm.local_cluster): nodes mfnode1 and mfnode2, each slurmd in a
+    network and UTS namespace of its own. Started once per test session. Where it cannot be
+    installed or started the Slurm tests are skipped with the reason, except on CI (CI set),
+    where they fail."""
+    from slurm.local_cluster import ClusterError, LocalCluster
+    cluster = LocalCluster(tmp_path_factory.mktemp("slurm"), nodes=2)
+    try:
+        cluster.start()
+    except (ClusterError, OSError, subprocess.CalledProcessError) as e:
+        cluster.stop()
+        why = f"no local Slurm: {(getattr(e, 'stderr', None) or str(e)).strip()}"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    yield cluster
+    cluster.stop()

@@ -1,0 +1,263 @@
+"""A real Slurm cluster on this machine, for the tests and `make slurm-up`: munged, slurmctld and
+one slurmd (node `localhost`), or two slurmd each in a network and UTS namespace of its own
+(nodes `mfnode1`, `mfnode2` on a private /24 behind a bridge), so that a job's ranks rendezvous
+across two hosts. Every file (config, state, spool, logs) lives in one folder; munged's (it runs as user munge)
+in a folder of its own under the system's temp folder.
+
+    python -m slurm.local_cluster up --dir /tmp/mf-slurm [--nodes 2]
+    python -m slurm.local_cluster down --dir /tmp/mf-slurm
+
+`up` prints the environment (SLURM_CONF) that sbatch, srun, squeue and submitit need.
+Needs root and Debian's slurm-wlm and munge (installed when missing).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+PACKAGES = ("slurm-wlm", "munge")
+BRIDGE, SUBNET = "mfbr0", "10.213.77"  # the host's end is .1, node i is .(i+1)
+PORTS = {1: (16817, 16818), 2: (16827, 16828)}  # (slurmctld, slurmd) by node count
+STATE_FILE = "cluster.json"
+
+
+class ClusterError(RuntimeError):
+    """Slurm could not be installed or started here (the message says why)."""
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def ensure_installed() -> None:
+    """apt-get install slurm-wlm and munge when slurmctld or munged is missing."""
+    if shutil.which("slurmctld") and shutil.which("munged"):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise ClusterError("slurmctld/munged are missing and cannot be installed (needs root and apt-get)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    try:
+        run(["apt-get", "update", "-qq"], env=env, timeout=600)
+        run(["apt-get", "install", "-y", "-qq", *PACKAGES], env=env, timeout=600)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        raise ClusterError(f"apt-get install {' '.join(PACKAGES)} failed: {getattr(e, 'stderr', e)}") from e
+
+
+def node_names(nodes: int) -> list[str]:
+    return ["localhost"] if nodes == 1 else [f"mfnode{i + 1}" for i in range(nodes)]
+
+
+def slurm_conf(root: Path, munge_socket: Path, nodes: int, cpus: int, memory_mb: int) -> str:
+    """slurm.conf for `nodes` nodes of `cpus` CPUs each, every path under `root`."""
+    names = node_names(nodes)
+    if nodes == 1:
+        ctld, node_lines = "localhost", [f"NodeName=localhost NodeAddr=127.0.0.1"]
+    else:
+        ctld = f"{socket.gethostname().split('.')[0]}({SUBNET}.1)"  # slurmctld wants its own hostname
+        node_lines = [f"NodeName={n} NodeAddr={SUBNET}.{i + 2}" for i, n in enumerate(names)]
+    hw = f"CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={memory_mb} State=UNKNOWN"
+    lines = [
+        "ClusterName=monofusion",
+        f"SlurmctldHost={ctld}",
+        f"SlurmctldPort={PORTS[nodes][0]}",
+        f"SlurmdPort={PORTS[nodes][1]}",
+        "SlurmUser=root",
+        "AuthType=auth/munge",
+        "CredType=cred/munge",
+        f"AuthInfo=socket={munge_socket},cred_expire=10",
+        "ProctrackType=proctrack/linuxproc",
+        "TaskPlugin=task/none",
+        "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_Core_Memory",
+        "MpiDefault=none",
+        "MailProg=/bin/true",
+        "ReturnToService=2",
+        "SlurmdParameters=config_overrides",  # two nodes share this machine's cores
+        "JobRequeue=1",
+        "KillWait=10",  # seconds between SIGTERM and SIGKILL (scancel, preemption, time limit)
+        "OverTimeLimit=0",
+        "MinJobAge=300",
+        "InactiveLimit=0",
+        "SchedulerParameters=sched_interval=2",
+        f"StateSaveLocation={root}/state",
+        f"SlurmdSpoolDir={root}/spool/%n",
+        f"SlurmctldPidFile={root}/slurmctld.pid",
+        f"SlurmdPidFile={root}/slurmd.%n.pid",
+        f"SlurmctldLogFile={root}/log/slurmctld.log",
+        f"SlurmdLogFile={root}/log/slurmd.%n.log",
+        "SlurmctldDebug=info",
+        "SlurmdDebug=info",
+        *[f"{line} {hw}" for line in node_lines],
+        f"PartitionName=debug Nodes={','.join(names)} Default=YES MaxTime=INFINITE State=UP",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+class LocalCluster:
+    """Start and stop the daemons of a cluster whose files all live in `root`."""
+
+    def __init__(self, root: Path, nodes: int = 1, cpus: int = 2):
+        if nodes not in (1, 2):
+            raise ValueError(f"nodes: 1 or 2, got {nodes}")
+        self.root, self.nodes, self.cpus = Path(root).resolve(), nodes, cpus
+        self.conf = self.root / "slurm.conf"
+        # munged runs as user munge, which may not reach into `root` (pytest's tmp is 0700)
+        self.munge_dir = Path(tempfile.gettempdir()) / f"monofusion-munge-{hashlib.sha1(bytes(self.root)).hexdigest()[:10]}"
+
+    @property
+    def env(self) -> dict:
+        """What a client (sbatch, srun, squeue, submitit) needs to reach this cluster."""
+        return {"SLURM_CONF": str(self.conf)}
+
+    # ---- start -------------------------------------------------------------------------------
+    def start(self, timeout: float = 60.0) -> "LocalCluster":
+        ensure_installed()
+        if os.geteuid() != 0:
+            raise ClusterError("starting slurmd needs root")
+        for sub in ("state", "log", *(f"spool/{n}" for n in node_names(self.nodes))):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        memory_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 20 * 0.8 / self.nodes)
+        self.conf.write_text(slurm_conf(self.root, self.munge_dir / "munge.socket", self.nodes, self.cpus, memory_mb))
+        self._save_state({"nodes": self.nodes, "namespaces": []})
+        self._start_munge()
+        if self.nodes > 1:
+            self._make_network()
+        run(["slurmctld", "-f", str(self.conf)])
+        for i, name in enumerate(node_names(self.nodes)):
+            cmd = ["slurmd", "-f", str(self.conf), "-N", name]
+            if self.nodes > 1:  # its own network, hostname and /etc/hosts, as on a separate host
+                cmd = ["unshare", "--mount", "--uts", "sh", "-c",
+                       f"mount --bind {self.root}/hosts /etc/hosts && hostname {name} && "
+                       f"exec nsenter --net=/run/netns/{name} {' '.join(cmd)}"]
+            run(cmd)
+        self.wait_idle(timeout)
+        return self
+
+    def _start_munge(self) -> None:
+        m = self.munge_dir
+        m.mkdir(exist_ok=True)
+        key = m / "munge.key"
+        if not key.exists():
+            key.write_bytes(os.urandom(1024))
+        shutil.chown(m, "munge", "munge")
+        m.chmod(0o700)
+        shutil.chown(key, "munge", "munge")
+        key.chmod(0o400)
+        run(["runuser", "-u", "munge", "--", "munged", f"--socket={m}/munge.socket", f"--key-file={key}",
+             f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed", "--force"])
+
+    def _make_network(self) -> None:
+        """A bridge with the host at .1 and each node's namespace (veth) at .(i+2)."""
+        state = self._load_state()
+        run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+        run(["ip", "addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE])
+        run(["ip", "link", "set", BRIDGE, "up"])
+        hosts = ["127.0.0.1 localhost", f"{SUBNET}.1 {socket.gethostname().split('.')[0]}"]
+        hosts += [f"{SUBNET}.{i + 2} {n}" for i, n in enumerate(node_names(self.nodes))]
+        (self.root / "hosts").write_text("\n".join(hosts) + "\n")  # the nodes' /etc/hosts
+        for i, name in enumerate(node_names(self.nodes)):
+            state["namespaces"].append(name)
+            self._save_state(state)
+            host_end, node_end = f"mfv{i + 1}h", f"mfv{i + 1}n"
+            run(["ip", "netns", "add", name])
+            run(["ip", "link", "add", host_end, "type", "veth", "peer", "name", node_end])
+            run(["ip", "link", "set", host_end, "master", BRIDGE, "up"])
+            run(["ip", "link", "set", node_end, "netns", name])
+            ns = ["ip", "netns", "exec", name]
+            run(ns + ["ip", "addr", "add", f"{SUBNET}.{i + 2}/24", "dev", node_end])
+            run(ns + ["ip", "link", "set", node_end, "up"])
+            run(ns + ["ip", "link", "set", "lo", "up"])
+
+    def wait_idle(self, timeout: float) -> None:
+        """Until every node is idle (ClusterError naming the states and the log otherwise)."""
+        deadline, states = time.time() + timeout, ""
+        while time.time() < deadline:
+            p = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True,
+                               env={**os.environ, **self.env})
+            states = p.stdout.strip() or p.stderr.strip()
+            if p.returncode == 0 and len(states.splitlines()) == self.nodes and \
+                    all(line.split()[1] == "idle" for line in states.splitlines()):
+                return
+            time.sleep(0.5)
+        raise ClusterError(f"nodes not idle after {timeout:.0f}s ({states}); see {self.root}/log")
+
+    # ---- stop --------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop the daemons (and the job steps they left) and remove the network it made."""
+        state = self._load_state()
+        if self.conf.exists() and (self.root / "slurmctld.pid").exists():  # end this cluster's jobs first
+            subprocess.run(["scancel", "--full", "--user", str(os.geteuid())], env={**os.environ, **self.env},
+                           capture_output=True, timeout=30)
+            time.sleep(1)
+        for pid_file in [*self.root.glob("slurmd.*.pid"), self.root / "slurmctld.pid",
+                         self.munge_dir / "munged.pid"]:
+            _kill_pid_file(pid_file)
+        for name in state.get("namespaces", []):
+            for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
+                _kill(int(pid), 9)
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        if state.get("namespaces"):
+            subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+        shutil.rmtree(self.munge_dir, ignore_errors=True)
+
+    def _save_state(self, state: dict) -> None:
+        (self.root / STATE_FILE).write_text(json.dumps(state))
+
+    def _load_state(self) -> dict:
+        path = self.root / STATE_FILE
+        return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _kill_pid_file(path: Path, wait: float = 10.0) -> None:
+    if not path.exists():
+        return
+    try:
+        pid = int(path.read_text().split()[0])
+    except (ValueError, IndexError):
+        return
+    _kill(pid, 15)
+    deadline = time.time() + wait
+    while time.time() < deadline and Path(f"/proc/{pid}").exists():
+        time.sleep(0.1)
+    _kill(pid, 9)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("action", choices=("up", "down"))
+    p.add_argument("--dir", default="/tmp/monofusion-slurm", help="folder of the cluster's files")
+    p.add_argument("--nodes", type=int, default=1, choices=(1, 2))
+    p.add_argument("--cpus", type=int, default=2, help="CPUs of each node")
+    args = p.parse_args(argv)
+    cluster = LocalCluster(Path(args.dir), args.nodes, args.cpus)
+    if args.action == "down":
+        cluster.stop()
+        return 0
+    try:
+        cluster.start()
+    except (ClusterError, subprocess.CalledProcessError) as e:
+        cluster.stop()
+        print(f"error: {getattr(e, 'stderr', None) or e}", file=sys.stderr)
+        return 1
+    print(f"export SLURM_CONF={cluster.conf}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Training under a real Slurm (two nodes in network namespaces, tests/conftest.py): slurm.submit
+(submitit) and slurm/train.sbatch jobs, two-node rendezvous, requeue on the time limit and on
+preemption, scancel and a lost node."""
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pretrain.checkpoint import read_latest
+from pretrain.job_history import attempts
+from tests.launch import REPO, env, metrics, torchrun
+
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.slow]
+DONE = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+def train_args(cfg, run_dir, *extra):
+    return [f"run.dir={run_dir}", "train.log_interval=1", "wandb.mode=disabled", "data.num_workers=1", *extra]
+
+
+def client_env(cluster) -> dict:
+    return env(**cluster.env, MONOFUSION_PYTHON=sys.executable)
+
+
+def submit(cluster, cfg, run_dir, *extra, options=()) -> str:
+    """python -m slurm.submit ... -> the job id."""
+    cmd = [sys.executable, "-m", "slurm.submit", "--config", str(cfg), *train_args(cfg, run_dir, *extra),
+           "--partition", "debug", "--mem", "1G", *options]
+    r = subprocess.run(cmd, cwd=REPO, env=client_env(cluster), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return re.search(r"submitted job ([0-9_]+)", r.stdout).group(1)
+
+
+def sbatch(cluster, cfg, run_dir, *extra, options=()) -> str:
+    cmd = ["sbatch", "--parsable", "--partition", "debug", "--mem", "1G", f"--output={run_dir}.out", *options,
+           "slurm/train.sbatch", str(cfg), *train_args(cfg, run_dir, *extra)]
+    r = subprocess.run(cmd, cwd=REPO, env=client_env(cluster), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def job_info(cluster, job_id) -> dict:
+    r = subprocess.run(["scontrol", "show", "job", "-o", job_id], env=client_env(cluster), capture_output=True,
+                       text=True)
+    return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+
+
+def wait_done(cluster, job_id, timeout=300) -> dict:
+    """Poll until the job ends -> its final `scontrol show job` fields."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(cluster, job_id)
+        assert info, f"job {job_id} is unknown to Slurm"
+        if info.get("JobState") in DONE:
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", job_id], env=client_env(cluster))
+    pytest.fail(f"job {job_id} did not end in {timeout}s: {job_info(cluster, job_id)}")
+
+
+def task_logs(run_dir) -> str:
+    return "\n".join(p.read_text()[-3000:] for p in sorted((run_dir / "slurm").rglob("*_log.*")))
+
+
+def test_dry_run_prints_the_sbatch_script(tiny_config, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "slurm.submit", "--config", str(tiny_config), f"run.dir={tmp_path}/r",
+                        "--nodes", "4", "--gpus-per-node", "8", "--partition", "gpu", "--time", "1-02:30:00",
+                        "--signal-delay", "120", "--dry-run"], cwd=REPO, env=env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --ntasks-per-node=8",
+                 "#SBATCH --partition=gpu", "#SBATCH --time=1590", "#SBATCH --signal=USR2@120", "#SBATCH --requeue",
+                 "--kill-on-bad-exit=1"):
+        assert line in r.stdout, (line, r.stdout)
+    assert not (tmp_path / "r").exists()  # nothing submitted, nothing written
+    bad = subprocess.run([sys.executable, "-m", "slurm.submit", "--config", str(tiny_config), "train.max_stepz=3",
+                          "--partition", "gpu", "--time", "10", "--dry-run"], cwd=REPO, env=env(),
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "train.max_stepz" in bad.stderr
+
+
+def test_two_task_jobs_through_submit_and_sbatch_train_alike(slurm_cluster, tiny_config, tmp_path):
+    a, b = tmp_path / "submitit", tmp_path / "sbatch"
+    common = ["train.max_steps=4", "checkpoint.interval=2"]
+    ja = submit(slurm_cluster, tiny_config, a, *common, options=["--tasks-per-node", "2", "--time", "5"])
+    jb = sbatch(slurm_cluster, tiny_config, b, *common, options=["--ntasks-per-node", "2", "--time", "5"])
+    ia, ib = wait_done(slurm_cluster, ja), wait_done(slurm_cluster, jb)
+    assert ia["JobState"] == "COMPLETED", task_logs(a)
+    assert ib["JobState"] == "COMPLETED", (tmp_path / "sbatch.out").read_text()[-3000:]
+    ma, mb = metrics(a), metrics(b)
+    assert sorted(ma) == sorted(mb) == [1, 2, 3, 4]
+    assert [ma[s]["loss"] for s in ma] == [mb[s]["loss"] for s in ma]  # the same 2-rank run either way
+    for run in (a, b):
+        assert read_latest(run / "checkpoints") == "step_00000004"
+        history = attempts(run)
+        assert len(history) == 1 and history[0]["reason"] == "finished" and history[0]["to_step"] == 4
