@@ -1,7 +1,10 @@
 """Diffusion objectives over latent tokens, with time t in [0, 1] (0 = clean, 1 = noise).
 
 * `ddpm`: diffusers' DDPMScheduler adds the noise at the discrete step round(t * (T-1));
-  the target is the noise (epsilon prediction); t is drawn uniformly over the T steps.
+  t is drawn uniformly over the T steps. The target is the noise (`prediction: epsilon`) or
+  v = sqrt(a) eps - sqrt(1-a) x0 (`v_prediction`, Salimans & Ho 2022), whose error weighs
+  the same on the image at every noise level: epsilon's image error grows as 1/sqrt(a) where
+  the noise dominates.
 * `flow`: rectified flow x_t = (1 - t) x0 + t eps; the target is the velocity eps - x0;
   t is drawn logit-normal. This matches diffusers' FlowMatchEulerDiscreteScheduler (sigma = t).
 """
@@ -23,14 +26,14 @@ class Diffusion:
     def __init__(self, cfg):
         if cfg.objective not in OBJECTIVES:
             raise ValueError(f"objective: {cfg.objective!r} is not one of {'|'.join(OBJECTIVES)}")
-        self.objective = cfg.objective
+        self.objective, self.prediction = cfg.objective, cfg.prediction
         self.num_train_timesteps = cfg.num_train_timesteps
         self.logit_mean, self.logit_std = cfg.flow_logit_mean, cfg.flow_logit_std
         self.scheduler = None
         if self.objective == "ddpm":
             from diffusers import DDPMScheduler
             self.scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps,
-                                           beta_schedule=cfg.beta_schedule)
+                                           beta_schedule=cfg.beta_schedule, prediction_type=cfg.prediction)
 
     def sample_t(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """n training times in [0, 1] (CPU, float32)."""
@@ -47,8 +50,9 @@ class Diffusion:
     def noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(x_t, training target) for clean tokens x0 (N,P), noise eps and times t (N)."""
         if self.objective == "ddpm":
-            xt = self.scheduler.add_noise(x0, eps, self.discrete_step(t).to(x0.device))
-            return xt, eps
+            steps = self.discrete_step(t).to(x0.device)
+            xt = self.scheduler.add_noise(x0, eps, steps)
+            return xt, (eps if self.prediction == "epsilon" else self.scheduler.get_velocity(x0, eps, steps))
         tt = t.to(x0.dtype)[:, None]
         return (1 - tt) * x0 + tt * eps, eps - x0
 

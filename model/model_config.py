@@ -28,7 +28,10 @@ class ModelConfig(Config):
     latent_channels: int = knob(4, "channels of the (VAE) latent")
     patch_size: int = knob(2, "spatial patch size over the latent (video: per frame)")
     # diffusion objective
-    objective: Literal["ddpm", "flow"] = knob("ddpm", "ddpm: epsilon target; flow: rectified flow, velocity target")
+    objective: Literal["ddpm", "flow"] = knob("ddpm", "ddpm: discrete noise levels (target: `prediction`); "
+                                                      "flow: rectified flow, velocity target")
+    prediction: Literal["epsilon", "v_prediction"] = knob(
+        "epsilon", "ddpm: the network predicts the noise (epsilon) or v = sqrt(a) eps - sqrt(1-a) x0")
     num_train_timesteps: int = knob(1000, "ddpm: number of discrete noise levels")
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = knob(
         "linear", "ddpm: diffusers beta schedule")
@@ -57,6 +60,8 @@ class ModelConfig(Config):
             raise ConfigError(f"n_kv_heads: {self.n_kv_heads} does not divide n_heads={self.n_heads}")
         if (self.dim // self.n_heads) % 2:
             raise ConfigError(f"dim: head size {self.dim // self.n_heads} must be even for rotary embedding")
+        if self.objective == "flow" and self.prediction != "epsilon":
+            raise ConfigError(f"prediction: {self.prediction!r} is for objective ddpm (flow predicts the velocity)")
         if self.block_size < 0:
             raise ConfigError(f"block_size: must be >= 0, got {self.block_size}")
 

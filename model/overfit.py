@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 
@@ -31,8 +32,11 @@ class OverfitConfig(Config):
     lr: float = knob(2e-3, "AdamW learning rate")
     seed: int = knob(0, "seed of the weights, the batch and the noise")
     batch_size: int = knob(2, "documents (rows) in the batch")
+    copies: int = knob(1, "rows per document: each copy draws its own timestep and noise")
     text_len: int = knob(32, "caption tokens per document")
     latent_hw: int = knob(8, "latent height = width")
+    warmup: int = knob(20, "steps of linear learning-rate warmup")
+    decay: bool = knob(True, "cosine decay of the learning rate to 0 over the steps")
     log_every: int = knob(25, "print every N steps")
 
 
@@ -46,15 +50,25 @@ def overfit_documents(cfg: OverfitConfig) -> list[list]:
     return docs
 
 
+def learning_rate_factor(cfg: OverfitConfig, step: int) -> float:
+    """Linear warmup, then a cosine decay to 0 at the last step (or constant without `decay`)."""
+    if step <= cfg.warmup:
+        return step / cfg.warmup
+    if not cfg.decay:
+        return 1.0
+    return 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
+
+
 def overfit(cfg: OverfitConfig, log=print) -> tuple[UnifiedTransformer, list[dict]]:
     """Train on the documents of `overfit_documents` -> (model, per-step losses)."""
     torch.manual_seed(cfg.seed)
     model = UnifiedTransformer(cfg.model)
     spec = LayoutSpec.from_model_config(cfg.model)
-    docs = [layout_document(d, spec) for d in overfit_documents(cfg)]
+    docs = [layout_document(d, spec) for d in overfit_documents(cfg)] * cfg.copies
     batch = pack_rows([[d] for d in docs], max(len(d) for d in docs))
     diffusion = Diffusion(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: learning_rate_factor(cfg, i + 1))
     history = []
     t0 = time.time()
     for step in range(1, cfg.steps + 1):
@@ -63,6 +77,7 @@ def overfit(cfg: OverfitConfig, log=print) -> tuple[UnifiedTransformer, list[dic
         opt.zero_grad(set_to_none=True)
         losses["loss"].backward()
         opt.step()
+        sched.step()
         history.append({k: float(v.detach()) for k, v in losses.items()})
         if log is not None and (step == 1 or step % cfg.log_every == 0 or step == cfg.steps):
             h = history[-1]

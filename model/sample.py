@@ -39,10 +39,11 @@ def make_scheduler(cfg, sampler: str = "auto"):
                          f"(ddpm: ddim|dpm++, flow: euler)")
     common = dict(num_train_timesteps=cfg.num_train_timesteps)
     if sampler == "ddim":
-        return DDIMScheduler(**common, beta_schedule=cfg.beta_schedule, clip_sample=False, prediction_type="epsilon")
+        return DDIMScheduler(**common, beta_schedule=cfg.beta_schedule, clip_sample=False,
+                             prediction_type=cfg.prediction)
     if sampler == "dpm++":
         return DPMSolverMultistepScheduler(**common, beta_schedule=cfg.beta_schedule, algorithm_type="dpmsolver++",
-                                           solver_order=2, prediction_type="epsilon")
+                                           solver_order=2, prediction_type=cfg.prediction)
     return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -69,8 +70,9 @@ class RunLogger:
                                     name=cfg.wandb.name or self.run_dir.name, dir=str(self.run_dir), id=run_id,
                                     resume="allow", config=cfg.to_dict())
         from tqdm import tqdm
+        # a progress bar on a terminal; in a batch job's log file, one line per logged step instead
         self.bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
-                        dynamic_ncols=True, mininterval=1.0)
+                        dynamic_ncols=True, mininterval=1.0, disable=not sys.stderr.isatty())
         self.t0 = time.time()
 
     def log(self, step: int, metrics: dict, advance: int = 0) -> None:
@@ -88,7 +90,13 @@ class RunLogger:
         shown = {k: metrics[k] for k in ("loss", "lm_loss", "diffusion_loss") if k in metrics}
         if "tokens_per_s" in metrics:
             shown["tok/s"] = int(metrics["tokens_per_s"])
-        self.bar.set_postfix({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in shown.items()}, refresh=False)
+        text = {k: f"{v:.4g}" if isinstance(v, float) else v for k, v in shown.items()}
+        if self.bar.disable:
+            if shown:
+                print(f"step {step}/{self.cfg.train.max_steps} " + " ".join(f"{k}={v}" for k, v in text.items()),
+                      file=sys.stderr, flush=True)
+        else:
+            self.bar.set_postfix(text, refresh=False)
 
     def log_images(self, step: int, name: str, path: Path) -> None:
         if self.is_main and self.wandb is not None:

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from pretrain import job_history
 from pretrain.checkpoint import list_checkpoints, read_latest
 
 
@@ -25,6 +26,11 @@ def summarize(run_dir: Path) -> str:
         lines.append(f"  tokens/s        {last['tokens_per_s']:.0f}")
     root = run_dir / "checkpoints"
     lines.append(f"checkpoints:   {root} latest={read_latest(root)} all={list_checkpoints(root)}")
+    jobs = job_history.describe(run_dir)
+    if jobs:
+        requeues = sum(1 for a in job_history.attempts(run_dir) if a["restart"] > 0)
+        lines.append(f"slurm jobs:    {run_dir / job_history.HISTORY_FILE} ({requeues} requeue(s))")
+        lines += jobs
     wandb_runs = sorted((run_dir / "wandb").glob("offline-run-*")) + sorted((run_dir / "wandb").glob("run-*"))
     for w in wandb_runs:
         lines.append(f"wandb run:     {w}" + ("  (upload: wandb sync " + str(w) + ")" if "offline" in w.name else ""))
