@@ -95,3 +95,26 @@ def test_two_task_jobs_through_submit_and_sbatch_train_alike(slurm_cluster, tiny
         assert read_latest(run / "checkpoints") == "step_00000004"
         history = attempts(run)
         assert len(history) == 1 and history[0]["reason"] == "finished" and history[0]["to_step"] == 4
+
+
+def test_two_node_jobs_train_like_torchrun_under_zero2_and_zero3(slurm_cluster, tiny_config, test_data, tmp_path):
+    """One task on each of two nodes (two network namespaces: the ranks rendezvous over the
+    bridge, as on two hosts), with evaluation; the losses are those of a 2-rank torchrun run."""
+    held_out = f"data.eval_datasets=[{{path: {test_data['digits']}}}, {{path: {test_data['text']}}}]"
+    common = ["train.max_steps=4", "checkpoint.interval=4", "train.eval_interval=2", "train.eval_batches=2", held_out]
+    jobs = {stage: submit(slurm_cluster, tiny_config, tmp_path / f"slurm{stage}", f"train.zero_stage={stage}", *common,
+                          options=["--nodes", "2", "--tasks-per-node", "1", "--time", "5"]) for stage in (2, 3)}
+    for stage in (2, 3):
+        ref = tmp_path / f"torchrun{stage}"
+        r = torchrun(2, ["--config", str(tiny_config), *train_args(tiny_config, ref, f"train.zero_stage={stage}",
+                                                                   *common)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        run = tmp_path / f"slurm{stage}"
+        info = wait_done(slurm_cluster, jobs[stage])
+        assert info["JobState"] == "COMPLETED" and info["NodeList"] == "mfnode[1-2]", task_logs(run)
+        ms, mt = metrics(run), metrics(ref)
+        assert sorted(ms) == [1, 2, 3, 4] and "eval/loss" in ms[2] and "eval/loss" in ms[4]
+        for step in ms:
+            keys = [k for k in mt[step] if "loss" in k]
+            assert keys == [k for k in ms[step] if "loss" in k]
+            assert [ms[step][k] for k in keys] == pytest.approx([mt[step][k] for k in keys], rel=1e-6), (stage, step)
