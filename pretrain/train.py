@@ -52,8 +52,10 @@ def noise_generator(*keys: int) -> torch.Generator:
 
 
 class Trainer:
-    def __init__(self, cfg: ExperimentConfig, dist: DistInfo, resume: str = "auto", stop_signals=STOP_SIGNALS):
+    def __init__(self, cfg: ExperimentConfig, dist: DistInfo, resume: str = "auto", stop_signals=STOP_SIGNALS,
+                 early_signals: Optional[list] = None):
         self.cfg, self.dist, self.stop_signals = cfg, dist, tuple(stop_signals)
+        self.early_signals = early_signals if early_signals is not None else []  # caught before run()
         t = cfg.train
         self.lock = self._lock_run_dir()
         self.ckpt_root = Path(cfg.run.dir) / "checkpoints"
@@ -272,6 +274,8 @@ class Trainer:
             log.message(f"Slurm job {job['job']}" + (f", requeued {job['restart']} time(s)" if job["restart"] else ""))
         for sig in self.stop_signals:
             signal.signal(sig, self._on_signal)
+        if self.early_signals and self.stop_signal is None:  # e.g. a requeued job signalled while starting
+            self.stop_signal = self.early_signals[0]
         peak = peak_flops(t.peak_tflops, self.dist.device)
         batches = iter(self.loader)
         window_sums, window_counts = [0.0, 0.0], [0, 0]  # loss sums (this rank), token counts (all ranks)
@@ -291,7 +295,7 @@ class Trainer:
             metrics, first_record = first_record, {}
             if self.step % t.log_interval == 0 or self.step == t.max_steps:
                 elapsed = time.time() - window_start
-                metrics = loss_record(sum_over_ranks(window_sums, self.dist.device), window_counts, cfg.model)
+                metrics.update(loss_record(sum_over_ranks(window_sums, self.dist.device), window_counts, cfg.model))
                 metrics.update(grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
                                lr=self.engine.get_lr()[0], tokens_per_s=(self.tokens - window_tokens) / elapsed,
                                tokens=self.tokens)
@@ -355,16 +359,19 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS) -> Outcome:
         return Outcome(2)
     # DeepSpeed 0.19 calls this deprecated torch API on every step; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    trainer = None
+    trainer, early = None, []
+    for sig in stop_signals:  # a signal during start-up stops the run after its first step, checkpointed
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
     if "RANK" in os.environ:  # started by a launcher (torchrun, deepspeed, srun): do not outlive it
-        exit_with_parent(f"rank {os.environ['RANK']}", lambda: trainer is not None and trainer.stop_signal is not None)
+        exit_with_parent(f"rank {os.environ['RANK']}",
+                         lambda: bool(early) or (trainer is not None and trainer.stop_signal is not None))
     try:
         dist = init_distributed()
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return Outcome(2)
     try:
-        trainer = Trainer(cfg, dist, args.resume, stop_signals)
+        trainer = Trainer(cfg, dist, args.resume, stop_signals, early)
         code = trainer.run()
         return Outcome(code, trainer.end_reason.startswith("signal"), trainer.stop_signal, trainer.step)
     except RunDirBusy as e:  # the same on every rank: said once

@@ -83,7 +83,8 @@ def slurm_conf(root: Path, munge_socket: Path, nodes: int, cpus: int, memory_mb:
         "ReturnToService=2",
         "SlurmdParameters=config_overrides",  # two nodes share this machine's cores
         "JobRequeue=1",
-        "KillWait=10",  # seconds between SIGTERM and SIGKILL (scancel, preemption, time limit)
+        "KillWait=10",
+        "SlurmdTimeout=20",  # a lost node is marked down after 20 s  # seconds between SIGTERM and SIGKILL (scancel, preemption, time limit)
         "OverTimeLimit=0",
         "MinJobAge=300",
         "InactiveLimit=0",
@@ -132,15 +133,27 @@ class LocalCluster:
         if self.nodes > 1:
             self._make_network()
         run(["slurmctld", "-f", str(self.conf)])
-        for i, name in enumerate(node_names(self.nodes)):
-            cmd = ["slurmd", "-f", str(self.conf), "-N", name]
-            if self.nodes > 1:  # its own network, hostname and /etc/hosts, as on a separate host
-                cmd = ["unshare", "--mount", "--uts", "sh", "-c",
-                       f"mount --bind {self.root}/hosts /etc/hosts && hostname {name} && "
-                       f"exec nsenter --net=/run/netns/{name} {' '.join(cmd)}"]
-            run(cmd)
+        for name in node_names(self.nodes):
+            self.start_node(name)
         self.wait_idle(timeout)
         return self
+
+    def start_node(self, name: str) -> None:
+        """Start the slurmd of node `name` (again, after `kill_node`)."""
+        cmd = ["slurmd", "-f", str(self.conf), "-N", name]
+        if self.nodes > 1:  # its own network, hostname and /etc/hosts, as on a separate host
+            cmd = ["unshare", "--mount", "--uts", "sh", "-c",
+                   f"mount --bind {self.root}/hosts /etc/hosts && hostname {name} && "
+                   f"exec nsenter --net=/run/netns/{name} {' '.join(cmd)}"]
+        run(cmd)
+
+    def kill_node(self, name: str) -> int:
+        """SIGKILL everything running on node `name` (two-node cluster): its slurmd, its job steps and
+        their tasks, as when a host dies. Returns how many processes were killed."""
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            _kill(int(pid), 9)
+        return len(pids)
 
     def _start_munge(self) -> None:
         m = self.munge_dir

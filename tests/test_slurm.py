@@ -118,3 +118,95 @@ def test_two_node_jobs_train_like_torchrun_under_zero2_and_zero3(slurm_cluster, 
             keys = [k for k in mt[step] if "loss" in k]
             assert keys == [k for k in ms[step] if "loss" in k]
             assert [ms[step][k] for k in keys] == pytest.approx([mt[step][k] for k in keys], rel=1e-6), (stage, step)
+
+
+def scontrol(cluster, *words) -> None:
+    r = subprocess.run(["scontrol", *words], env=client_env(cluster), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def wait_for(predicate, what: str, timeout=180):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def test_time_limit_checkpoints_and_requeues_three_times_then_finishes_like_a_straight_run(
+        slurm_cluster, tiny_config, tmp_path):
+    """One job with a 1-minute limit: Slurm's time-limit signal (USR2, 30 s ahead; Slurm's 30 s
+    check may send it earlier) makes every rank checkpoint, and submitit requeues the job, three
+    times; then its limit is raised and it finishes. Every step's loss equals a straight run's."""
+    run, straight = tmp_path / "requeued", tmp_path / "straight"
+    common = ["train.max_steps=240", "checkpoint.interval=1000"]
+    job = submit(slurm_cluster, tiny_config, run, *common,
+                 options=["--tasks-per-node", "2", "--time", "1", "--signal-delay", "30", "--max-requeues", "3"])
+    reference = submit(slurm_cluster, tiny_config, straight, *common, options=["--tasks-per-node", "2", "--time", "15"])
+    deadline, extended = time.time() + 600, False
+    while True:
+        info = job_info(slurm_cluster, job)
+        if not extended and int(info["Restarts"]) >= 3:  # the fourth run may finish
+            scontrol(slurm_cluster, "update", f"JobId={job}", "TimeLimit=15")
+            extended = True
+        if info["JobState"] in DONE or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "3", (info, task_logs(run))
+    history = attempts(run)
+    assert [a["restart"] for a in history] == [0, 1, 2, 3], history
+    assert all(a["reason"] == "signal SIGUSR2" for a in history[:3]) and history[3]["reason"] == "finished", history
+    for before, after in zip(history, history[1:]):  # each run made progress and the next resumed from it
+        assert after["from_step"] == before["to_step"] > before["from_step"], history
+    assert history[0]["to_step"] < 240 and history[3]["to_step"] == 240
+    assert wait_done(slurm_cluster, reference)["JobState"] == "COMPLETED", task_logs(straight)
+    mr, ms = metrics(run), metrics(straight)
+    assert sorted(mr) == sorted(ms) == list(range(1, 241))
+    assert all(mr[s]["loss"] == ms[s]["loss"] for s in ms)  # bit-exact through three requeues
+    assert [mr[a["from_step"] + 1].get("requeues") for a in history] == [0, 1, 2, 3]
+    summary = subprocess.run([sys.executable, "-m", "pretrain.summary", str(run)], cwd=REPO, env=env(),
+                             capture_output=True, text=True).stdout
+    assert "3 requeue(s)" in summary and f"job {job:>8s} (requeue 3)" in summary, summary
+
+
+def test_preemption_requeue_resumes_from_the_checkpoint_of_its_sigterm(slurm_cluster, tiny_config, tmp_path):
+    run = tmp_path / "run"
+    job = submit(slurm_cluster, tiny_config, run, "train.max_steps=40", "checkpoint.interval=1000",
+                 options=["--tasks-per-node", "2", "--time", "10"])
+    wait_for(lambda: max(metrics(run), default=0) >= 5, "step 5")
+    scontrol(slurm_cluster, "requeue", job)  # as a preempting partition does: SIGTERM, then requeue
+    info = wait_done(slurm_cluster, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, task_logs(run))
+    first, second = attempts(run)
+    assert first["reason"] == "signal SIGTERM" and first["to_step"] >= 5, first
+    assert second["from_step"] == first["to_step"] and second["to_step"] == 40 and second["reason"] == "finished"
+
+
+def test_scancel_and_a_lost_node_leave_latest_loadable_and_the_run_resumes(slurm_cluster, tiny_config, tmp_path):
+    """scancel mid-run, then a resubmission; then a node dies mid-run (its slurmd, step and task
+    SIGKILLed): Slurm ends that run at once (no rank waits on the lost one) and, the job being
+    requeueable, requeues it; it resumes from `latest` once the node is back."""
+    from pretrain.convert import consolidate
+    run = tmp_path / "run"
+    common = ["train.max_steps=40", "checkpoint.interval=4"]
+    two_nodes = ["--nodes", "2", "--tasks-per-node", "1", "--time", "10"]
+    job = submit(slurm_cluster, tiny_config, run, *common, options=two_nodes)
+    wait_for(lambda: max(metrics(run), default=0) >= 6, "step 6")
+    subprocess.run(["scancel", job], env=client_env(slurm_cluster), check=True)
+    assert wait_done(slurm_cluster, job)["JobState"] == "CANCELLED"
+    cancelled_at = int(read_latest(run / "checkpoints").split("_")[1])
+    assert consolidate(run / "checkpoints" / f"step_{cancelled_at:08d}")  # loadable
+    job = submit(slurm_cluster, tiny_config, run, *common, options=two_nodes)  # resumes from `latest`
+    wait_for(lambda: max(metrics(run), default=0) >= cancelled_at + 6, "steps after the resume")
+    try:
+        assert slurm_cluster.kill_node("mfnode2") > 0
+        wait_for(lambda: job_info(slurm_cluster, job)["JobState"] != "RUNNING", "the job to leave the lost node", 90)
+        lost_at = int(read_latest(run / "checkpoints").split("_")[1])
+        assert consolidate(run / "checkpoints" / f"step_{lost_at:08d}")
+    finally:
+        slurm_cluster.start_node("mfnode2")
+    info = wait_done(slurm_cluster, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, task_logs(run))
+    history = attempts(run)
+    assert [a["from_step"] for a in history] == [0, cancelled_at, lost_at], history
+    assert history[1]["reason"] == "running or killed" and history[2]["reason"] == "finished"
+    assert max(metrics(run)) == 40
