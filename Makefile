@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install data demo test test-fast clean
+.PHONY: install data demo test test-fast slurm-up slurm-down clean
 DEMO_DIR ?= runs/demo
 
 install: $(VENV)/.installed
@@ -45,6 +45,14 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# A real two-node Slurm on this machine (root): `export SLURM_CONF=...` as printed, then sbatch/srun/slurm.submit.
+SLURM_DIR ?= /tmp/monofusion-slurm
+slurm-up: install
+	$(PY) -m slurm.local_cluster up --dir $(SLURM_DIR) --nodes 2
+
+slurm-down: install
+	$(PY) -m slurm.local_cluster down --dir $(SLURM_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

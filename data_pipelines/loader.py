@@ -31,9 +31,9 @@ STATE_VERSION = 1
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader worker init: leave SIGTERM/SIGUSR1 to the rank, which checkpoints and then stops
+    """DataLoader worker init: leave SIGTERM/SIGUSR1/SIGUSR2 to the rank, which checkpoints and then stops
     the workers (Slurm signals every process of a job step, workers included)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):  # USR2: submitit's time-limit signal
         signal.signal(sig, signal.SIG_IGN)
 
 

@@ -168,45 +168,46 @@ def test_time_limit_checkpoints_and_requeues_three_times_then_finishes_like_a_st
     assert "3 requeue(s)" in summary and f"job {job:>8s} (requeue 3)" in summary, summary
 
 
-def test_preemption_requeue_resumes_from_the_checkpoint_of_its_sigterm(slurm_cluster, tiny_config, tmp_path):
-    run = tmp_path / "run"
-    job = submit(slurm_cluster, tiny_config, run, "train.max_steps=40", "checkpoint.interval=1000",
-                 options=["--tasks-per-node", "2", "--time", "10"])
-    wait_for(lambda: max(metrics(run), default=0) >= 5, "step 5")
-    scontrol(slurm_cluster, "requeue", job)  # as a preempting partition does: SIGTERM, then requeue
-    info = wait_done(slurm_cluster, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, task_logs(run))
-    first, second = attempts(run)
-    assert first["reason"] == "signal SIGTERM" and first["to_step"] >= 5, first
-    assert second["from_step"] == first["to_step"] and second["to_step"] == 40 and second["reason"] == "finished"
-
-
-def test_scancel_and_a_lost_node_leave_latest_loadable_and_the_run_resumes(slurm_cluster, tiny_config, tmp_path):
-    """scancel mid-run, then a resubmission; then a node dies mid-run (its slurmd, step and task
-    SIGKILLed): Slurm ends that run at once (no rank waits on the lost one) and, the job being
-    requeueable, requeues it; it resumes from `latest` once the node is back."""
+def test_preemption_scancel_and_a_lost_node_leave_latest_loadable_and_the_run_resumes(slurm_cluster, tiny_config,
+                                                                                     tmp_path):
+    """A two-node job: `scontrol requeue` mid-step (what a preempting partition does: SIGTERM, then
+    requeue) -> it checkpoints and resumes; scancel -> `latest` stays loadable and a resubmission
+    resumes; then a node dies (its slurmd, step and task SIGKILLed): Slurm ends that run at once
+    (no rank waits on the lost one) and, the job being requeueable, requeues it; it resumes from
+    `latest` once the node is back."""
     from pretrain.convert import consolidate
     run = tmp_path / "run"
     common = ["train.max_steps=40", "checkpoint.interval=4"]
     two_nodes = ["--nodes", "2", "--tasks-per-node", "1", "--time", "10"]
+
+    def latest_step():
+        step = int(read_latest(run / "checkpoints").split("_")[1])
+        assert consolidate(run / "checkpoints" / f"step_{step:08d}")  # loadable
+        return step
+
+    def reached(n):
+        wait_for(lambda: max(metrics(run), default=0) >= n, f"step {n}")
+
     job = submit(slurm_cluster, tiny_config, run, *common, options=two_nodes)
-    wait_for(lambda: max(metrics(run), default=0) >= 6, "step 6")
+    reached(5)
+    scontrol(slurm_cluster, "requeue", job)
+    wait_for(lambda: len(attempts(run)) == 2, "the requeued job to start again")
+    preempted_at = attempts(run)[0]["to_step"]
+    reached(preempted_at + 4)
     subprocess.run(["scancel", job], env=client_env(slurm_cluster), check=True)
     assert wait_done(slurm_cluster, job)["JobState"] == "CANCELLED"
-    cancelled_at = int(read_latest(run / "checkpoints").split("_")[1])
-    assert consolidate(run / "checkpoints" / f"step_{cancelled_at:08d}")  # loadable
+    cancelled_at = latest_step()
     job = submit(slurm_cluster, tiny_config, run, *common, options=two_nodes)  # resumes from `latest`
-    wait_for(lambda: max(metrics(run), default=0) >= cancelled_at + 6, "steps after the resume")
+    reached(cancelled_at + 4)
     try:
         assert slurm_cluster.kill_node("mfnode2") > 0
         wait_for(lambda: job_info(slurm_cluster, job)["JobState"] != "RUNNING", "the job to leave the lost node", 90)
-        lost_at = int(read_latest(run / "checkpoints").split("_")[1])
-        assert consolidate(run / "checkpoints" / f"step_{lost_at:08d}")
+        lost_at = latest_step()
     finally:
         slurm_cluster.start_node("mfnode2")
     info = wait_done(slurm_cluster, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, task_logs(run))
     history = attempts(run)
-    assert [a["from_step"] for a in history] == [0, cancelled_at, lost_at], history
-    assert history[1]["reason"] == "running or killed" and history[2]["reason"] == "finished"
-    assert max(metrics(run)) == 40
+    assert [a["from_step"] for a in history] == [0, preempted_at, cancelled_at, lost_at], history
+    assert [a["reason"] for a in history] == ["signal SIGTERM", "signal SIGTERM", "running or killed", "finished"]
+    assert preempted_at >= 5 and max(metrics(run)) == 40
