@@ -1,5 +1,5 @@
-"""torch.distributed setup for one process or many (torchrun or the deepspeed launcher; on Slurm,
-one `srun` task per node that starts torchrun)."""
+"""torch.distributed setup for one process or many (torchrun, the deepspeed launcher, or on Slurm
+one task per GPU through slurm.submit / slurm/train.sbatch, or one task per node running torchrun)."""
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +38,9 @@ def init_distributed() -> DistInfo:
     cuda = torch.cuda.is_available()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", "1"))
+    gpus = os.environ.get("SLURM_GPUS_ON_NODE", "0")
+    if not cuda and gpus.isdigit() and int(gpus) > 0:  # else this rank would pick gloo, the others NCCL
+        raise LaunchError(f"Slurm gave this task GPUs (SLURM_GPUS_ON_NODE={gpus}) but torch sees no CUDA device")
     if "RANK" not in os.environ and tasks > 1:  # else each task would train alone, into the same run.dir
         raise LaunchError(f"srun started {tasks} tasks without a torch.distributed environment (RANK unset): "
                           "start one task per node that runs torchrun --nproc-per-node G -m pretrain.train ...")
@@ -47,7 +50,8 @@ def init_distributed() -> DistInfo:
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     import deepspeed
     local_rank = int(os.environ["LOCAL_RANK"])
-    if cuda:
+    if cuda:  # a site that binds one GPU per task shows each task only its own (device 0)
+        local_rank %= torch.cuda.device_count()
         torch.cuda.set_device(local_rank)
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")

@@ -72,17 +72,20 @@ def describe(run_dir) -> list[str]:
     return lines
 
 
-def should_requeue(run_dir, max_requeues: int) -> tuple[bool, str]:
-    """(requeue?, why) for the job in this environment, from its last recorded attempt."""
+def should_requeue(run_dir, max_requeues: int, requeue_signal: str = "SIGUSR1") -> tuple[str, str]:
+    """("requeue" | "end" | "cap", why) for the job in this environment, from its last attempt:
+    requeue when the batch script's time-limit signal stopped the run before its end ("cap" when
+    the job was requeued `max_requeues` times already); any other end (finished, a SIGTERM from
+    scancel, a failure) ends the job."""
     job = slurm_job()
     if job is None:
-        return False, "not in a Slurm job"
+        return "end", "not in a Slurm job"
     mine = [a for a in attempts(run_dir) if (a["job"], a["restart"]) == (job["job"], job["restart"])]
     if not mine:
-        return False, "the trainer recorded no start for this job (it failed before training)"
+        return "end", "the trainer recorded no start for this job (it failed before training)"
     reason = mine[-1]["reason"]
-    if not reason.startswith("signal"):
-        return False, f"the run ended: {reason}"
+    if requeue_signal not in reason.split(" ", 1)[-1].split("+"):
+        return "end", f"the run ended: {reason}"
     if job["restart"] >= max_requeues:
-        return False, f"stopped by a {reason}, but requeued {job['restart']} times already (cap {max_requeues})"
-    return True, f"stopped by a {reason} at step {mine[-1]['to_step']}: requeue {job['restart'] + 1} of {max_requeues}"
+        return "cap", f"stopped by {reason}, but requeued {job['restart']} times already (cap {max_requeues})"
+    return "requeue", f"stopped by {reason} at step {mine[-1]['to_step']}: requeue {job['restart'] + 1} of {max_requeues}"

@@ -80,6 +80,7 @@ class Trainer:
         self.step, self.tokens = 0, 0
         self.stop_signal: Optional[int] = None
         self.end_reason = "not started"
+        self.signals_received: tuple = ()  # by any rank, when they stopped the run before its end
 
     def _lock_run_dir(self) -> Optional[RunDirLock]:
         """Rank 0 locks run.dir; every rank learns the outcome, so all stop on a busy directory."""
@@ -126,7 +127,8 @@ class Trainer:
         return None
 
     def _on_signal(self, signum, _frame) -> None:
-        self.stop_signal = signum
+        if self.stop_signal is None:  # the first one says why (a SIGTERM may follow Slurm's warning)
+            self.stop_signal = signum
 
     # ---- steps ---------------------------------------------------------------------------
     def step_token_counts(self, micro: list) -> list[int]:
@@ -303,21 +305,23 @@ class Trainer:
                 metrics["mfu"] = flops / elapsed / peak if peak else None
                 window_sums, window_counts = [0.0, 0.0], [0, 0]
                 window_steps, window_start, window_tokens = 0, time.time(), self.tokens
-            if t.eval_interval and self.step % t.eval_interval == 0:
+            stop = any_rank(self.stop_signal is not None, self.dist.control_group)
+            if t.eval_interval and self.step % t.eval_interval == 0 and not stop:  # a stop: checkpoint first
                 if cfg.data.eval_datasets:
                     metrics.update(self.evaluate())
                 grid = self.sample_grid()
                 if grid is not None:
                     log.log_images(self.step, "samples", grid)
             log.log(self.step, metrics, advance=1)
-            stop = any_rank(self.stop_signal is not None, self.dist.control_group)
             if stop or self.step % cfg.checkpoint.interval == 0:
                 path = self.save()
                 saved_at = self.step
                 log.message(f"checkpoint {path}")
-            if stop:
-                self.end_reason = f"signal {signal.Signals(self.stop_signal).name}" if self.stop_signal \
-                    else "signal on another rank"
+            if stop and self.step < t.max_steps:  # a signal in the last step: the run is finished
+                received = all_gather_objects(self.stop_signal, self.dist.control_group) \
+                    if self.dist.world_size > 1 else [self.stop_signal]
+                self.signals_received = tuple(sorted({s for s in received if s is not None}))
+                self.end_reason = "signal " + "+".join(signal.Signals(s).name for s in self.signals_received)
                 log.message(f"stopping on {self.end_reason} at step {self.step}")
                 break
         if saved_at != self.step:
@@ -333,8 +337,7 @@ class Trainer:
 @dataclasses.dataclass
 class Outcome:
     code: int  # the exit code: 0 = finished or stopped by a signal (checkpointed), 2 = bad input
-    stopped: bool = False  # a signal (on any rank) stopped the run before its end, after a checkpoint
-    stop_signal: Optional[int] = None  # the signal this rank received
+    stop_signals: tuple = ()  # the signals (received by any rank) that stopped the run before its end
     step: int = 0
 
 
@@ -342,8 +345,9 @@ def main(argv=None) -> int:
     return run_training(argv).code
 
 
-def run_training(argv=None, stop_signals=STOP_SIGNALS) -> Outcome:
-    """The command line of this module, run in this process -> what came of it."""
+def run_training(argv=None, stop_signals=STOP_SIGNALS, early_signals=()) -> Outcome:
+    """The command line of this module, run in this process -> what came of it. `early_signals`:
+    stop signals a launcher caught before this was called (the run stops after its first step)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML experiment config")
     p.add_argument("--resume", default="auto", help="auto (latest in run.dir), none, or a checkpoint folder")
@@ -359,7 +363,7 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS) -> Outcome:
         return Outcome(2)
     # DeepSpeed 0.19 calls this deprecated torch API on every step; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    trainer, early = None, []
+    trainer, early = None, list(early_signals)
     for sig in stop_signals:  # a signal during start-up stops the run after its first step, checkpointed
         signal.signal(sig, lambda signum, _frame: early.append(signum))
     if "RANK" in os.environ:  # started by a launcher (torchrun, deepspeed, srun): do not outlive it
@@ -373,7 +377,7 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS) -> Outcome:
     try:
         trainer = Trainer(cfg, dist, args.resume, stop_signals, early)
         code = trainer.run()
-        return Outcome(code, trainer.end_reason.startswith("signal"), trainer.stop_signal, trainer.step)
+        return Outcome(code, trainer.signals_received, trainer.step)
     except RunDirBusy as e:  # the same on every rank: said once
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)

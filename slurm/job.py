@@ -10,6 +10,7 @@ sends SIGTERM: the trainer checkpoints if it can within Slurm's KillWait, and Sl
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 from typing import Sequence
@@ -18,22 +19,18 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 from submitit.helpers import TorchDistributedEnvironment
 
-from pretrain.job_history import slurm_job
-from pretrain.train import run_training
+EARLY_SIGNALS: list = []  # stop signals caught by slurm.boot before the trainer's handlers existed
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG))
 
-PORT_LOW = 10000  # master ports are taken from [PORT_LOW, the kernel's ephemeral range)
+PORTS = (15000, 32000)  # below Linux's default ephemeral range (32768-60999), the same on every node
 
 
 def master_port(job_id: str) -> int:
-    """A port derived from the job id, the same in every task without talking, and below the
-    ephemeral range, so that no outgoing connection on the node can hold it (submitit's random
-    20000-60000 overlaps that range)."""
-    try:
-        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    digits = "".join(c for c in str(job_id) if c.isdigit()) or "0"
-    return PORT_LOW + int(digits) % max(1, low - PORT_LOW)
+    """A port derived from the job id (SLURM_JOB_ID: unique per array task too): every task computes
+    the same one without talking, and it is not in the ephemeral range, where an outgoing
+    connection on the node could hold it (submitit's random 20000-60000 overlaps that range)."""
+    digest = int(hashlib.sha1(str(job_id).encode()).hexdigest(), 16)
+    return PORTS[0] + digest % (PORTS[1] - PORTS[0])
 
 
 def requeue_signal() -> int:
@@ -48,20 +45,23 @@ class TrainJob(submitit.helpers.Checkpointable):
         self.config, self.overrides, self.max_requeues = str(config), list(overrides), max_requeues
 
     def __call__(self) -> int:
-        job = submitit.JobEnvironment()
         usr = requeue_signal()
         submitit_handler = signal.getsignal(usr)  # checkpoint_and_try_requeue, installed before this call
-        os.environ["MASTER_PORT"] = str(master_port(job.job_id))
+        for sig in STOP_SIGNALS:  # until the trainer's own handlers: note the signal, as slurm.boot does
+            signal.signal(sig, lambda signum, _frame: EARLY_SIGNALS.append(signum))
+        from pretrain.job_history import slurm_job  # here, not at import: slurm.boot imports this module
+        from pretrain.train import run_training
+        os.environ["MASTER_PORT"] = str(master_port(os.environ["SLURM_JOB_ID"]))
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         restarts = slurm_job()["restart"]
         if restarts > self.max_requeues:  # a preempted job is requeued by Slurm itself, past our count
             raise UncompletedJobError(f"requeued {restarts} times, more than --max-requeues {self.max_requeues}: "
                                       "not training; resubmit to go on from `latest`")
         outcome = run_training(["--config", self.config, "--resume", "auto", *self.overrides],
-                               stop_signals=(signal.SIGTERM, signal.SIGUSR1, usr))
+                               stop_signals=STOP_SIGNALS, early_signals=EARLY_SIGNALS)
         if outcome.code:
             raise RuntimeError(f"training exited with code {outcome.code} (see this task's log)")
-        if outcome.stopped and outcome.stop_signal == usr:
+        if usr in outcome.stop_signals:  # some rank got the time-limit signal: all checkpointed
             if restarts >= self.max_requeues:
                 raise UncompletedJobError(f"the time limit came after {restarts} requeues (--max-requeues "
                                           f"{self.max_requeues}): checkpointed, not requeued; resubmit to go on")

@@ -83,8 +83,8 @@ def slurm_conf(root: Path, munge_socket: Path, nodes: int, cpus: int, memory_mb:
         "ReturnToService=2",
         "SlurmdParameters=config_overrides",  # two nodes share this machine's cores
         "JobRequeue=1",
-        "KillWait=10",
-        "SlurmdTimeout=20",  # a lost node is marked down after 20 s  # seconds between SIGTERM and SIGKILL (scancel, preemption, time limit)
+        "KillWait=10",  # seconds between SIGTERM and SIGKILL (scancel, preemption, time limit)
+        "SlurmdTimeout=20",  # a lost node is marked down after 20 s
         "OverTimeLimit=0",
         "MinJobAge=300",
         "InactiveLimit=0",

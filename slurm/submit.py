@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def sweep_points(sweeps: list[str]) -> list[list[str]]:
 
 
 def point_name(point: list[str]) -> str:
-    return "_".join(re.sub(r"[^A-Za-z0-9.=+-]", "-", p) for p in point)
+    return "_".join(re.sub(r"[^A-Za-z0-9._=+-]", "-", p) for p in point)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,13 +88,16 @@ def make_executor(args, folder: Path, name: str, dry_run: bool):
         def affinity(cls) -> int:
             return 1
 
-    executor = (DryRunExecutor if dry_run else SlurmExecutor)(folder=folder, max_num_timeout=args.max_requeues)
+    executor = (DryRunExecutor if dry_run else SlurmExecutor)(folder=folder, max_num_timeout=args.max_requeues,
+                                                             python=f"{shlex.quote(sys.executable)} -m slurm.boot")
     tasks = args.gpus_per_node or args.tasks_per_node or 1
     params = dict(job_name=name, partition=args.partition, time=minutes(args.time), nodes=args.nodes,
                   ntasks_per_node=tasks, signal_delay_s=args.signal_delay, stderr_to_stdout=False,
                   srun_args=["--kill-on-bad-exit=1"], additional_parameters={"requeue": True})
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
+    if args.cpus_per_task:  # Slurm 22.05-23.02: srun does not inherit it from the allocation
+        params["srun_args"].append(f"--cpus-per-task={args.cpus_per_task}")
     for key in ("cpus_per_task", "mem", "account", "qos", "constraint"):
         if getattr(args, key) is not None:
             params[key] = getattr(args, key)
@@ -114,13 +118,18 @@ def main(argv=None) -> int:
             overrides += [*point, f"run.dir={run_dir.resolve()}"]
             load_config(ExperimentConfig, args.config, overrides)
             runs.append((run_dir.resolve(), overrides))
-        minutes(args.time)
+        if len({r for r, _ in runs}) < len(runs):
+            raise ValueError(f"--sweep: values give the same run directory name: {[str(r) for r, _ in runs]}")
+        if args.signal_delay + 30 >= minutes(args.time) * 60:  # Slurm checks every 30 s and signals that early
+            raise ValueError(f"--signal-delay: {args.signal_delay} s + Slurm's 30 s check leave no time before "
+                             f"the signal in a {args.time} job: give at least {args.signal_delay + 31} s")
     except (ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     root = Path(base.run.dir).resolve()
     name = args.name or root.name
-    folder = root / SUBMITIT_DIR / ("%A_%a" if args.sweep else "%j")
+    array = len(runs) > 1
+    folder = root / SUBMITIT_DIR / "%j"  # an array task's %j is ARRAYID_INDEX
     config = str(Path(args.config).resolve())
     try:
         executor = make_executor(args, folder, name, args.dry_run)
@@ -129,11 +138,13 @@ def main(argv=None) -> int:
         return 2
     if args.dry_run:
         print(executor._make_submission_file_text(executor._submitit_command_str, "DRYRUN"))
+        if array:
+            print(f"# submitted as a job array of {len(runs)} tasks (--array=0-{len(runs) - 1})")
         for run_dir, overrides in runs:
             print(f"# would run: python -m pretrain.train --config {config} --resume auto {' '.join(overrides)}")
         return 0
     calls = [TrainJob(config, overrides, args.max_requeues) for _, overrides in runs]
-    if len(calls) == 1:
+    if not array:
         jobs = [executor.submit(calls[0])]
     else:
         with executor.batch():

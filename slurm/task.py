@@ -6,13 +6,16 @@
 `train` maps Slurm's environment to torch.distributed's as slurm.submit's jobs do (the master
 is the job's first node, the port derived from the job id) and trains, resuming from `latest`;
 SIGUSR1 (`#SBATCH --signal=USR1@90`) or SIGTERM makes it checkpoint and exit 0.
-`should-requeue` exits 0 when this job's run stopped on such a signal before its end and has
-requeues left, so that the batch script requeues it.
+Slurm 22.05-23.02's srun does not pass --cpus-per-task on to the tasks: the script exports
+SRUN_CPUS_PER_TASK.
+`should-requeue` exits 0 when this job's run stopped on SIGUSR1 before its end and has requeues
+left (the batch script then requeues it), 3 when the requeues are used up, 1 otherwise.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 from model.config import ConfigError, load_config
@@ -28,6 +31,9 @@ def export_distributed_environment() -> None:
 
 
 def main(argv=None) -> int:
+    early = []  # a stop signal while starting (before the trainer's handlers): stop after the first step
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, _frame: early.append(signum))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=("train", "should-requeue"))
     p.add_argument("--config", required=True)
@@ -40,7 +46,7 @@ def main(argv=None) -> int:
     if args.action == "train":
         from pretrain.train import run_training
         export_distributed_environment()
-        return run_training(["--config", args.config, "--resume", "auto", *args.overrides]).code
+        return run_training(["--config", args.config, "--resume", "auto", *args.overrides], early_signals=early).code
     from pretrain.config import ExperimentConfig
     from pretrain.job_history import should_requeue
     try:
@@ -48,9 +54,9 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    requeue, why = should_requeue(cfg.run.dir, args.max_requeues)
-    print(f"job {os.environ['SLURM_JOB_ID']}: {'requeue' if requeue else 'no requeue'}: {why}")
-    return 0 if requeue else 1
+    decision, why = should_requeue(cfg.run.dir, args.max_requeues)
+    print(f"job {os.environ['SLURM_JOB_ID']}: {decision}: {why}")
+    return {"requeue": 0, "end": 1, "cap": 3}[decision]
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 global batch of 4 rows, as the trainer computes it, whatever the ranks x micro-batches layout.
 
     python -m torch.distributed.run --nproc-per-node N tests/grad_probe.py CONFIG OUT key=value ...
+        [--variant OUT2 key=value ...]
 
 Global row g goes to micro-batch m, rank r, row b with g = (m * ranks + r) * micro_batch_size + b.
 Rank 0 writes {grads: {parameter name: full gradient}, accumulation, communication: dtypes} to OUT.
+Each `--variant` builds another engine in the same processes with its own overrides (after the
+common ones) and writes to its own OUT: one launch for several ZeRO stages or precisions.
 """
 import dataclasses
 import sys
@@ -60,9 +63,17 @@ def perturb(model, zero_stage: int) -> None:
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(p.dtype) * 0.02)
 
 
-def main(config: str, out: str, *overrides: str) -> None:
-    cfg = load_config(ExperimentConfig, config, list(overrides))
+def main(config: str, *args: str) -> None:
+    groups = [[]]  # [OUT, overrides...] per engine
+    for a in args:
+        groups.append([]) if a == "--variant" else groups[-1].append(a)
+    common = groups[0][1:]
     dist = init_distributed()
+    for i, (out, *extra) in enumerate(groups):
+        probe(load_config(ExperimentConfig, config, common + (extra if i else [])), dist, out)
+
+
+def probe(cfg, dist, out: str) -> None:
     trainer = Trainer(cfg, dist, resume="none")
     perturb(trainer.engine.module, cfg.train.zero_stage)
     rows = global_rows(cfg)
@@ -78,6 +89,9 @@ def main(config: str, out: str, *overrides: str) -> None:
         engine = trainer.engine
         torch.save({"grads": grads, "accumulation": str(accumulated_in(engine.optimizer)),
                     "communication": str(engine.communication_data_type)}, out)
+    trainer.engine.destroy()
+    if trainer.lock is not None:
+        trainer.lock.release()
 
 
 def accumulated_in(opt) -> torch.dtype:

@@ -17,15 +17,24 @@ from tests.launch import REPO, env, error_line, metrics, train_cli
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def probe_gradient(cfg, out: Path, ranks: int, micro_batch: int, accum: int, *extra, dtypes: bool = False) -> dict:
-    """The full gradient of one step over the 4 rows of tests/grad_probe.py on this layout."""
+def probe_gradient(cfg, out: Path, ranks: int, micro_batch: int, accum: int, *extra, variants: dict = None):
+    """The full gradient of one step over the 4 rows of tests/grad_probe.py on this layout. With
+    `variants` ({name: overrides}), one launch probes each variant -> {name: result}."""
+    outs = {name: out.parent / f"{out.stem}-{i}.pt" for i, name in enumerate(variants or {})}
+    first = [*(variants or {}).values()][0] if variants else []
+    if variants:
+        out = outs[next(iter(variants))]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
-           str(free_port()), str(REPO / "tests/grad_probe.py"), str(cfg), str(out), f"run.dir={out.parent / out.stem}",
-           "wandb.mode=disabled", "data.num_workers=0", f"train.micro_batch_size={micro_batch}",
-           f"train.grad_accum={accum}", *extra]
-    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+           str(free_port()), str(REPO / "tests/grad_probe.py"), str(cfg), str(out), "wandb.mode=disabled",
+           "data.num_workers=0", f"train.micro_batch_size={micro_batch}", f"train.grad_accum={accum}", *extra,
+           *first, f"run.dir={out.parent / out.stem}"]
+    for name, overrides in list((variants or {}).items())[1:]:  # each after the common ones (the first's too)
+        cmd += ["--variant", str(outs[name]), *overrides, f"run.dir={outs[name].parent / outs[name].stem}"]
+    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return torch.load(out)["grads"] if not dtypes else torch.load(out)
+    if variants:
+        return {name: torch.load(path) for name, path in outs.items()}
+    return torch.load(out)["grads"]
 
 
 def assert_same_gradient(got: dict, ref: dict, rtol: float = 1e-5) -> None:
@@ -35,37 +44,52 @@ def assert_same_gradient(got: dict, ref: dict, rtol: float = 1e-5) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference_gradient(tiny_config, tmp_path_factory):
-    """1 rank x 1 micro-batch holding the whole global batch."""
-    return probe_gradient(tiny_config, tmp_path_factory.mktemp("ref") / "g.pt", 1, 4, 1)
+def one_rank_probes(tiny_config, tmp_path_factory):
+    """1 rank: 1 micro-batch holding the whole global batch (the reference), and 2 x 2 accumulated."""
+    variants = {"reference": ["train.micro_batch_size=4", "train.grad_accum=1"],
+                "accumulated": ["train.micro_batch_size=2", "train.grad_accum=2"]}
+    return probe_gradient(tiny_config, tmp_path_factory.mktemp("ref") / "g.pt", 1, 4, 1, variants=variants)
 
 
-def test_one_step_gradient_does_not_depend_on_accumulation_or_ranks(tiny_config, tmp_path, reference_gradient):
+@pytest.fixture(scope="module")
+def reference_gradient(one_rank_probes):
+    return one_rank_probes["reference"]["grads"]
+
+
+def test_one_step_gradient_does_not_depend_on_accumulation_or_ranks(reference_gradient, one_rank_probes,
+                                                                    two_rank_probes):
     """Rows with 1 to 150 text targets and 0 to 64 latent tokens: a token must weigh the same
     wherever it was packed (each loss / its count over the whole step, every micro-batch and rank)."""
     assert all(g.norm() > 0 for g in reference_gradient.values())  # every parameter is checked
-    assert_same_gradient(probe_gradient(tiny_config, tmp_path / "accum.pt", 1, 2, 2), reference_gradient)
-    assert_same_gradient(probe_gradient(tiny_config, tmp_path / "ranks.pt", 2, 2, 1), reference_gradient)
+    assert_same_gradient(one_rank_probes["accumulated"]["grads"], reference_gradient)
+    assert_same_gradient(two_rank_probes["ranks"]["grads"], reference_gradient)
+
+
+@pytest.fixture(scope="module")
+def two_rank_probes(tiny_config, tmp_path_factory):
+    """2 ranks x 2 micro-batches of 1 row, ZeRO-1/2/3 in fp32 and bf16, and 2 ranks x 1 micro-batch of
+    2 rows: seven engines, one launch."""
+    variants = {(stage, precision): [f"train.zero_stage={stage}", f"train.precision={precision}"]
+                for stage in (1, 2, 3) for precision in ("fp32", "bf16")}
+    variants["ranks"] = ["train.zero_stage=2", "train.precision=fp32", "train.micro_batch_size=2", "train.grad_accum=1"]
+    return probe_gradient(tiny_config, tmp_path_factory.mktemp("probes") / "g.pt", 2, 1, 2, variants=variants)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_two_ranks_with_different_modalities_reduce_the_right_gradient(tiny_config, tmp_path, reference_gradient,
-                                                                       stage):
+def test_two_ranks_with_different_modalities_reduce_the_right_gradient(reference_gradient, two_rank_probes, stage):
     """2 ranks x 2 micro-batches: in the second, rank 0 holds text only and rank 1 one image and no
     text target. ZeRO-3 needs every module's forward on both ranks (lm_head, the latent modules);
     ZeRO-2 reduces gradients in the order autograd produces them, so both ranks must build the same
     graph; every parameter must get its gradient."""
-    got = probe_gradient(tiny_config, tmp_path / "g.pt", 2, 1, 2, f"train.zero_stage={stage}")
-    assert_same_gradient(got, reference_gradient)
+    assert_same_gradient(two_rank_probes[stage, "fp32"]["grads"], reference_gradient)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_bf16_gradients_are_accumulated_and_reduced_in_fp32(tiny_config, tmp_path, reference_gradient, stage):
+def test_bf16_gradients_are_accumulated_and_reduced_in_fp32(reference_gradient, two_rank_probes, stage):
     """bf16 weights and activations, but DeepSpeed must not sum micro-steps and ranks in bf16 (its
     default): ZeRO-1 then runs DeepSpeed's BF16_Optimizer, ZeRO-2/3 their fp32 gradient buffers.
     The gradient is the fp32 one up to bf16's precision."""
-    got = probe_gradient(tiny_config, tmp_path / "g.pt", 2, 1, 2, f"train.zero_stage={stage}", "train.precision=bf16",
-                         dtypes=True)
+    got = two_rank_probes[stage, "bf16"]
     assert got["accumulation"] == "torch.float32" and got["communication"] == "torch.float32"
     total = sum(float(g.norm() ** 2) for g in reference_gradient.values()) ** 0.5
     error = sum(float((got["grads"][k].float() - g).norm() ** 2) for k, g in reference_gradient.items()) ** 0.5

@@ -78,40 +78,28 @@ def test_dry_run_prints_the_sbatch_script(tiny_config, tmp_path):
                           "--partition", "gpu", "--time", "10", "--dry-run"], cwd=REPO, env=env(),
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "train.max_stepz" in bad.stderr
+    early = subprocess.run([sys.executable, "-m", "slurm.submit", "--config", str(tiny_config), "--partition", "gpu",
+                            "--time", "1", "--signal-delay", "30", "--dry-run"], cwd=REPO, env=env(),
+                           capture_output=True, text=True)
+    assert early.returncode == 2 and "--signal-delay" in early.stderr  # it would come at the start
 
 
-def test_two_task_jobs_through_submit_and_sbatch_train_alike(slurm_cluster, tiny_config, tmp_path):
-    a, b = tmp_path / "submitit", tmp_path / "sbatch"
-    common = ["train.max_steps=4", "checkpoint.interval=2"]
-    ja = submit(slurm_cluster, tiny_config, a, *common, options=["--tasks-per-node", "2", "--time", "5"])
-    jb = sbatch(slurm_cluster, tiny_config, b, *common, options=["--ntasks-per-node", "2", "--time", "5"])
-    ia, ib = wait_done(slurm_cluster, ja), wait_done(slurm_cluster, jb)
-    assert ia["JobState"] == "COMPLETED", task_logs(a)
-    assert ib["JobState"] == "COMPLETED", (tmp_path / "sbatch.out").read_text()[-3000:]
-    ma, mb = metrics(a), metrics(b)
-    assert sorted(ma) == sorted(mb) == [1, 2, 3, 4]
-    assert [ma[s]["loss"] for s in ma] == [mb[s]["loss"] for s in ma]  # the same 2-rank run either way
-    for run in (a, b):
-        assert read_latest(run / "checkpoints") == "step_00000004"
-        history = attempts(run)
-        assert len(history) == 1 and history[0]["reason"] == "finished" and history[0]["to_step"] == 4
-
-
-def test_two_node_jobs_train_like_torchrun_under_zero2_and_zero3(slurm_cluster, tiny_config, test_data, tmp_path):
-    """One task on each of two nodes (two network namespaces: the ranks rendezvous over the
-    bridge, as on two hosts), with evaluation; the losses are those of a 2-rank torchrun run."""
+def test_a_two_node_sweep_trains_like_torchrun_under_zero2_and_zero3(slurm_cluster, tiny_config, test_data, tmp_path):
+    """`--sweep train.zero_stage=2,3`: a job array, one run directory per value. Each run has one task
+    on each of two nodes (two network namespaces: the ranks rendezvous over the bridge, as on two
+    hosts) and evaluates; its losses are those of a 2-rank torchrun run of the same config."""
     held_out = f"data.eval_datasets=[{{path: {test_data['digits']}}}, {{path: {test_data['text']}}}]"
     common = ["train.max_steps=4", "checkpoint.interval=4", "train.eval_interval=2", "train.eval_batches=2", held_out]
-    jobs = {stage: submit(slurm_cluster, tiny_config, tmp_path / f"slurm{stage}", f"train.zero_stage={stage}", *common,
-                          options=["--nodes", "2", "--tasks-per-node", "1", "--time", "5"]) for stage in (2, 3)}
-    for stage in (2, 3):
+    array = submit(slurm_cluster, tiny_config, tmp_path / "sweep", *common, options=[
+        "--nodes", "2", "--tasks-per-node", "1", "--time", "5", "--sweep", "train.zero_stage=2,3"])
+    for task, stage in enumerate((2, 3)):
         ref = tmp_path / f"torchrun{stage}"
         r = torchrun(2, ["--config", str(tiny_config), *train_args(tiny_config, ref, f"train.zero_stage={stage}",
                                                                    *common)])
         assert r.returncode == 0, r.stderr[-3000:]
-        run = tmp_path / f"slurm{stage}"
-        info = wait_done(slurm_cluster, jobs[stage])
-        assert info["JobState"] == "COMPLETED" and info["NodeList"] == "mfnode[1-2]", task_logs(run)
+        run = tmp_path / "sweep" / f"train.zero_stage={stage}"
+        info = wait_done(slurm_cluster, f"{array.split('_')[0]}_{task}")
+        assert info["JobState"] == "COMPLETED" and info["NodeList"] == "mfnode[1-2]", task_logs(tmp_path / "sweep")
         ms, mt = metrics(run), metrics(ref)
         assert sorted(ms) == [1, 2, 3, 4] and "eval/loss" in ms[2] and "eval/loss" in ms[4]
         for step in ms:
@@ -134,14 +122,17 @@ def wait_for(predicate, what: str, timeout=180):
 
 def test_time_limit_checkpoints_and_requeues_three_times_then_finishes_like_a_straight_run(
         slurm_cluster, tiny_config, tmp_path):
-    """One job with a 1-minute limit: Slurm's time-limit signal (USR2, 30 s ahead; Slurm's 30 s
-    check may send it earlier) makes every rank checkpoint, and submitit requeues the job, three
-    times; then its limit is raised and it finishes. Every step's loss equals a straight run's."""
+    """One slurm.submit job with a 1-minute limit: Slurm's time-limit signal (USR2, 20 s ahead; its
+    30 s check sends it up to 30 s earlier: 10 to 40 s after the start) makes every rank
+    checkpoint, and submitit requeues the job, three times; then its limit is raised and it
+    finishes. Every step's loss equals a straight run's,
+    submitted with plain sbatch (slurm/train.sbatch)."""
     run, straight = tmp_path / "requeued", tmp_path / "straight"
-    common = ["train.max_steps=240", "checkpoint.interval=1000"]
+    common = ["train.max_steps=270", "checkpoint.interval=1000"]
     job = submit(slurm_cluster, tiny_config, run, *common,
-                 options=["--tasks-per-node", "2", "--time", "1", "--signal-delay", "30", "--max-requeues", "3"])
-    reference = submit(slurm_cluster, tiny_config, straight, *common, options=["--tasks-per-node", "2", "--time", "15"])
+                 options=["--tasks-per-node", "2", "--time", "1", "--signal-delay", "20", "--max-requeues", "3"])
+    # the straight run: plain sbatch of slurm/train.sbatch, 2 tasks
+    reference = sbatch(slurm_cluster, tiny_config, straight, *common, options=["--ntasks-per-node", "2", "--time", "15"])
     deadline, extended = time.time() + 600, False
     while True:
         info = job_info(slurm_cluster, job)
@@ -157,10 +148,12 @@ def test_time_limit_checkpoints_and_requeues_three_times_then_finishes_like_a_st
     assert all(a["reason"] == "signal SIGUSR2" for a in history[:3]) and history[3]["reason"] == "finished", history
     for before, after in zip(history, history[1:]):  # each run made progress and the next resumed from it
         assert after["from_step"] == before["to_step"] > before["from_step"], history
-    assert history[0]["to_step"] < 240 and history[3]["to_step"] == 240
-    assert wait_done(slurm_cluster, reference)["JobState"] == "COMPLETED", task_logs(straight)
+    assert history[3]["to_step"] == 270
+    assert wait_done(slurm_cluster, reference)["JobState"] == "COMPLETED", (tmp_path / "straight.out").read_text()[-3000:]
+    assert read_latest(straight / "checkpoints") == "step_00000270"
+    assert [(a["restart"], a["to_step"], a["reason"]) for a in attempts(straight)] == [(0, 270, "finished")]
     mr, ms = metrics(run), metrics(straight)
-    assert sorted(mr) == sorted(ms) == list(range(1, 241))
+    assert sorted(mr) == sorted(ms) == list(range(1, 271))
     assert all(mr[s]["loss"] == ms[s]["loss"] for s in ms)  # bit-exact through three requeues
     assert [mr[a["from_step"] + 1].get("requeues") for a in history] == [0, 1, 2, 3]
     summary = subprocess.run([sys.executable, "-m", "pretrain.summary", str(run)], cwd=REPO, env=env(),
@@ -173,8 +166,9 @@ def test_preemption_scancel_and_a_lost_node_leave_latest_loadable_and_the_run_re
     """A two-node job: `scontrol requeue` mid-step (what a preempting partition does: SIGTERM, then
     requeue) -> it checkpoints and resumes; scancel -> `latest` stays loadable and a resubmission
     resumes; then a node dies (its slurmd, step and task SIGKILLed): Slurm ends that run at once
-    (no rank waits on the lost one) and, the job being requeueable, requeues it; it resumes from
-    `latest` once the node is back."""
+    (no rank waits on the lost one), `latest` is loadable, and a resubmission resumes from it.
+    (Jobs are requeueable, so Slurm also requeues one that lost a node; that path is the
+    preemption's.)"""
     from pretrain.convert import consolidate
     run = tmp_path / "run"
     common = ["train.max_steps=40", "checkpoint.interval=4"]
@@ -201,12 +195,18 @@ def test_preemption_scancel_and_a_lost_node_leave_latest_loadable_and_the_run_re
     reached(cancelled_at + 4)
     try:
         assert slurm_cluster.kill_node("mfnode2") > 0
-        wait_for(lambda: job_info(slurm_cluster, job)["JobState"] != "RUNNING", "the job to leave the lost node", 90)
+        # the run ends at once (rank 0 does not wait on its lost peer); the job, requeueable, goes
+        # back to the queue, where it would wait for nodes: cancel it and resubmit instead
+        wait_for(lambda: job_info(slurm_cluster, job)["Restarts"] == "1", "Slurm to requeue the job", 90)
+        subprocess.run(["scancel", job], env=client_env(slurm_cluster), check=True)
+        assert wait_done(slurm_cluster, job)["JobState"] == "CANCELLED"
         lost_at = latest_step()
     finally:
         slurm_cluster.start_node("mfnode2")
+    slurm_cluster.wait_idle(90)
+    job = submit(slurm_cluster, tiny_config, run, *common, options=two_nodes)
     info = wait_done(slurm_cluster, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, task_logs(run))
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "0", (info, task_logs(run))
     history = attempts(run)
     assert [a["from_step"] for a in history] == [0, preempted_at, cancelled_at, lost_at], history
     assert [a["reason"] for a in history] == ["signal SIGTERM", "signal SIGTERM", "running or killed", "finished"]

@@ -21,27 +21,26 @@ def test_sweep_grid_gives_one_run_per_point():
 
 
 def test_master_port_is_shared_by_every_task_and_below_the_ephemeral_range():
-    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     ports = {master_port(str(j)) for j in range(1, 2000)}
-    assert all(10000 <= p < low for p in ports) and len(ports) > 1000
-    assert master_port("4242") == master_port("4242") and master_port("77_3") == master_port("773")
+    assert all(15000 <= p < 32768 for p in ports) and len(ports) > 1800
+    assert master_port("4242") == master_port("4242") and master_port("773") != master_port("774")
 
 
 def test_should_requeue_reads_this_jobs_last_attempt(tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "9")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    assert job_history.should_requeue(tmp_path, 3) == (False, "the trainer recorded no start for this job "
+    assert job_history.should_requeue(tmp_path, 3) == ("end", "the trainer recorded no start for this job "
                                                                "(it failed before training)")
     job_history.record(tmp_path, "start", 0, ranks=2)
     job_history.record(tmp_path, "end", 12, reason="signal SIGUSR1")
-    ok, why = job_history.should_requeue(tmp_path, 3)
-    assert ok and "step 12" in why
+    decision, why = job_history.should_requeue(tmp_path, 3)
+    assert decision == "requeue" and "step 12" in why
     monkeypatch.setenv("SLURM_RESTART_COUNT", "3")  # the cap
     job_history.record(tmp_path, "start", 12, ranks=2)
     job_history.record(tmp_path, "end", 20, reason="signal SIGUSR1")
-    assert not job_history.should_requeue(tmp_path, 3)[0]
+    assert job_history.should_requeue(tmp_path, 3)[0] == "cap"
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     job_history.record(tmp_path, "start", 20, ranks=2)
-    job_history.record(tmp_path, "end", 30, reason="finished")
-    assert job_history.should_requeue(tmp_path, 3) == (False, "the run ended: finished")
-    assert [a["reason"] for a in job_history.attempts(tmp_path)] == ["signal SIGUSR1", "signal SIGUSR1", "finished"]
+    job_history.record(tmp_path, "end", 30, reason="signal SIGTERM")  # scancel: no requeue
+    assert job_history.should_requeue(tmp_path, 3) == ("end", "the run ended: signal SIGTERM")
+    assert [a["reason"] for a in job_history.attempts(tmp_path)] == ["signal SIGUSR1", "signal SIGUSR1", "signal SIGTERM"]
