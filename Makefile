@@ -17,6 +17,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
 	PIP_CONSTRAINT=$(abspath $(VENV))/constraints.txt $(PY) -m pip install -q -e ".[dev]"
+	@# DeepSpeed JIT-builds its CPU shared-memory all-reduce at the first engine of a new venv (~1 min): now, once
+	$(PY) -m pretrain.prebuild_ops
 	touch $@
 
 # Text for the demo: Debian's Python documentation sources (skipped without apt or root;
