@@ -20,7 +20,6 @@ from submitit.core.utils import UncompletedJobError
 from submitit.helpers import TorchDistributedEnvironment
 
 EARLY_SIGNALS: list = []  # stop signals caught by slurm.boot before the trainer's handlers existed
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG))
 
 PORTS = (15000, 32000)  # below Linux's default ephemeral range (32768-60999), the same on every node
 
@@ -36,6 +35,9 @@ def master_port(job_id: str) -> int:
 def requeue_signal() -> int:
     """The signal submitit asked Slurm to send before the time limit (SUBMITIT_PREEMPT_SIGNAL)."""
     return getattr(signal, "SIG" + submitit.JobEnvironment.USR_SIG)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, requeue_signal())  # the trainer's, and submitit's
 
 
 class TrainJob(submitit.helpers.Checkpointable):
