@@ -1,4 +1,4 @@
-"""Build the demo's data from what ships in packages: a tokenizer, digits and text shards.
+"""Build the demo's data from what ships in packages: a tokenizer, digits, text and held-out text shards.
 
     python -m data_pipelines.demo_data --out runs/demo/data
 
@@ -38,7 +38,9 @@ def text_corpus(out: Path) -> Path:
     return PY_DOCS if PY_DOCS.is_dir() else stdlib_corpus(out / "stdlib-docs")
 
 
-def build(out: Path, vocab_size: int = 2000, text_docs: int = 3000, max_chars: int = 1500) -> dict:
+def build(out: Path, vocab_size: int = 2000, text_docs: int = 3000, max_chars: int = 1500,
+          heldout_docs: int = 200) -> dict:
+    """Tokenizer, `digits`, `text` and `text-heldout` (the next pieces of the same corpus) under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     corpus = text_corpus(out)
     tok = out / "tokenizer.model"
@@ -46,8 +48,9 @@ def build(out: Path, vocab_size: int = 2000, text_docs: int = 3000, max_chars: i
         captions = [f"a handwritten digit {n}" for n in DIGIT_NAMES] * 50
         train_tokenizer(list(text_lines(iter_text_files([corpus])))[:100000] + captions, tok, vocab_size)
     done = {}
-    for name, options in (("digits", {}), ("text", dict(input=[str(corpus)], max_chars=max_chars,
-                                                        num_samples=text_docs))):
+    text = dict(input=[str(corpus)], max_chars=max_chars)
+    for name, options in (("digits", {}), ("text", dict(text, num_samples=text_docs)),
+                          ("text-heldout", dict(text, num_samples=heldout_docs, skip=text_docs))):
         if not (out / name / "manifest.json").is_file():
             write_shards(name, str(out / name), str(tok), encoder="pixels", channels=1, samples_per_shard=256,
                          **options)
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     info = build(Path(a.out), a.vocab_size)
     print(f"tokenizer: {info['tokenizer']} (text from {info['corpus']})")
-    for name in ("digits", "text"):
+    for name in ("digits", "text", "text-heldout"):
         m = info[name]
         print(f"{name:7s} {m['num_samples']:5d} samples in {len(m['shards'])} shards, fingerprint {m['fingerprint']}")
     return 0

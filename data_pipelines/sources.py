@@ -125,12 +125,17 @@ def text_lines(files: Sequence[Path]) -> Iterator[str]:
             yield from (line for line in text.splitlines() if line.strip())
 
 
-def text(input: Sequence[str] = (), max_chars: int = 2000, num_samples: int = 0, **_) -> Iterator[Document]:
-    """Text documents from files/folders: each file cut at paragraph breaks into pieces <= max_chars."""
-    count = 0
+def text(input: Sequence[str] = (), max_chars: int = 2000, num_samples: int = 0, skip: int = 0,
+         **_) -> Iterator[Document]:
+    """Text documents from files/folders: each file cut at paragraph breaks into pieces <= max_chars;
+    the first `skip` pieces are passed over (a held-out split after a training set's pieces)."""
+    count, seen = 0, 0
     for f in iter_text_files(input):
         for body in _file_texts(f):
             for piece in split_paragraphs(body, max_chars):
+                seen += 1
+                if seen <= skip:
+                    continue
                 yield [{"text": piece}]
                 count += 1
                 if num_samples and count >= num_samples:

@@ -92,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--crop", type=int, default=None, help="photos: crop size in pixels")
     p.add_argument("--frames", type=int, default=None, help="moving_digits: frames per video")
     p.add_argument("--max-chars", type=int, default=None, help="text: characters per document piece")
+    p.add_argument("--skip", type=int, default=None, help="text: pieces to pass over first (a held-out split "
+                                                           "after the pieces a training set took)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--encoder", default="pixels", choices=ENCODERS)
     p.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder (--encoder vae)")
@@ -102,7 +104,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     options = {k: v for k, v in dict(input=a.input, num_samples=a.num_samples, crop=a.crop, frames=a.frames,
-                                     max_chars=a.max_chars, seed=a.seed).items() if v is not None}
+                                     max_chars=a.max_chars, skip=a.skip, seed=a.seed).items() if v is not None}
     try:
         m = write_shards(a.source, a.out, a.tokenizer, a.encoder, a.vae, a.channels, a.samples_per_shard,
                          progress=not a.no_progress, **options)

@@ -22,7 +22,9 @@ class RunConfig(Config):
 
 @dataclasses.dataclass
 class TrainConfig(Config):
-    max_steps: int = knob(1000, "optimizer steps to train for")
+    max_steps: int = knob(1000, "optimizer steps to train for (the schedule's length)")
+    stop_at: int = knob(0, "end this invocation at this step, checkpointed, the schedule unchanged (as a "
+                           "preemption would; --resume auto goes on); 0 = max_steps")
     zero_stage: int = knob(2, "DeepSpeed ZeRO stage: 1, 2 or 3")
     micro_batch_size: int = knob(4, "packed rows per rank per micro-step")
     grad_accum: int = knob(1, "micro-steps per optimizer step")
@@ -45,9 +47,13 @@ class TrainConfig(Config):
     log_interval: int = knob(10, "log metrics every N steps")
     eval_interval: int = knob(0, "evaluate on data.eval_datasets every N steps (0 = never)")
     eval_batches: int = knob(4, "micro-batches per evaluation")
-    sample_prompts: list[str] = knob([], "captions sampled at each evaluation -> RUN_DIR/samples/step_N.png, wandb")
+    sample_prompts: list[str] = knob([], "captions sampled (from the EMA) at each evaluation -> "
+                                         "RUN_DIR/samples/step_N.png (a row per caption), wandb")
+    samples_per_prompt: int = knob(1, "images sampled per caption at each evaluation")
     sample_steps: int = knob(20, "denoising steps of those samples")
     sample_cfg: float = knob(3.0, "classifier-free guidance scale of those samples")
+    sample_quality: str = knob("", "scorer of those samples, logged as sample/...: digits (classifier "
+                                   "accuracy, pretrain.quality); empty = none")
     log_samples: bool = knob(False, "write the documents of every micro-batch to RUN_DIR/samples_rankR.jsonl")
     peak_tflops: float = knob(0.0, "per-device peak TFLOP/s for MFU (0 = auto on known GPUs, none on CPU)")
 
@@ -58,6 +64,14 @@ class TrainConfig(Config):
         for name in ("max_steps", "micro_batch_size", "grad_accum", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        if self.stop_at < 0:
+            raise ConfigError(f"stop_at: must be >= 0, got {self.stop_at}")
+        if self.samples_per_prompt <= 0:
+            raise ConfigError(f"samples_per_prompt: must be positive, got {self.samples_per_prompt}")
+        if self.sample_quality:
+            from pretrain.quality import SCORERS
+            if self.sample_quality not in SCORERS:
+                raise ConfigError(f"sample_quality: {self.sample_quality!r} is not one of {'|'.join(SCORERS)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
 

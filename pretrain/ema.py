@@ -23,6 +23,14 @@ def fp32_partitions(engine) -> list[torch.Tensor]:
     raise RuntimeError(f"EMA needs a ZeRO optimizer (stage 1, 2 or 3), got {type(opt).__name__}")
 
 
+@torch.no_grad()
+def full_fp32_state(engine) -> dict[str, torch.Tensor]:
+    """The engine's whole fp32 master weights by parameter name, on CPU, on every rank (collective)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+    return {name: safe_get_full_fp32_param(p).detach().float().cpu().clone()
+            for name, p in engine.module.named_parameters()}
+
+
 def decay_at(step: int, decay: float, warmup: bool = True) -> float:
     """The decay of the update after optimizer step `step` (0-based). With warmup (diffusers'
     EMAModel default) the early EMA follows the weights instead of keeping the initialisation
@@ -59,6 +67,20 @@ class ShardedEMA:
                              "ZeRO stage?)")
         for s, saved in zip(self.shadow, state["shadow"]):
             s.copy_(saved)
+
+    @torch.no_grad()
+    def full_state(self, engine) -> dict[str, torch.Tensor]:
+        """The whole fp32 EMA by parameter name, on CPU, on every rank (collective: all ranks call it).
+        The EMA is put in the masters' place for DeepSpeed's public `safe_get_full_fp32_param`, which
+        gathers each tensor from the partitions, and the masters are then restored."""
+        saved = [m.detach().clone() for m in self.masters]
+        try:
+            for m, s in zip(self.masters, self.shadow):
+                m.copy_(s)
+            return full_fp32_state(engine)
+        finally:
+            for m, v in zip(self.masters, saved):
+                m.copy_(v)
 
     @torch.no_grad()
     def load_full(self, engine, full: dict) -> None:

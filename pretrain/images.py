@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
 
-def tile(images: torch.Tensor, pad: int = 2) -> np.ndarray:
-    """n,C,H,W in [0, 1] -> one uint8 H',W',3 grid, as square as possible."""
+def tile(images: torch.Tensor, pad: int = 2, cols: Optional[int] = None) -> np.ndarray:
+    """n,C,H,W in [0, 1] -> one uint8 H',W',3 grid, `cols` images a row (default: as square as possible)."""
     n, c, h, w = images.shape
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     rows = math.ceil(n / cols)
     grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, 3), np.float32)
     x = images.float().clamp(0, 1).numpy().transpose(0, 2, 3, 1)
@@ -28,9 +29,9 @@ def upscale(img: np.ndarray, min_side: int = 256) -> np.ndarray:
     return img.repeat(k, 0).repeat(k, 1)
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path) -> Path:
+def save_image_grid(images: torch.Tensor, path: str | Path, cols: Optional[int] = None) -> Path:
     from PIL import Image
-    Image.fromarray(upscale(tile(images))).save(path)
+    Image.fromarray(upscale(tile(images, cols=cols))).save(path)
     return Path(path)
 
 

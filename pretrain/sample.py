@@ -38,30 +38,44 @@ def latent_shape(loaded: Loaded, kind: str, size=None, frames=None) -> list[int]
     return shape
 
 
-def sample(loaded: Loaded, prompt: str, kind: str, out: str | None, n: int = 16, steps: int = 50,
-           cfg_scale: float = 3.0, seed: int = 0, sampler: str = "auto", size=None, frames=None,
-           max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, progress: bool = True):
-    from data_pipelines.encoders import load_encoder
+def tokenizer_of(loaded: Loaded):
     from data_pipelines.tokenizer import Tokenizer
     if loaded.tokenizer is None:
         raise SampleError("no tokenizer found (no tokenizer.model in the release folder, no tokenizer path in "
                           "the run's shard manifests): pass --tokenizer")
-    tok = Tokenizer(loaded.tokenizer)
-    ids = tok.encode(prompt)
+    return Tokenizer(loaded.tokenizer)
+
+
+def sample_pixels(loaded: Loaded, prompts: list[str], per_prompt: int = 1, kind: str = "image", steps: int = 50,
+                  cfg_scale: float = 3.0, seed: int = 0, sampler: str = "auto", size=None, frames=None,
+                  progress: bool = True) -> torch.Tensor:
+    """Decoded samples in [0, 1], `per_prompt` for each prompt, prompt-major: images (n, C, H, W),
+    video (n, C, T, H, W)."""
+    from data_pipelines.encoders import load_encoder
+    tok = tokenizer_of(loaded)
+    ids = [tok.encode(p) for p in prompts]
+    shape = latent_shape(loaded, kind, size, frames)
+    check_prompts(loaded.model, ids, shape)
+    n = len(prompts) * per_prompt
+    bar = tqdm(desc=f"sampling {n} {kind}", unit="step", disable=not progress)
+    latents = sample_latents(loaded.model, [i for i in ids for _ in range(per_prompt)], shape, steps, cfg_scale,
+                             sampler, seed, progress=bar.update)
+    bar.close()
+    return decode(load_encoder(loaded.info["encoder"]), latents)
+
+
+def sample(loaded: Loaded, prompt: str, kind: str, out: str | None, n: int = 16, steps: int = 50,
+           cfg_scale: float = 3.0, seed: int = 0, sampler: str = "auto", size=None, frames=None,
+           max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, progress: bool = True):
     if kind == "text":
-        new = generate_text(loaded.model, ids, max_new_tokens, temperature, top_p, seed)
+        tok = tokenizer_of(loaded)
+        new = generate_text(loaded.model, tok.encode(prompt), max_new_tokens, temperature, top_p, seed)
         text = prompt + tok.decode(new)
         if out:
             with open(out, "w") as f:
                 f.write(text + "\n")
         return text
-    shape = latent_shape(loaded, kind, size, frames)
-    check_prompts(loaded.model, [ids], shape)
-    bar = tqdm(desc=f"sampling {n} {kind}", unit="step", disable=not progress)
-    latents = sample_latents(loaded.model, [ids] * n, shape, steps, cfg_scale, sampler, seed,
-                             progress=bar.update)
-    bar.close()
-    pixels = decode(load_encoder(loaded.info["encoder"]), latents)
+    pixels = sample_pixels(loaded, [prompt], n, kind, steps, cfg_scale, seed, sampler, size, frames, progress)
     return (save_video_grid if kind == "video" else save_image_grid)(pixels, out)
 
 

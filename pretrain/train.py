@@ -40,6 +40,7 @@ from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any
 from pretrain.ema import ShardedEMA
 from pretrain.job_history import FINISHED
 from pretrain.engine import build_engine
+from pretrain.eval_samples import EvalSampler
 from pretrain.metrics import RunLogger, batch_flops, loss_record, peak_flops
 from pretrain.run_lock import RunDirBusy, RunDirLock, exit_with_parent
 
@@ -65,7 +66,7 @@ class Trainer:
         universal = self.resume_from is not None and ckpt.is_universal(*self.resume_from)
         # data and sampling inputs first: a missing file stops the run before the engine is built
         self.loader = PackedLoader(cfg.data, cfg.model, t.micro_batch_size, dist.rank, dist.world_size)
-        self.grid_inputs = self._grid_inputs()
+        self.eval_sampler = EvalSampler(cfg, self.loader.manifests)
         torch.manual_seed(cfg.run.seed)
         model = UnifiedTransformer(cfg.model)
         model.activation_checkpointing = t.activation_checkpointing
@@ -78,6 +79,7 @@ class Trainer:
         self.engine = build_engine(model, cfg, dist.device, load_universal=universal)
         self.ema = ShardedEMA(self.engine, t.ema_decay, t.ema_warmup) if t.ema_decay else None
         self.step, self.tokens = 0, 0
+        self.loss_tokens = [0, 0]  # text targets, latent loss tokens trained on so far (all ranks)
         self.stop_signal: Optional[int] = None
         self.end_reason = "not started"
         self.signals_received: tuple = ()  # by any rank, when they stopped the run before its end
@@ -99,7 +101,8 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------
     def save(self) -> Path:
         data_state = PackedLoader.merge_states(all_gather_objects(self.loader.state_dict(), self.dist.control_group))
-        client = {"step": self.step, "tokens": self.tokens, "data": data_state, "config": self.cfg.to_dict()}
+        client = {"step": self.step, "tokens": self.tokens, "loss_tokens": self.loss_tokens, "data": data_state,
+                  "config": self.cfg.to_dict()}
         own = {"rng": ckpt.rng_state(), "ema": self.ema.state_dict() if self.ema else None}
         return ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, own, self.cfg.checkpoint.keep,
                                     self.dist.rank)
@@ -112,6 +115,7 @@ class Trainer:
         root, tag = self.resume_from
         client, own = ckpt.load_checkpoint(self.engine, root, tag, self.dist.rank)
         self.step, self.tokens = client["step"], client["tokens"]
+        self.loss_tokens = list(client.get("loss_tokens", [0, 0]))  # absent before 2026-11-24
         self.loader.load_state_dict(client["data"])  # world-size independent
         if own is not None:  # same world size: this rank's RNG and EMA partition
             ckpt.set_rng_state(own["rng"])
@@ -190,6 +194,7 @@ class Trainer:
             self.ema.update(self.step)
         self.step += 1
         self.tokens += micro[0].tokens.numel() * self.cfg.train.grad_accum * self.dist.world_size
+        self.loss_tokens = [a + b for a, b in zip(self.loss_tokens, counts)]
         return sums, counts
 
     def _log_samples(self, micro: int) -> None:
@@ -223,42 +228,6 @@ class Trainer:
         totals = sum_over_ranks([*sums, *counts.tolist()], self.dist.device)
         return loss_record(totals[:2], totals[2:], cfg.model, prefix="eval/")
 
-    def _grid_inputs(self) -> Optional[tuple]:
-        """(prompt token ids, latent shape, encoder) for the sample grids, loaded at start so that
-        a missing tokenizer or VAE stops the run now, not at its first evaluation; None when the
-        run samples no grids or its data has no images or no tokenizer."""
-        from data_pipelines.encoders import load_encoder
-        from data_pipelines.tokenizer import Tokenizer
-        from pretrain.release import info_from_manifests
-        t = self.cfg.train
-        if not (t.sample_prompts and t.eval_interval):
-            return None
-        info, tok_path = info_from_manifests(self.loader.manifests)  # the manifests the loader has read
-        if "image" not in info["latent_shapes"] or tok_path is None:
-            return None
-        tok = Tokenizer(tok_path)
-        return [tok.encode(p) for p in t.sample_prompts], info["latent_shapes"]["image"], load_encoder(info["encoder"])
-
-    @torch.no_grad()
-    def sample_grid(self) -> Optional[Path]:
-        """Sample train.sample_prompts with the current weights (every rank runs the same sampling,
-        as ZeRO-3 needs) and save a PNG grid on rank 0."""
-        from model.sample import sample_latents
-        from pretrain.images import decode, save_image_grid
-        if self.grid_inputs is None:
-            return None
-        prompts, shape, encoder = self.grid_inputs
-        model = self.engine.module
-        model.eval()
-        latents = sample_latents(model, prompts, shape, self.cfg.train.sample_steps, self.cfg.train.sample_cfg,
-                                 seed=self.cfg.run.seed)
-        model.train()
-        if not self.dist.is_main:
-            return None
-        path = Path(self.cfg.run.dir) / "samples" / f"step_{self.step:08d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return save_image_grid(decode(encoder, latents), path)
-
     # ---- the run -------------------------------------------------------------------------
     def run(self) -> int:
         cfg, t = self.cfg, self.cfg.train
@@ -284,7 +253,7 @@ class Trainer:
         window_steps, window_start, window_tokens = 0, time.time(), self.tokens
         saved_at, self.end_reason = self.step, FINISHED
         first_record = {"requeues": job["restart"]} if job is not None else {}
-        while self.step < t.max_steps:
+        while self.step < (t.stop_at or t.max_steps):
             try:
                 sums, counts = self.train_step(batches)
             except StopIteration:
@@ -300,7 +269,8 @@ class Trainer:
                 metrics.update(loss_record(sum_over_ranks(window_sums, self.dist.device), window_counts, cfg.model))
                 metrics.update(grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
                                lr=self.engine.get_lr()[0], tokens_per_s=(self.tokens - window_tokens) / elapsed,
-                               tokens=self.tokens)
+                               tokens=self.tokens, text_tokens=self.loss_tokens[0],
+                               latent_tokens=self.loss_tokens[1])
                 flops = batch_flops(cfg.model, self.params_by_use, self.last_batch) * t.grad_accum * window_steps
                 metrics["mfu"] = flops / elapsed / peak if peak else None
                 window_sums, window_counts = [0.0, 0.0], [0, 0]
@@ -309,7 +279,9 @@ class Trainer:
             if t.eval_interval and self.step % t.eval_interval == 0 and not stop:  # a stop: checkpoint first
                 if cfg.data.eval_datasets:
                     metrics.update(self.evaluate())
-                grid = self.sample_grid()
+                grid, quality = self.eval_sampler.sample(self.engine, self.ema, self.step, self.dist.is_main,
+                                                         self.dist.device)
+                metrics.update(quality)
                 if grid is not None:
                     log.log_images(self.step, "samples", grid)
             log.log(self.step, metrics, advance=1)
@@ -324,6 +296,9 @@ class Trainer:
                 self.end_reason = "signal " + "+".join(signal.Signals(s).name for s in self.signals_received)
                 log.message(f"stopping on {self.end_reason} at step {self.step}")
                 break
+        if t.stop_at and self.step == t.stop_at < t.max_steps:
+            self.end_reason = f"train.stop_at={t.stop_at}"
+            log.message(f"stopping at step {self.step} (train.stop_at); --resume auto goes on to {t.max_steps}")
         if saved_at != self.step:
             log.message(f"checkpoint {self.save()}")
         if self.dist.is_main:

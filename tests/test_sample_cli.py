@@ -1,4 +1,5 @@
 """The sample CLI on a model trained for a few steps: PNG, GIF, release folders, clear errors."""
+import json
 import subprocess
 import sys
 
@@ -34,11 +35,11 @@ def sample_cli(*args):
                           capture_output=True, text=True)
 
 
-def grid_tiles(png, n: int, h: int, w: int, pad: int = 2) -> list:
+def grid_tiles(png, n: int, h: int, w: int, pad: int = 2, cols: int = None) -> list:
     """The n tiles (h x w, RGB) of a grid written by pretrain.images.save_image_grid."""
     import math
     import numpy as np
-    cols = math.ceil(math.sqrt(n))
+    cols = cols or math.ceil(math.sqrt(n))
     with Image.open(png) as im:
         grid = np.asarray(im.convert("RGB"))
     k = grid.shape[1] // (cols * (w + pad) + pad)  # the upscale factor
@@ -117,3 +118,20 @@ def test_the_ema_of_a_short_run_follows_training_not_the_initialisation(trained_
     to_raw = sum(float((e[k] - r[k]).norm()) for k in r if r[k].is_floating_point())
     to_init = sum(float((e[k] - init[k]).norm()) for k in r if r[k].is_floating_point())
     assert to_raw < 0.5 * to_init
+
+
+def test_quality_cli_writes_a_row_per_digit_and_the_scores_of_its_samples(trained_run, tmp_path):
+    import numpy as np
+    from pretrain.quality import digit_classifier
+    r = subprocess.run([sys.executable, "-m", "pretrain.quality", "--model", str(trained_run), "--per-digit", "3",
+                        "--steps", "2", "--out", str(tmp_path / "digits.png"), "--json", str(tmp_path / "s.json")],
+                       cwd=REPO, env=env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    saved = np.load(tmp_path / "digits.npz")
+    assert saved["images"].shape == (30, 8, 8) and saved["wanted"].tolist() == [d for d in range(10) for _ in range(3)]
+    assert (saved["read"] == digit_classifier().predict(saved["images"])).all()
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["digit_accuracy"] == pytest.approx(float((saved["read"] == saved["wanted"]).mean()))
+    assert f"{scores['digit_accuracy']:.1%} of 30 samples" in r.stdout
+    tiles = grid_tiles(tmp_path / "digits.png", 30, 8, 8, cols=3)  # 3 a row: row d holds digit d's samples
+    assert all(np.allclose(t[..., 0] / 255.0, saved["images"][i], atol=1 / 255 + 1e-6) for i, t in enumerate(tiles))

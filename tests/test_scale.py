@@ -96,26 +96,59 @@ def test_bf16_gradients_are_accumulated_and_reduced_in_fp32(reference_gradient, 
     assert error < 0.05 * total
 
 
-def test_zero3_evaluation_over_mixed_held_out_data(tiny_config, test_data, tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sharded_evaluation_over_mixed_held_out_data_samples_from_the_ema(tiny_config, test_data, tmp_path, stage):
     """Held-out data dealt so that rank 0 gets a caption+image document and rank 1 text only, and
     the ranks hold different numbers of batches: every rank runs every module, the same number
-    of times (else gloo reports a collective mismatch, or NCCL hangs)."""
+    of times (else gloo reports a collective mismatch, or NCCL hangs). The evaluation's sample
+    grid comes from the EMA: it is the grid sampled afterwards from the checkpoint's EMA, and its
+    quality number is the classifier's reading of it."""
     from data_pipelines.write_shards import write_shards
     common = dict(tokenizer=str(test_data["tokenizer"]), encoder="pixels", channels=1, progress=False)
     write_shards("digits", str(tmp_path / "one_digit"), num_samples=1, **common)
     write_shards("text", str(tmp_path / "two_texts"), num_samples=3, input=[str(test_data["corpus"])],
                  max_chars=400, **common)
     held_out = f"data.eval_datasets=[{{path: {tmp_path / 'one_digit'}}}, {{path: {tmp_path / 'two_texts'}}}]"
+    prompts = ["a handwritten digit one", "a handwritten digit two"]
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
-           "-m", "pretrain.train", "--config", str(tiny_config), f"run.dir={run}", "train.zero_stage=3",
+           "-m", "pretrain.train", "--config", str(tiny_config), f"run.dir={run}", f"train.zero_stage={stage}",
            "train.max_steps=2", "train.log_interval=1", "train.eval_interval=1", "train.eval_batches=4",
-           "train.micro_batch_size=1", "data.num_workers=0", "wandb.mode=disabled", held_out]
+           "train.micro_batch_size=1", "data.num_workers=0", "wandb.mode=disabled", held_out,
+           f"train.sample_prompts=[{', '.join(prompts)}]", "train.samples_per_prompt=3", "train.sample_steps=3",
+           "train.sample_quality=digits", "train.ema_warmup=false", "train.ema_decay=0.5"]
     r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = metrics(run)
     for step in (1, 2):  # both modalities were evaluated
         assert 0 < m[step]["eval/lm_loss"] < 20 and 0 < m[step]["eval/diffusion_loss"] < 20
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_00000001.png", "step_00000002.png"]
+    # the same sampling, offline, from the step-2 checkpoint's EMA (consolidated from the rank files)
+    from data_pipelines.encoders import load_encoder
+    from data_pipelines.tokenizer import Tokenizer
+    from model.sample import sample_latents
+    from pretrain.images import decode
+    from pretrain.quality import score_digits
+    from pretrain.release import load_for_sampling
+    loaded = load_for_sampling(run)
+    ids = [Tokenizer(loaded.tokenizer).encode(p) for p in prompts for _ in range(3)]
+    pixels = decode(load_encoder(loaded.info["encoder"]), sample_latents(
+        loaded.model, ids, loaded.info["latent_shapes"]["image"], steps=3, cfg_scale=3.0, seed=0))
+    expected = score_digits(prompts, pixels, 3)
+    assert {k: m[2][f"sample/{k}"] for k in expected} == expected
+    raw = load_for_sampling(run, ema=False)
+    assert any(not torch.equal(a, b) for a, b in zip(raw.model.state_dict().values(),
+                                                     loaded.model.state_dict().values()))  # the EMA lags
+    assert_grid_shows(run / "samples" / "step_00000002.png", pixels, cols=3)
+
+
+def assert_grid_shows(png: Path, pixels: torch.Tensor, cols: int) -> None:
+    import numpy as np
+    from PIL import Image
+    from pretrain.images import tile, upscale
+    got = np.asarray(Image.open(png).convert("RGB")).astype(int)
+    want = upscale(tile(pixels, cols=cols)).astype(int)
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1
 
 
 def train_args(cfg, run_dir, *extra):

@@ -69,6 +69,28 @@ def test_resume_reproduces_losses_weights_and_ema(tiny_config, tmp_path, stage, 
     assert_same_run_from(straight, universal, (4, 5, 6), "step_00000006")
 
 
+def test_stop_at_ends_an_invocation_on_the_full_schedule_and_a_resume_goes_on(tiny_config, tmp_path):
+    """train.stop_at: the run stops as a preemption would (checkpointed, the schedule of max_steps
+    unchanged, not annealed to its end), and `--resume auto` continues to max_steps."""
+    from model.config import load_config
+    from pretrain.config import ExperimentConfig
+    from pretrain.schedule import lr_factor
+    run = tmp_path / "run"
+    common = ["train.max_steps=4", "train.warmup_steps=1", "checkpoint.interval=100", "data.num_workers=0"]
+    r = train_cli(args(tiny_config, run, *common, "train.stop_at=2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(metrics(run)) == [1, 2] and read_latest(run / "checkpoints") == "step_00000002"
+    r = train_cli(args(tiny_config, run, *common, "train.stop_at=2"))  # already there: nothing to do
+    assert r.returncode == 0 and sorted(metrics(run)) == [1, 2]
+    r = train_cli(args(tiny_config, run, *common))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = metrics(run)
+    assert sorted(m) == [1, 2, 3, 4] and read_latest(run / "checkpoints") == "step_00000004"
+    cfg = load_config(ExperimentConfig, tiny_config, common)
+    lr = [cfg.train.lr * lr_factor(step, cfg.train) for step in (1, 2, 3, 4)]  # logged after the step: the next one's
+    assert [m[step]["lr"] for step in (1, 2, 3, 4)] == pytest.approx(lr)
+
+
 @pytest.mark.gpu
 def test_one_gpu_run_in_bf16_with_compiled_flex_blocks_resumes(tiny_config, tmp_path):
     """The GPU path end to end: NCCL, bf16, FlexAttention (auto), compiled blocks, pinned batches."""

@@ -1,0 +1,40 @@
+"""The digit classifier behind the generation-quality numbers, and the quality CLI."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pretrain.quality import digit_classifier, digit_prompt, prompt_digit, score_digits
+
+
+def real_digits():
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    return torch.from_numpy(data.images / 16.0).float()[:, None], data.target
+
+
+def test_prompts_name_their_digit_and_a_prompt_without_one_is_refused():
+    assert [prompt_digit(digit_prompt(d)) for d in range(10)] == list(range(10))
+    assert prompt_digit("Digit Seven, not one") == 1  # the last digit word
+    with pytest.raises(ValueError, match="names no digit"):
+        prompt_digit("a cat")
+
+
+def test_the_classifier_reads_real_digits_and_not_noise():
+    clf = digit_classifier()
+    assert clf.holdout_accuracy > 0.97
+    images, labels = real_digits()
+    prompts = [digit_prompt(d) for d in range(10)]
+    per = 20
+    picked = torch.cat([images[np.flatnonzero(labels == d)[:per]] for d in range(10)])
+    scores = score_digits(prompts, picked, per)
+    assert scores["digit_accuracy"] > 0.95 and min(scores[f"digit_accuracy_{d}"] for d in range(10)) >= 0.85
+    shuffled = score_digits(prompts[1:] + prompts[:1], picked, per)  # every sample asked as another digit
+    assert shuffled["digit_accuracy"] < 0.1
+    noise = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert score_digits(prompts, noise, per)["digit_accuracy"] < 0.3
+    with pytest.raises(ValueError, match="8x8"):
+        clf.predict(torch.zeros(2, 1, 16, 16))
