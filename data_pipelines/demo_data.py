@@ -49,10 +49,10 @@ def build(out: Path, vocab_size: int = 2000, text_docs: int = 3000, max_chars: i
         train_tokenizer(list(text_lines(iter_text_files([corpus])))[:100000] + captions, tok, vocab_size)
     done = {}
     text = dict(input=[str(corpus)], max_chars=max_chars)
-    for name, options in (("digits", {}), ("text", dict(text, num_samples=text_docs)),
-                          ("text-heldout", dict(text, num_samples=heldout_docs, skip=text_docs))):
+    for name, source, options in (("digits", "digits", {}), ("text", "text", dict(text, num_samples=text_docs)),
+                                  ("text-heldout", "text", dict(text, num_samples=heldout_docs, skip=text_docs))):
         if not (out / name / "manifest.json").is_file():
-            write_shards(name, str(out / name), str(tok), encoder="pixels", channels=1, samples_per_shard=256,
+            write_shards(source, str(out / name), str(tok), encoder="pixels", channels=1, samples_per_shard=256,
                          **options)
         done[name] = load_manifest(out / name)
     return {"tokenizer": tok, "corpus": corpus, **done}

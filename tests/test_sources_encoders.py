@@ -45,6 +45,9 @@ def test_text_source_splits_at_paragraphs(tmp_path):
     assert "".join(pieces).replace("\n", "") == ("para one" + "x" * 50 + "para three")
     assert all(len(p) <= 30 for p in pieces)
     assert list(split_paragraphs("a\n\nb", 100)) == ["a\n\nb\n\n"]
+    # a held-out split: the pieces after those a training set took, none of them again
+    held_out = [d[0]["text"] for d in text(input=[str(tmp_path)], max_chars=30, skip=2, num_samples=10)]
+    assert held_out == pieces[2:]
 
 
 def test_vae_encoder_through_from_pretrained(tiny_vae, test_data, tmp_path):
