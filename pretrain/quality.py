@@ -103,6 +103,7 @@ def evaluate_digits(loaded, per_digit: int = 10, steps: int = 25, cfg_scale: flo
     result = dict(score_digits(prompts, pixels, per_digit), samples=len(pixels), sampling_seconds=seconds,
                   classifier_holdout_accuracy=digit_classifier().holdout_accuracy)
     if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
         save_image_grid(pixels, out, cols=per_digit)
         np.savez_compressed(Path(out).with_suffix(".npz"), images=pixels[:, 0].numpy(),
                             wanted=np.repeat(np.arange(10), per_digit), read=digit_classifier().predict(pixels))

@@ -30,13 +30,19 @@ sys.path.insert(0, str(REPO))
 RESULTS = REPO / "bench" / "repro" / "results"
 
 
-def torchrun(ranks: int, config: str, run_dir: Path, overrides: list[str]) -> float:
-    """Train from scratch; returns the wall time in seconds."""
+def torchrun(ranks: int, config: str, run_dir: Path, overrides: list[str], reuse: bool = False) -> float:
+    """Train from scratch; returns the wall time in seconds. With `reuse`, a run directory whose
+    run finished is kept (its recorded time returned)."""
+    done = run_dir / "train_seconds.txt"
+    if reuse and done.is_file():
+        return float(done.read_text())
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "pretrain.train",
            "--config", config, "--resume", "none", f"run.dir={run_dir}", *overrides]
     start = time.time()
     subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    return time.time() - start
+    seconds = time.time() - start
+    done.write_text(f"{seconds:.1f}\n")
+    return seconds
 
 
 def last_record(run_dir: Path, key: str) -> dict:
@@ -58,6 +64,7 @@ def main(argv=None) -> int:
     p.add_argument("--cfg", type=float, default=3.0, help="guidance scale")
     p.add_argument("--out", default="runs/repro/digits", help="run directories")
     p.add_argument("--skip-text-only", action="store_true")
+    p.add_argument("--reuse", action="store_true", help="keep the runs in --out that finished (train nothing again)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     out = REPO / a.out
@@ -65,7 +72,7 @@ def main(argv=None) -> int:
     build(REPO / Path(cfg.data.datasets[0].path).parent)
     result = {"config": a.config, "overrides": a.overrides, "ranks": a.ranks}
 
-    result["unified_train_seconds"] = torchrun(a.ranks, a.config, out / "unified", a.overrides)
+    result["unified_train_seconds"] = torchrun(a.ranks, a.config, out / "unified", a.overrides, a.reuse)
     unified = last_record(out / "unified", "eval/lm_loss")
     final = last_record(out / "unified", "text_tokens")
     device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
@@ -81,9 +88,10 @@ def main(argv=None) -> int:
         steps = math.ceil(final["text_tokens"] / per_step)  # rows are nearly all targets: corrected below
         only = [f"data.datasets=[{{path: {text[0].path}}}]", "train.sample_prompts=[]"]
         for attempt in range(2):
-            result["text_only_train_seconds"] = torchrun(a.ranks, a.config, out / "text-only",
-                                                         a.overrides + only + [f"train.max_steps={steps}",
-                                                                               f"train.eval_interval={steps}"])
+            result["text_only_train_seconds"] = torchrun(
+                a.ranks, a.config, out / "text-only", a.overrides + only + [f"train.max_steps={steps}",
+                                                                            f"train.eval_interval={steps}"],
+                a.reuse and not attempt)
             seen = last_record(out / "text-only", "text_tokens")["text_tokens"]
             if seen >= final["text_tokens"] * 0.99 or attempt:
                 break
