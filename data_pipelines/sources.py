@@ -63,15 +63,15 @@ def photos(num_samples: int = 256, crop: int = 32, seed: int = 0, **_) -> Iterat
         yield [{"text": f"a photo of {PHOTO_CAPTIONS[name]}"}, {"image": view[y:y + crop, x:x + crop].copy()}]
 
 
-def moving_digits(num_samples: int = 256, frames: int = 16, canvas: int = 32, seed: int = 0,
+def moving_digits(num_samples: int = 256, frames: int = 16, canvas: int = 32, seed: int = 0, max_digits: int = 2,
                   **_) -> Iterator[Document]:
-    """Generated video: one or two 8x8 digits bouncing on a canvas, captioned with digits and direction."""
+    """Generated video: 1 to `max_digits` 8x8 digits bouncing on a canvas, captioned with digits and direction."""
     from sklearn.datasets import load_digits
     data = load_digits()
     rng = np.random.default_rng(seed)
     size = 8
     for _ in range(num_samples):
-        count = int(rng.integers(1, 3))
+        count = int(rng.integers(1, max_digits + 1))
         picks = rng.integers(0, len(data.images), count)
         video = np.zeros((frames, canvas, canvas, 1), np.float32)
         words = []

@@ -35,10 +35,10 @@ def save_image_grid(images: torch.Tensor, path: str | Path, cols: Optional[int] 
     return Path(path)
 
 
-def save_video_grid(videos: torch.Tensor, path: str | Path, fps: int = 8) -> Path:
-    """videos n,C,T,H,W in [0, 1] -> an animated GIF of grids."""
+def save_video_grid(videos: torch.Tensor, path: str | Path, fps: int = 8, cols: Optional[int] = None) -> Path:
+    """videos n,C,T,H,W in [0, 1] -> an animated GIF of grids (`cols` videos a row)."""
     from PIL import Image
-    frames = [Image.fromarray(upscale(tile(videos[:, :, t]))) for t in range(videos.shape[2])]
+    frames = [Image.fromarray(upscale(tile(videos[:, :, t], cols=cols))) for t in range(videos.shape[2])]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=int(1000 / fps), loop=0)
     return Path(path)
 

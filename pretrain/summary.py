@@ -22,8 +22,17 @@ def summarize(run_dir: Path) -> str:
         lines.append(f"metrics:       {run_dir / 'metrics.jsonl'} ({len(records)} records, steps "
                      f"{first['step']}..{last['step']})")
         for key in ("loss", "lm_loss", "diffusion_loss"):
-            lines.append(f"  {key:15s} {first[key]:.4f} (step {first['step']}) -> {last[key]:.4f} (step {last['step']})")
+            seen = [r for r in losses if key in r]  # a modality absent from a window is absent from its record
+            if seen:
+                lines.append(f"  {key:15s} {seen[0][key]:.4f} (step {seen[0]['step']}) -> {seen[-1][key]:.4f} "
+                             f"(step {seen[-1]['step']})")
         lines.append(f"  tokens/s        {last['tokens_per_s']:.0f}")
+    for r in records:  # evaluations: held-out losses and the quality of the samples
+        shown = {k: v for k, v in r.items() if k.startswith(("eval/", "sample/")) and not k[-1].isdigit()}
+        if shown:
+            lines.append(f"  evaluation at step {r['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    if (run_dir / "samples").is_dir():
+        lines.append(f"sample grids:  {run_dir / 'samples'} ({len(list((run_dir / 'samples').glob('*.png')))})")
     root = run_dir / "checkpoints"
     lines.append(f"checkpoints:   {root} latest={read_latest(root)} all={list_checkpoints(root)}")
     jobs = job_history.describe(run_dir)

@@ -123,6 +123,10 @@ def test_sharded_evaluation_over_mixed_held_out_data_samples_from_the_ema(tiny_c
     for step in (1, 2):  # both modalities were evaluated
         assert 0 < m[step]["eval/lm_loss"] < 20 and 0 < m[step]["eval/diffusion_loss"] < 20
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_00000001.png", "step_00000002.png"]
+    from pretrain.summary import summarize
+    said = summarize(run)
+    assert f"evaluation at step 2: eval/loss {m[2]['eval/loss']:.4g}" in said
+    assert f"sample/digit_accuracy {m[2]['sample/digit_accuracy']:.4g}" in said
     # the same sampling, offline, from the step-2 checkpoint's EMA (consolidated from the rank files)
     from data_pipelines.encoders import load_encoder
     from data_pipelines.tokenizer import Tokenizer
