@@ -79,6 +79,34 @@ def score_digits(prompts: Sequence[str], images: torch.Tensor, samples_per_promp
     return out
 
 
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances between the rows of a and b."""
+    return np.sqrt(np.clip((a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T, 0, None))
+
+
+def _mean_pairwise(x: np.ndarray) -> float:
+    return float(_distances(x, x).sum() / max(1, len(x) * (len(x) - 1)))
+
+
+def digit_spread(images: torch.Tensor | np.ndarray, wanted: np.ndarray) -> dict:
+    """Whether samples are varied digits rather than one mode or copies of the training set: the mean
+    pixel distance between two samples of the same digit (against the same for real digits), and
+    from each sample to its nearest real digit (against a real digit's distance to its nearest other)."""
+    from sklearn.datasets import load_digits
+    data = load_digits()
+    real = data.images.reshape(len(data.images), -1) / 16.0
+    x = torch.as_tensor(images).float().reshape(len(images), -1).clamp(0, 1).numpy()
+    nearest = _distances(x, real).min(1)
+    real_nearest = _distances(real[:200], real)
+    real_nearest[np.arange(200), np.arange(200)] = np.inf
+    digits = sorted(set(np.asarray(wanted).tolist()))
+    return {"within_digit_distance": float(np.mean([_mean_pairwise(x[wanted == d]) for d in digits])),
+            "real_within_digit_distance": float(np.mean([_mean_pairwise(real[data.target == d][:100])
+                                                         for d in digits])),
+            "nearest_real_distance": float(nearest.mean()),
+            "real_nearest_other_distance": float(real_nearest.min(1).mean())}
+
+
 SCORERS: dict[str, Callable[[Sequence[str], torch.Tensor, int], dict]] = {"digits": score_digits}
 
 
@@ -101,7 +129,8 @@ def evaluate_digits(loaded, per_digit: int = 10, steps: int = 25, cfg_scale: flo
     pixels = sample_pixels(loaded, prompts, per_digit, "image", steps, cfg_scale, seed, sampler, progress=progress)
     seconds = time.time() - start
     result = dict(score_digits(prompts, pixels, per_digit), samples=len(pixels), sampling_seconds=seconds,
-                  classifier_holdout_accuracy=digit_classifier().holdout_accuracy)
+                  classifier_holdout_accuracy=digit_classifier().holdout_accuracy,
+                  **digit_spread(pixels, np.repeat(np.arange(10), per_digit)))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         save_image_grid(pixels, out, cols=per_digit)
@@ -113,7 +142,10 @@ def evaluate_digits(loaded, per_digit: int = 10, steps: int = 25, cfg_scale: flo
 def format_digit_scores(result: dict) -> str:
     per = " ".join(f"{d}:{result[f'digit_accuracy_{d}']:.0%}" for d in range(10))
     return (f"{result['digit_accuracy']:.1%} of {result['samples']} samples read as the digit asked for "
-            f"(classifier: {result['classifier_holdout_accuracy']:.1%} on held-out real digits)\n  per digit {per}")
+            f"(classifier: {result['classifier_holdout_accuracy']:.1%} on held-out real digits)\n  per digit {per}\n"
+            f"  spread: two samples of a digit {result['within_digit_distance']:.2f} apart (real digits "
+            f"{result['real_within_digit_distance']:.2f}); a sample {result['nearest_real_distance']:.2f} from its "
+            f"nearest real digit (a real digit from its nearest other: {result['real_nearest_other_distance']:.2f})")
 
 
 def main(argv=None) -> int:

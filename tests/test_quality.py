@@ -38,3 +38,15 @@ def test_the_classifier_reads_real_digits_and_not_noise():
     assert score_digits(prompts, noise, per)["digit_accuracy"] < 0.3
     with pytest.raises(ValueError, match="8x8"):
         clf.predict(torch.zeros(2, 1, 16, 16))
+
+
+def test_spread_tells_one_mode_and_copies_from_varied_new_digits():
+    from pretrain.quality import digit_spread
+    images, labels = real_digits()
+    wanted = np.repeat(np.arange(10), 10)
+    copies = torch.cat([images[np.flatnonzero(labels == d)[:1]].repeat(10, 1, 1, 1) for d in range(10)])
+    s = digit_spread(copies, wanted)
+    assert s["within_digit_distance"] == pytest.approx(0, abs=1e-3) and s["nearest_real_distance"] == pytest.approx(0, abs=1e-3)
+    varied = torch.cat([images[np.flatnonzero(labels == d)[-10:]] for d in range(10)])
+    s = digit_spread(varied, wanted)
+    assert s["within_digit_distance"] > 0.8 * s["real_within_digit_distance"]
