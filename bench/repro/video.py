@@ -53,6 +53,18 @@ def motion(clips: np.ndarray, captions: list[str]) -> dict:
             "first_move_as_captioned": float((np.sign(first) == want).all(-1).mean())}
 
 
+def frame_digit_accuracy(clips: np.ndarray, captions: list[str]) -> float:
+    """Share of frames whose 8x8 window around the centre of mass the digit classifier reads as the
+    digit the caption names (pretrain.quality)."""
+    from pretrain.quality import digit_classifier, prompt_digit
+    n, t, h, w = clips.shape
+    corner = np.clip(np.rint(centres(clips) - 3.5).astype(int), 0, [h - 8, w - 8])
+    windows = np.stack([clips[i, f, y:y + 8, x:x + 8] for i in range(n) for f in range(t)
+                        for y, x in [corner[i, f]]])
+    wanted = np.repeat([prompt_digit(c) for c in captions], t)
+    return float((digit_classifier().predict(windows) == wanted).mean())
+
+
 def real_clips(n: int, seed: int = 1) -> tuple[np.ndarray, list[str]]:
     from data_pipelines.sources import moving_digits
     docs = list(moving_digits(num_samples=n, seed=seed, **CLIP))
@@ -95,14 +107,17 @@ def main(argv=None) -> int:
     save_video_grid(pixels, RESULTS / "video.gif", cols=a.clips)
     captions = [q for q in PROMPTS for _ in range(a.clips)]
     generated = motion(pixels[:, 0].numpy(), captions)
+    generated["frame_digit_accuracy"] = frame_digit_accuracy(pixels[:, 0].numpy(), captions)
     real = motion(*real_clips(200))
+    real["frame_digit_accuracy"] = frame_digit_accuracy(*real_clips(200))
     result = {"config": a.config, "overrides": a.overrides, "train_seconds": seconds, "sampling_seconds": sampling,
               "clips": len(pixels), "generated": generated, "real": real}
     (RESULTS / "video.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\n| clips | mean jump (px) | max jump | jumps > {JUMP_LIMIT:g} px | first move as captioned |\n|---|---|---|---|---|")
+    print(f"\n| clips | mean jump (px) | max jump | jumps > {JUMP_LIMIT:g} px | first move as captioned | "
+          f"frames read as the digit |\n|---|---|---|---|---|---|")
     for name, m in (("generated", generated), ("real (200)", real)):
         print(f"| {name} | {m['mean_jump']:.2f} | {m['max_jump']:.2f} | {m['jumps_over_limit']:.1%} | "
-              f"{m['first_move_as_captioned']:.1%} |")
+              f"{m['first_move_as_captioned']:.1%} | {m['frame_digit_accuracy']:.1%} |")
     print(f"\ntrain {seconds:.0f} s, sampling {sampling:.0f} s for {len(pixels)} clips; wrote {RESULTS / 'video.gif'}")
     return 0
 
