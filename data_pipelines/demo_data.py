@@ -50,10 +50,11 @@ def build(out: Path, vocab_size: int = 2000, text_docs: int = 3000, max_chars: i
     done = {}
     text = dict(input=[str(corpus)], max_chars=max_chars)
     for name, source, options in (("digits", "digits", {}), ("text", "text", dict(text, num_samples=text_docs)),
-                                  ("text-heldout", "text", dict(text, num_samples=heldout_docs, skip=text_docs))):
-        if not (out / name / "manifest.json").is_file():
-            write_shards(source, str(out / name), str(tok), encoder="pixels", channels=1, samples_per_shard=256,
-                         **options)
+                                  ("text-heldout", "text", dict(text, num_samples=heldout_docs, skip=text_docs,
+                                                                samples_per_shard=-(-heldout_docs // 2)))):
+        if not (out / name / "manifest.json").is_file():  # held-out: 2 shards, so that 2 ranks share the evaluation
+            write_shards(source, str(out / name), str(tok), encoder="pixels", channels=1,
+                         **{"samples_per_shard": 256, **options})
         done[name] = load_manifest(out / name)
     return {"tokenizer": tok, "corpus": corpus, **done}
 

@@ -45,6 +45,10 @@ class PixelEncoder:
         x = _match_channels(np.asarray(images, np.float32), self.channels)
         return (x.transpose(0, 3, 1, 2) * 2.0 - 1.0).astype(np.float16)
 
+    def pixel_shape(self, latent_shape) -> tuple[int, int, int]:
+        """(C, H, W) of the images that latents of (c, h, w) decode to."""
+        return (self.channels, *latent_shape[-2:])
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """N,C,H,W latents -> N,C,H,W images in [0, 1]."""
         return ((latents.float() + 1.0) / 2.0).clamp(0, 1)
@@ -64,6 +68,7 @@ class VAEEncoder:
         self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)
         self.channels = int(cfg.latent_channels)
         self.in_channels = int(cfg.in_channels)
+        self.out_channels = int(cfg.out_channels)
         self.spatial_factor = 2 ** (len(cfg.block_out_channels) - 1)
         self.batch_size = batch_size
 
@@ -82,6 +87,10 @@ class VAEEncoder:
             z = self.vae.encode(chunk).latent_dist.mode()
             out.append(((z - self.shift) * self.scaling).float().cpu().numpy())
         return np.concatenate(out).astype(np.float16)
+
+    def pixel_shape(self, latent_shape) -> tuple[int, int, int]:
+        """(C, H, W) of the images that latents of (c, h, w) decode to."""
+        return (self.out_channels, *(n * self.spatial_factor for n in latent_shape[-2:]))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

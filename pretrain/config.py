@@ -45,8 +45,8 @@ class TrainConfig(Config):
     ema_decay: float = knob(0.0, "EMA of the weights (e.g. 0.9999); 0 = no EMA")
     ema_warmup: bool = knob(True, "decay min(ema_decay, (1+n)/(10+n)) at step n, as diffusers' EMAModel")
     log_interval: int = knob(10, "log metrics every N steps")
-    eval_interval: int = knob(0, "evaluate on data.eval_datasets every N steps (0 = never)")
-    eval_batches: int = knob(4, "micro-batches per evaluation")
+    eval_interval: int = knob(0, "evaluate on data.eval_datasets every N steps and at max_steps (0 = never)")
+    eval_batches: int = knob(4, "micro-batches per rank per evaluation (0 = the whole held-out data)")
     sample_prompts: list[str] = knob([], "captions sampled (from the EMA) at each evaluation -> "
                                          "RUN_DIR/samples/step_N.png (a row per caption), wandb")
     samples_per_prompt: int = knob(1, "images sampled per caption at each evaluation")
@@ -64,10 +64,14 @@ class TrainConfig(Config):
         for name in ("max_steps", "micro_batch_size", "grad_accum", "log_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.stop_at < 0:
-            raise ConfigError(f"stop_at: must be >= 0, got {self.stop_at}")
-        if self.samples_per_prompt <= 0:
-            raise ConfigError(f"samples_per_prompt: must be positive, got {self.samples_per_prompt}")
+        for name in ("eval_interval", "eval_batches", "sample_cfg"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.stop_at <= self.max_steps:
+            raise ConfigError(f"stop_at: must be in [0, max_steps={self.max_steps}], got {self.stop_at}")
+        for name in ("samples_per_prompt", "sample_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.sample_quality:
             from pretrain.quality import SCORERS
             if self.sample_quality not in SCORERS:

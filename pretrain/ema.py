@@ -24,11 +24,16 @@ def fp32_partitions(engine) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def full_fp32_state(engine) -> dict[str, torch.Tensor]:
-    """The engine's whole fp32 master weights by parameter name, on CPU, on every rank (collective)."""
+def full_fp32_state(engine, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The engine's whole fp32 master weights by parameter name, on CPU (collective: every rank
+    calls it). A rank with `keep` False takes part in the gathers but keeps nothing (returns {})."""
     from deepspeed.utils import safe_get_full_fp32_param
-    return {name: safe_get_full_fp32_param(p).detach().float().cpu().clone()
-            for name, p in engine.module.named_parameters()}
+    state = {}
+    for name, p in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(p)
+        if keep:
+            state[name] = full.detach().float().cpu().clone()
+    return state
 
 
 def decay_at(step: int, decay: float, warmup: bool = True) -> float:
@@ -69,15 +74,16 @@ class ShardedEMA:
             s.copy_(saved)
 
     @torch.no_grad()
-    def full_state(self, engine) -> dict[str, torch.Tensor]:
-        """The whole fp32 EMA by parameter name, on CPU, on every rank (collective: all ranks call it).
+    def full_state(self, engine, keep: bool = True) -> dict[str, torch.Tensor]:
+        """The whole fp32 EMA by parameter name, on CPU, on the ranks with `keep` (collective: all
+        ranks call it).
         The EMA is put in the masters' place for DeepSpeed's public `safe_get_full_fp32_param`, which
         gathers each tensor from the partitions, and the masters are then restored."""
         saved = [m.detach().clone() for m in self.masters]
         try:
             for m, s in zip(self.masters, self.shadow):
                 m.copy_(s)
-            return full_fp32_state(engine)
+            return full_fp32_state(engine, keep)
         finally:
             for m, v in zip(self.masters, saved):
                 m.copy_(v)

@@ -3,9 +3,10 @@
     python -m pretrain.quality --model RUN_OR_RELEASE [--per-digit 10] [--steps 25] [--cfg 3] \\
         [--out digits.png]     # a grid with a row per digit, its .npz, and the accuracy per digit
 
-A scorer takes the prompts it was asked for and the decoded samples (n, C, H, W in [0, 1],
-`samples_per_prompt` per prompt, prompt-major) and returns a few numbers. `digits` is built
-in: an RBF support-vector classifier trained on real scikit-learn digits (8x8, 16 grey
+A scorer's `score` takes the prompts it was asked for and the decoded samples (n, C, H, W in
+[0, 1], `samples_per_prompt` per prompt, prompt-major) and returns a few numbers; its `check`
+takes the prompts and the (C, H, W) of the images before any is sampled and raises ValueError
+when it could not score them, so that a run stops at its start. `digits` is built in: an RBF support-vector classifier trained on real scikit-learn digits (8x8, 16 grey
 levels), which says which digit each sample is; a sample counts as right when that is the
 digit its caption names. Other datasets register a scorer in `SCORERS`.
 """
@@ -17,6 +18,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -107,10 +109,25 @@ def digit_spread(images: torch.Tensor | np.ndarray, wanted: np.ndarray) -> dict:
             "real_nearest_other_distance": float(real_nearest.min(1).mean())}
 
 
-SCORERS: dict[str, Callable[[Sequence[str], torch.Tensor, int], dict]] = {"digits": score_digits}
+def check_digits(prompts: Sequence[str], image_shape: Sequence[int]) -> None:
+    """ValueError unless every prompt names a digit and the images are 8x8 grey, as the classifier's."""
+    for prompt in prompts:
+        prompt_digit(prompt)
+    if tuple(image_shape) != (1, 8, 8):
+        raise ValueError(f"digits scorer: images must be 1x8x8 (grey 8x8 digits), the data's are "
+                         f"{'x'.join(map(str, image_shape))}")
 
 
-def get_scorer(name: str) -> Callable[[Sequence[str], torch.Tensor, int], dict]:
+@dataclass(frozen=True)
+class Scorer:
+    score: Callable[[Sequence[str], torch.Tensor, int], dict]
+    check: Callable[[Sequence[str], Sequence[int]], None]
+
+
+SCORERS: dict[str, Scorer] = {"digits": Scorer(score_digits, check_digits)}
+
+
+def get_scorer(name: str) -> Scorer:
     if name not in SCORERS:
         raise ValueError(f"sample_quality: {name!r} is not one of {'|'.join(SCORERS)}")
     return SCORERS[name]

@@ -48,9 +48,9 @@ def tokenizer_of(loaded: Loaded):
 
 def sample_pixels(loaded: Loaded, prompts: list[str], per_prompt: int = 1, kind: str = "image", steps: int = 50,
                   cfg_scale: float = 3.0, seed: int = 0, sampler: str = "auto", size=None, frames=None,
-                  progress: bool = True) -> torch.Tensor:
+                  progress: bool = True, encoder=None) -> torch.Tensor:
     """Decoded samples in [0, 1], `per_prompt` for each prompt, prompt-major: images (n, C, H, W),
-    video (n, C, T, H, W)."""
+    video (n, C, T, H, W). `encoder`: one already loaded (else built from the model's info)."""
     from data_pipelines.encoders import load_encoder
     tok = tokenizer_of(loaded)
     ids = [tok.encode(p) for p in prompts]
@@ -61,7 +61,7 @@ def sample_pixels(loaded: Loaded, prompts: list[str], per_prompt: int = 1, kind:
     latents = sample_latents(loaded.model, [i for i in ids for _ in range(per_prompt)], shape, steps, cfg_scale,
                              sampler, seed, progress=bar.update)
     bar.close()
-    return decode(load_encoder(loaded.info["encoder"]), latents)
+    return decode(encoder or load_encoder(loaded.info["encoder"]), latents)
 
 
 def sample(loaded: Loaded, prompt: str, kind: str, out: str | None, n: int = 16, steps: int = 50,

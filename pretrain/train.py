@@ -66,7 +66,7 @@ class Trainer:
         universal = self.resume_from is not None and ckpt.is_universal(*self.resume_from)
         # data and sampling inputs first: a missing file stops the run before the engine is built
         self.loader = PackedLoader(cfg.data, cfg.model, t.micro_batch_size, dist.rank, dist.world_size)
-        self.eval_sampler = EvalSampler(cfg, self.loader.manifests)
+        self.eval_sampler = EvalSampler(cfg, self.loader.manifests, dist.is_main)
         torch.manual_seed(cfg.run.seed)
         model = UnifiedTransformer(cfg.model)
         model.activation_checkpointing = t.activation_checkpointing
@@ -107,28 +107,31 @@ class Trainer:
         return ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, own, self.cfg.checkpoint.keep,
                                     self.dist.rank)
 
-    def resume(self) -> Optional[str]:
+    def resume(self) -> list[str]:
         """Load the checkpoint chosen by --resume (a universal one may come from another world size);
-        returns a note for the log when the EMA had to start from the loaded weights."""
+        returns notes for the log: what the checkpoint lacked and how the run makes up for it."""
         if self.resume_from is None:
-            return None
+            return []
         root, tag = self.resume_from
         client, own = ckpt.load_checkpoint(self.engine, root, tag, self.dist.rank)
         self.step, self.tokens = client["step"], client["tokens"]
-        self.loss_tokens = list(client.get("loss_tokens", [0, 0]))  # absent before 2026-11-24
+        notes = []
+        if "loss_tokens" not in client:  # checkpoints written before 2026-11-24
+            notes.append(f"{root / tag} has no loss-token counts: text_tokens and latent_tokens count from 0")
+        self.loss_tokens = list(client.get("loss_tokens", [0, 0]))
         self.loader.load_state_dict(client["data"])  # world-size independent
         if own is not None:  # same world size: this rank's RNG and EMA partition
             ckpt.set_rng_state(own["rng"])
         if self.ema is None:
-            return None
+            return notes
         if own is not None and own.get("ema") is not None:
             self.ema.load_state_dict(own["ema"])
         elif own is None and (root / tag / EMA_FILE).is_file():
             self.ema.load_full(self.engine, torch.load(root / tag / EMA_FILE, map_location="cpu"))
         else:  # not from the random initialisation it was copied from before the weights were loaded
             self.ema.reset(self.engine)
-            return f"{root / tag} has no EMA: the EMA starts from its weights"
-        return None
+            notes.append(f"{root / tag} has no EMA: the EMA starts from its weights")
+        return notes
 
     def _on_signal(self, signum, _frame) -> None:
         if self.stop_signal is None:  # the first one says why (a SIGTERM may follow Slurm's warning)
@@ -205,7 +208,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Token-weighted losses on data.eval_datasets (the same batches every time). Every rank runs
+        """Token-weighted losses on data.eval_datasets (the same batches every time: the first
+        `eval_batches` of each rank, or all with 0). Every rank runs
         the same number of forwards (ZeRO-3 gathers parameters in each): a rank whose share of the
         held-out data ran out feeds an all-padding batch, which adds no token."""
         cfg = self.cfg
@@ -215,7 +219,7 @@ class Trainer:
         empty = pack_rows([[] for _ in range(cfg.train.micro_batch_size)], cfg.data.seq_len)
         sums, counts = [0.0, 0.0], torch.zeros(2, dtype=torch.long)
         self.engine.eval()
-        for _ in range(cfg.train.eval_batches):
+        for _ in range(cfg.train.eval_batches) if cfg.train.eval_batches else itertools.count():
             batch = next(batches, None)
             if not any_rank(batch is not None, self.dist.control_group):
                 break
@@ -231,12 +235,12 @@ class Trainer:
     # ---- the run -------------------------------------------------------------------------
     def run(self) -> int:
         cfg, t = self.cfg, self.cfg.train
-        ema_note = self.resume()
+        notes = self.resume()
         log = RunLogger(cfg, self.dist.is_main, self.step)
         log.message(f"{self.num_params / 1e6:.1f}M parameters, {self.dist.world_size} rank(s) on "
                     f"{self.dist.device.type}, ZeRO-{t.zero_stage}, from step {self.step}")
-        if ema_note:
-            log.message(ema_note)
+        for note in notes:
+            log.message(note)
         if self.lock is not None and self.lock.previous:
             log.message(f"run.dir: took over the lock of {self.lock.previous} (that process is gone)")
         job = job_history.slurm_job()
@@ -253,7 +257,8 @@ class Trainer:
         window_steps, window_start, window_tokens = 0, time.time(), self.tokens
         saved_at, self.end_reason = self.step, FINISHED
         first_record = {"requeues": job["restart"]} if job is not None else {}
-        while self.step < (t.stop_at or t.max_steps):
+        last = t.stop_at or t.max_steps
+        while self.step < last:
             try:
                 sums, counts = self.train_step(batches)
             except StopIteration:
@@ -264,7 +269,7 @@ class Trainer:
             window_counts = [a + b for a, b in zip(window_counts, counts)]
             window_steps += 1
             metrics, first_record = first_record, {}
-            if self.step % t.log_interval == 0 or self.step == t.max_steps:
+            if self.step % t.log_interval == 0 or self.step == last:
                 elapsed = time.time() - window_start
                 metrics.update(loss_record(sum_over_ranks(window_sums, self.dist.device), window_counts, cfg.model))
                 metrics.update(grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
@@ -276,14 +281,16 @@ class Trainer:
                 window_sums, window_counts = [0.0, 0.0], [0, 0]
                 window_steps, window_start, window_tokens = 0, time.time(), self.tokens
             stop = any_rank(self.stop_signal is not None, self.dist.control_group)
-            if t.eval_interval and self.step % t.eval_interval == 0 and not stop:  # a stop: checkpoint first
+            evaluate = t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps)
+            if evaluate and not stop:  # a stop: checkpoint first
+                eval_start = time.time()
                 if cfg.data.eval_datasets:
                     metrics.update(self.evaluate())
-                grid, quality = self.eval_sampler.sample(self.engine, self.ema, self.step, self.dist.is_main,
-                                                         self.dist.device)
-                metrics.update(quality)
+                grid, quality = self.eval_sampler.sample(self.engine, self.ema, self.step, self.dist)
                 if grid is not None:
                     log.log_images(self.step, "samples", grid)
+                metrics.update(quality, eval_seconds=time.time() - eval_start)
+                window_start += metrics["eval_seconds"]  # tokens_per_s and mfu count training time only
             log.log(self.step, metrics, advance=1)
             if stop or self.step % cfg.checkpoint.interval == 0:
                 path = self.save()
@@ -296,7 +303,7 @@ class Trainer:
                 self.end_reason = "signal " + "+".join(signal.Signals(s).name for s in self.signals_received)
                 log.message(f"stopping on {self.end_reason} at step {self.step}")
                 break
-        if t.stop_at and self.step == t.stop_at < t.max_steps:
+        if self.end_reason == FINISHED and self.step < t.max_steps:  # train.stop_at
             self.end_reason = f"train.stop_at={t.stop_at}"
             log.message(f"stopping at step {self.step} (train.stop_at); --resume auto goes on to {t.max_steps}")
         if saved_at != self.step:

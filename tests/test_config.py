@@ -67,3 +67,13 @@ def test_overrides_index_into_lists(tmp_path):
     assert [(d.path, d.weight) for d in cfg.data.datasets] == [("a", 2.0), ("c", 1.0)]
     with pytest.raises(ConfigError, match="index '5'"):
         load_config(ExperimentConfig, path, ["data.datasets.5.path=x"])
+
+
+@pytest.mark.parametrize("override,key", [("train.stop_at=7", "stop_at"), ("train.sample_quality=fid", "sample_quality"),
+                                          ("train.zero_stage=4", "zero_stage"), ("train.eval_interval=-1", "eval_interval"),
+                                          ("train.eval_batches=-1", "eval_batches"), ("train.sample_steps=0", "sample_steps"),
+                                          ("train.sample_cfg=-1", "sample_cfg")])
+def test_experiment_values_out_of_range_name_their_key(override, key):
+    from pretrain.config import ExperimentConfig
+    with pytest.raises(ConfigError, match=key):
+        load_config(ExperimentConfig, None, ["train.max_steps=5", override])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.quality import digit_classifier, digit_prompt, prompt_digit, score_digits
+from pretrain.quality import check_digits, digit_classifier, digit_prompt, prompt_digit, score_digits
 
 
 def real_digits():
@@ -21,6 +21,29 @@ def test_prompts_name_their_digit_and_a_prompt_without_one_is_refused():
     assert prompt_digit("Digit Seven, not one") == 1  # the last digit word
     with pytest.raises(ValueError, match="names no digit"):
         prompt_digit("a cat")
+
+
+def test_the_digit_scorer_refuses_up_front_what_it_could_not_judge():
+    check_digits([digit_prompt(d) for d in range(10)], (1, 8, 8))
+    with pytest.raises(ValueError, match="names no digit"):
+        check_digits(["a handwritten digit four", "a cat"], (1, 8, 8))
+    with pytest.raises(ValueError, match="3x16x16"):
+        check_digits(["digit four"], (3, 16, 16))
+
+
+def test_a_run_whose_eval_prompts_the_scorer_cannot_judge_stops_before_training(tiny_config, tmp_path):
+    """Checked on every rank when the trainer is built, not on rank 0 at the first evaluation."""
+    from data_pipelines.shards import load_manifest
+    from model.config import ConfigError, load_config
+    from pretrain.config import ExperimentConfig
+    from pretrain.eval_samples import EvalSampler
+    common = [f"run.dir={tmp_path}", "train.eval_interval=5", "train.sample_quality=digits"]
+    cfg = load_config(ExperimentConfig, tiny_config, common)
+    manifests = [load_manifest(d.path) for d in cfg.data.datasets]
+    assert EvalSampler(cfg, manifests).enabled
+    bad = load_config(ExperimentConfig, tiny_config, [*common, "train.sample_prompts=[a digit seven, a cat]"])
+    with pytest.raises(ConfigError, match="sample_quality=digits: prompt 'a cat' names no digit"):
+        EvalSampler(bad, manifests)
 
 
 def test_the_classifier_reads_real_digits_and_not_noise():

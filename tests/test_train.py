@@ -23,6 +23,9 @@ def consolidated(ckpt_dir):
     return consolidate(ckpt_dir)
 
 
+SAMPLING = ["train.eval_interval=4", "train.sample_quality=digits"]  # tiny-cpu's ten digit captions; and at max_steps
+
+
 def assert_same_run_from(a, b, steps, ckpt):
     """Runs a and b logged the same losses at `steps` and wrote the same weights and EMA in `ckpt`."""
     ma, mb = metrics(a), metrics(b)
@@ -44,13 +47,15 @@ def test_resume_reproduces_losses_weights_and_ema(tiny_config, tmp_path, stage, 
     through a universal checkpoint in the 2 -> 1 rank test below. bf16 is the GPU's precision: DeepSpeed's bf16 path (bf16 weights, fp32 masters) runs on CPU too
     (ZeRO-1 in bf16, DeepSpeed's BF16_Optimizer, goes through the 2 -> 1 rank test below).
     A resume through a universal checkpoint on the same ranks is exact too (weight decay on, which
-    differs between the optimizer's two parameter groups)."""
+    differs between the optimizer's two parameter groups). Only the straight run samples digit grids
+    from the EMA at evaluations: the runs being equal shows that sampling leaves training untouched."""
     from pretrain.convert import to_universal
     common = [f"train.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=6",
               "checkpoint.interval=3", "checkpoint.keep=0", "train.weight_decay=0.1"]
     straight, resumed, universal = tmp_path / "straight", tmp_path / "resumed", tmp_path / "universal"
-    r = torchrun(2, args(tiny_config, straight, *common))
+    r = torchrun(2, args(tiny_config, straight, *common, *SAMPLING))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(p.name for p in (straight / "samples").iterdir()) == ["step_00000004.png", "step_00000006.png"]
     (resumed / "checkpoints").mkdir(parents=True)  # resume from the step-3 checkpoint in a new process
     shutil.copytree(straight / "checkpoints/step_00000003", resumed / "checkpoints/step_00000003")
     (resumed / "checkpoints/latest").write_text("step_00000003\n")
@@ -239,14 +244,16 @@ def sample_log(run_dir, steps):
 @pytest.mark.parametrize("stage,precision", [(2, "fp32"), (1, "bf16")])
 def test_two_ranks_to_universal_to_one_rank(tiny_config, tmp_path, stage, precision):
     """2 ranks x 1 worker -> universal -> 1 rank x 2 workers with twice the accumulation: the same
-    reader slots and the same global batches, so the run goes on as the straight one did."""
+    reader slots and the same global batches, so the run goes on as the straight one did (which alone
+    samples grids at evaluations)."""
     from pretrain.convert import consolidate_ema, to_universal
     a, b = tmp_path / "a", tmp_path / "b"
     # no EMA warmup: a slow EMA shows whether it went through the conversion (below)
     common = ["train.max_steps=8", "checkpoint.interval=4", "checkpoint.keep=0", "train.log_samples=true",
               "train.ema_warmup=false", f"train.precision={precision}", f"train.zero_stage={stage}"]
-    r = torchrun(2, args(tiny_config, a, *common))
+    r = torchrun(2, args(tiny_config, a, *common, *SAMPLING))
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "sample/digit_accuracy" in metrics(a)[8]
     universal = to_universal(a / "checkpoints/step_00000004", tmp_path / "step_00000004_universal")
     assert (universal / "ema_fp32.pt").is_file() and (universal / "config.json").is_file()
     r = torchrun(1, ["--resume", str(universal), *args(tiny_config, b, *common, "train.grad_accum=2",

@@ -19,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -31,11 +32,13 @@ RESULTS = REPO / "bench" / "repro" / "results"
 
 
 def torchrun(ranks: int, config: str, run_dir: Path, overrides: list[str], reuse: bool = False) -> float:
-    """Train from scratch; returns the wall time in seconds. With `reuse`, a run directory whose
-    run finished is kept (its recorded time returned)."""
+    """Train from scratch in an emptied `run_dir`; returns the wall time in seconds. With `reuse`, a
+    run directory whose run finished is kept (its recorded time returned)."""
     done = run_dir / "train_seconds.txt"
     if reuse and done.is_file():
         return float(done.read_text())
+    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: no records of an earlier run
+    run_dir.mkdir(parents=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "pretrain.train",
            "--config", config, "--resume", "none", f"run.dir={run_dir}", *overrides]
     start = time.time()

@@ -2,7 +2,8 @@
 
     python bench/repro/video.py [--config configs/repro-video.yaml] [--ranks 2] [--clips 4] [key=value ...]
 
-1. writes `moving_digits` shards (one digit bouncing on a 16x16 canvas, 8 frames) if missing;
+1. writes `moving_digits` shards (one digit bouncing on a 16x16 canvas, `--frames` frames) into the
+   config's first data set if missing;
 2. trains `configs/repro-video.yaml` (acdit, one frame per block) on `--ranks` ranks;
 3. samples `--clips` clips for each of 8 captions (digits x directions), saves them as a GIF grid
    (a row per caption);
@@ -27,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from digits import RESULTS, torchrun  # noqa: E402  (bench/repro/digits.py)
 
-CLIP = dict(frames=8, canvas=16, max_digits=1)
+CLIP = dict(canvas=16, max_digits=1)
 PROMPTS = [f"digit {d} moving {v} and {h}" for d, v, h in (
     ("zero", "down", "right"), ("one", "up", "left"), ("two", "down", "left"), ("three", "up", "right"),
     ("four", "down", "right"), ("five", "up", "left"), ("seven", "down", "left"), ("eight", "up", "right"))]
@@ -65,9 +66,9 @@ def frame_digit_accuracy(clips: np.ndarray, captions: list[str]) -> float:
     return float((digit_classifier().predict(windows) == wanted).mean())
 
 
-def real_clips(n: int, seed: int = 1) -> tuple[np.ndarray, list[str]]:
+def real_clips(n: int, frames: int, seed: int = 1) -> tuple[np.ndarray, list[str]]:
     from data_pipelines.sources import moving_digits
-    docs = list(moving_digits(num_samples=n, seed=seed, **CLIP))
+    docs = list(moving_digits(num_samples=n, frames=frames, seed=seed, **CLIP))
     return np.stack([d[1]["video"][..., 0] for d in docs]), [d[0]["text"] for d in docs]
 
 
@@ -87,6 +88,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=25, help="sampling steps per frame")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--videos", type=int, default=4000, help="training clips to write")
+    p.add_argument("--frames", type=int, default=6, help="frames per training clip (when writing them)")
     p.add_argument("--out", default="runs/repro/video")
     p.add_argument("--reuse", action="store_true", help="keep a finished run in --out")
     p.add_argument("overrides", nargs="*")
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
     info = build(video.parent)
     if not (video / "manifest.json").is_file():
         write_shards("moving_digits", str(video), str(info["tokenizer"]), encoder="pixels", channels=1,
-                     samples_per_shard=256, num_samples=a.videos, **CLIP)
+                     samples_per_shard=256, num_samples=a.videos, frames=a.frames, **CLIP)
     run = REPO / a.out
     seconds = torchrun(a.ranks, a.config, run, a.overrides, a.reuse)
     loaded = load_for_sampling(run, "cuda" if torch.cuda.is_available() else "cpu")
@@ -108,8 +110,8 @@ def main(argv=None) -> int:
     captions = [q for q in PROMPTS for _ in range(a.clips)]
     generated = motion(pixels[:, 0].numpy(), captions)
     generated["frame_digit_accuracy"] = frame_digit_accuracy(pixels[:, 0].numpy(), captions)
-    real = motion(*real_clips(200))
-    real["frame_digit_accuracy"] = frame_digit_accuracy(*real_clips(200))
+    real = motion(*real_clips(200, pixels.shape[2]))
+    real["frame_digit_accuracy"] = frame_digit_accuracy(*real_clips(200, pixels.shape[2]))
     result = {"config": a.config, "overrides": a.overrides, "train_seconds": seconds, "sampling_seconds": sampling,
               "clips": len(pixels), "generated": generated, "real": real}
     (RESULTS / "video.json").write_text(json.dumps(result, indent=2) + "\n")
