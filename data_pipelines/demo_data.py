@@ -68,7 +68,7 @@ def main(argv=None) -> int:
     print(f"tokenizer: {info['tokenizer']} (text from {info['corpus']})")
     for name in ("digits", "text", "text-heldout"):
         m = info[name]
-        print(f"{name:7s} {m['num_samples']:5d} samples in {len(m['shards'])} shards, fingerprint {m['fingerprint']}")
+        print(f"{name:7s} {m.num_samples:5d} samples in {len(m.shards)} shards, fingerprint {m.fingerprint}")
     return 0
 
 

@@ -66,13 +66,13 @@ class PackedLoader:
             raise DataError("data.datasets: no dataset configured")
         self.manifests = [load_manifest(e.path) for e in self.entries]
         for e, m in zip(self.entries, self.manifests):
-            if m["latent_channels"] != model_cfg.latent_channels:
-                raise DataError(f"{e.path}: latents have {m['latent_channels']} channels, "
+            if m.latent_channels != model_cfg.latent_channels:
+                raise DataError(f"{e.path}: latents have {m.latent_channels} channels, "
                                 f"model.latent_channels is {model_cfg.latent_channels}")
-            if m["tokenizer"]["vocab_size"] > model_cfg.vocab_size:
-                raise DataError(f"{e.path}: tokenizer has {m['tokenizer']['vocab_size']} pieces, "
+            if m.vocab_size > model_cfg.vocab_size:
+                raise DataError(f"{e.path}: tokenizer has {m.vocab_size} pieces, "
                                 f"model.vocab_size is {model_cfg.vocab_size}")
-        self.orders = [DatasetOrder([s["samples"] for s in m["shards"]], cfg.seed, cfg.shuffle)
+        self.orders = [DatasetOrder(m.shard_sizes, cfg.seed, cfg.shuffle)
                        for m in self.manifests]
         self.base = [base_from_json(None) for _ in self.entries]  # (epochs, partial, first_epoch)
         self.slot_states: dict[int, dict] = {}
@@ -110,7 +110,7 @@ class PackedLoader:
 
     # ---- state ---------------------------------------------------------------------------
     def fingerprints(self) -> list[str]:
-        return [m["fingerprint"] for m in self.manifests]
+        return [m.fingerprint for m in self.manifests]
 
     def layout(self) -> dict:
         return {"world_size": self.world_size, "workers": self.workers, "slots": self.num_slots,

@@ -4,7 +4,8 @@ A sample is `KEY.json` = {"segments": [{"text": str, "tokens": [ids]} | {"latent
 "kind": "image"|"video", "shape": [C,(T,)h,w]}, ...]} plus one `KEY.latN.npy` per latent.
 `DIR/manifest.json` lists the shards with their sample counts and sha256, `num_samples`,
 the encoder and tokenizer, and a `fingerprint` of all of it. Shards are written under a
-temporary name and renamed when complete; the manifest is written last.
+temporary name and renamed when complete; the manifest is written last. This module is the one
+owner of that format: others read a manifest as a `Manifest` (`load_manifest`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import io
 import json
 import os
 import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -22,6 +24,48 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 MANIFEST = "manifest.json"
 FORMAT = "monofusion-shards/1"
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str      # file name in the shard folder
+    samples: int
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A shard set: where it is, its shards, and how its samples were encoded and tokenized."""
+    root: Path
+    shards: tuple[ShardInfo, ...]
+    num_samples: int
+    fingerprint: str
+    encoder: Optional[dict] = None       # data_pipelines.encoders describe(): load_encoder rebuilds it
+    latent_channels: int = 0
+    latent_shapes: dict = field(default_factory=dict)  # kind -> the most common [C,(T,)H,W]
+    tokenizer: dict = field(default_factory=dict)      # {fingerprint, vocab_size, path}
+    source: dict = field(default_factory=dict)         # the source's name and options
+
+    @classmethod
+    def from_json(cls, root: Path, raw: dict) -> "Manifest":
+        return cls(Path(root), tuple(ShardInfo(**s) for s in raw["shards"]), raw["num_samples"], raw["fingerprint"],
+                   raw.get("encoder"), raw.get("latent_channels", 0), dict(raw.get("latent_shapes", {})),
+                   dict(raw.get("tokenizer", {})), dict(raw.get("source", {})))
+
+    @property
+    def tokenizer_path(self) -> Optional[str]:
+        return self.tokenizer.get("path")
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.tokenizer.get("vocab_size", 0))
+
+    @property
+    def shard_sizes(self) -> list[int]:
+        return [s.samples for s in self.shards]
+
+    def shard_path(self, index: int) -> Path:
+        return self.root / self.shards[index].name
 
 
 class BadSample(ValueError):
@@ -70,7 +114,7 @@ class ShardSetWriter:
         if self.shards[-1]["samples"] == self.per_shard:
             self._finish()
 
-    def close(self, **info) -> dict:
+    def close(self, **info) -> Manifest:
         """Finish the last shard and write the manifest (with `info`: encoder, tokenizer, ...)."""
         if self._tar is not None:
             self._finish()
@@ -80,7 +124,7 @@ class ShardSetWriter:
         tmp = self.out / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1) + "\n")
         os.replace(tmp, self.out / MANIFEST)
-        return manifest
+        return Manifest.from_json(self.out, manifest)
 
 
 def fingerprint(manifest: dict) -> str:
@@ -88,16 +132,20 @@ def fingerprint(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_manifest(directory: str | Path) -> dict:
+def load_manifest(directory: str | Path) -> Manifest:
+    """The manifest of a shard folder, checked (format, fingerprint); one-line errors naming the file."""
     path = Path(directory) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no shard manifest (write shards with data_pipelines.write_shards)")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT}")
     if manifest.get("fingerprint") != fingerprint(manifest):
         raise ValueError(f"{path}: fingerprint does not match its contents (edited by hand?)")
-    return manifest
+    return Manifest.from_json(Path(directory), manifest)
 
 
 def read_shard(path: str | Path) -> tuple[list[tuple[str, dict]], Optional[str]]:
@@ -150,8 +198,8 @@ def decode_sample(key: str, files: dict, where: str) -> list[dict]:
 def iter_shard_documents(directory: str | Path) -> Iterator[tuple[str, list[dict]]]:
     """(key, segments) of every sample of a shard set in stored order (for inspection/tests)."""
     manifest = load_manifest(directory)
-    for shard in manifest["shards"]:
-        where = str(Path(directory) / shard["name"])
+    for i in range(len(manifest.shards)):
+        where = str(manifest.shard_path(i))
         samples, error = read_shard(where)
         if error:
             raise BadSample(f"{where}: {error}")

@@ -16,7 +16,7 @@ from typing import Iterator, Optional, Union
 from data_pipelines.config import DataConfig
 from data_pipelines.documents import best_fit, build_document, stateless_uniform, text_chunk, timestep_generator
 from data_pipelines.order import Dealing, DatasetOrder, Intervals
-from data_pipelines.shards import BadSample, decode_sample, read_shard
+from data_pipelines.shards import BadSample, Manifest, decode_sample, read_shard
 from model.diffusion import Diffusion, assign_timesteps
 from model.layout import DocLayout, LayoutSpec, pack_rows
 
@@ -33,7 +33,7 @@ class DataError(RuntimeError):
 class Dataset:
     """A shard set as one slot sees it: where, its order, how it is dealt, what is consumed."""
     root: Path
-    manifest: dict
+    manifest: Manifest
     role: str
     weight: float
     order: DatasetOrder
@@ -70,9 +70,9 @@ class ShardCursor:
         if shard not in self._cache:
             if len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[shard] = read_shard(self.ds.root / self.ds.manifest["shards"][shard]["name"])
+            self._cache[shard] = read_shard(self.ds.manifest.shard_path(shard))
         samples, error = self._cache[shard]
-        where = str(self.ds.root / self.ds.manifest["shards"][shard]["name"])
+        where = str(self.ds.manifest.shard_path(shard))
         if index >= len(samples):
             raise BadSample(f"{where}: sample {index} unreadable ({error or 'missing'})")
         key, files = samples[index]

@@ -71,3 +71,49 @@ def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int, mode
         written.replace(out)
     out.with_suffix(".vocab").unlink(missing_ok=True)
     return Tokenizer(out)
+
+
+def adopt_tokenizer(source: str | Path, out: str | Path) -> tuple[Tokenizer, list[int]]:
+    """A sentencepiece model made by others (e.g. a Hugging Face Llama's `tokenizer.model`) with the
+    project's special tokens put first: the source's unk, bos, eos (and pad) pieces become `<unk>`,
+    `<bos>`, `<eos>` (`<pad>`), the other reserved pieces are added, and every other piece keeps its
+    order after them; text encodes to the same pieces. Returns the tokenizer written to `out` and
+    `new_id[old_id]` for every id of the source (so that embedding rows can follow their pieces)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    source, out = Path(source), Path(out)
+    proto = pb.ModelProto()
+    try:
+        proto.ParseFromString(source.read_bytes())
+    except Exception as e:  # noqa: BLE001 - protobuf raises its own DecodeError
+        raise ValueError(f"{source}: not a sentencepiece model ({e})") from None
+    spec, kinds = proto.trainer_spec, pb.ModelProto.SentencePiece
+    roles = {}  # old id -> the reserved piece it becomes
+    for i, p in enumerate(proto.pieces):
+        if p.type == kinds.UNKNOWN:
+            roles[i] = "<unk>"
+        elif p.type == kinds.CONTROL and p.piece in (spec.bos_piece or "<s>", spec.eos_piece or "</s>",
+                                                      spec.pad_piece or "<pad>"):
+            roles[i] = {spec.bos_piece or "<s>": "<bos>", spec.eos_piece or "</s>": "<eos>"}.get(p.piece, "<pad>")
+        elif p.piece in SPECIAL_TOKENS:
+            raise ValueError(f"{source}: piece {i} is {p.piece!r}, a name the project reserves")
+    kept = [i for i in range(len(proto.pieces)) if i not in roles]
+    new = pb.ModelProto()
+    new.CopyFrom(proto)
+    del new.pieces[:]
+    for i, name in enumerate(SPECIAL_TOKENS):
+        piece = new.pieces.add()
+        piece.piece, piece.score = name, 0.0
+        piece.type = kinds.UNKNOWN if name == "<unk>" else kinds.CONTROL if i < 4 else kinds.USER_DEFINED
+    for i in kept:
+        new.pieces.append(proto.pieces[i])
+    new.trainer_spec.unk_id, new.trainer_spec.bos_id, new.trainer_spec.eos_id, new.trainer_spec.pad_id = 1, 2, 3, 0
+    new.trainer_spec.unk_piece, new.trainer_spec.bos_piece = "<unk>", "<bos>"
+    new.trainer_spec.eos_piece, new.trainer_spec.pad_piece = "<eos>", "<pad>"
+    new_id = [0] * len(proto.pieces)
+    for old, name in roles.items():
+        new_id[old] = SPECIAL_TOKENS.index(name)
+    for position, old in enumerate(kept):
+        new_id[old] = len(SPECIAL_TOKENS) + position
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(new.SerializeToString())
+    return Tokenizer(out), new_id

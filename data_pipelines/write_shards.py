@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_pipelines.encoders import ENCODERS, build_encoder, encode_video
-from data_pipelines.shards import ShardSetWriter
+from data_pipelines.shards import Manifest, ShardSetWriter
 from data_pipelines.sources import SOURCES, get_source
 from data_pipelines.tokenizer import Tokenizer
 
@@ -58,7 +58,7 @@ def encode_documents(docs: list[list[dict]], tokenizer: Tokenizer, encoder) -> l
 
 def write_shards(source: str, out: str, tokenizer: str, encoder: str = "pixels", vae: str | None = None,
                  channels: int = 3, samples_per_shard: int = 256, batch: int = 64, progress: bool = True,
-                 **source_options) -> dict:
+                 **source_options) -> Manifest:
     """Write `source`'s documents as shards under `out`; returns the manifest."""
     tok = Tokenizer(tokenizer)
     enc = build_encoder(encoder, vae, channels)
@@ -111,8 +111,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {m['num_samples']} samples in {len(m['shards'])} shards to {a.out} "
-          f"(fingerprint {m['fingerprint']})")
+    print(f"wrote {m.num_samples} samples in {len(m.shards)} shards to {a.out} (fingerprint {m.fingerprint})")
     return 0
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from model.config import Config, ConfigError, knob
+from model.config_system import Config, ConfigError, knob
 
 
 @dataclasses.dataclass

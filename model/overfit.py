@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from model.config import Config, ConfigError, knob, load_config
+from model.config_system import Config, ConfigError, knob, load_config
 from model.diffusion import Diffusion, assign_timesteps
 from model.layout import LayoutSpec, TextSegment, layout_document, pack_rows
 from model.model_config import ModelConfig

@@ -23,8 +23,9 @@ from model.kv_cache import KVCache, extend_cache
 from model.model_config import ModelConfig
 from model.packed_batch import PackedBatch
 from model.rope import Rotary, apply_rotary
+from model.weights import WeightsError, load_weights, state_entries, write_weights
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+CONFIG_FILE = "config.json"
 
 
 class Attention(nn.Module):
@@ -256,32 +257,52 @@ class UnifiedTransformer(nn.Module):
         return {"loss": total, "lm_loss": lm_sum / own[0], "diffusion_loss": diffusion_sum / own[1],
                 "lm_sum": lm_sum, "diffusion_sum": diffusion_sum}
 
-    # ---- release folder ------------------------------------------------------------------
-    def save_pretrained(self, directory, dtype: Optional[torch.dtype] = None) -> Path:
-        """Write `config.json` + `model.safetensors` to `directory`."""
-        from safetensors.torch import save_file
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
-                 for k, v in self.state_dict().items()}
-        save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": "pt"})
-        (directory / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
-        return directory
+    # ---- saved folders -------------------------------------------------------------------
+    def save_pretrained(self, directory, dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 10**9) -> Path:
+        """Write `config.json` + the weights (model.weights: one safetensors file, or shards + index)."""
+        state = self.state_dict()
+        write_weights(directory, state_entries(state, dtype), state.__getitem__, max_shard_bytes)
+        return save_model_config(directory, self.cfg)
+
+    @classmethod
+    def from_state_dict(cls, cfg: ModelConfig, state: dict) -> "UnifiedTransformer":
+        """A model holding `state`'s tensors themselves (no random init, no copy). Missing, unexpected
+        or wrongly shaped tensors: WeightsError naming the first."""
+        with torch.device("meta"):
+            model = cls(cfg)
+        check_state_shapes(model, {k: v.shape for k, v in state.items()})
+        model.load_state_dict(state, strict=True, assign=True)
+        model.diffusion = Diffusion(cfg)  # its scheduler tables were made on meta
+        return model
 
     @classmethod
     def from_pretrained(cls, directory, device="cpu", dtype: Optional[torch.dtype] = None):
         """Load a folder written by `save_pretrained` (config is checked strictly)."""
-        from safetensors.torch import load_file
         directory = Path(directory)
-        for name in (CONFIG_FILE, WEIGHTS_FILE):
-            if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name}: missing (not a save_pretrained folder?)")
+        if not (directory / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{directory / CONFIG_FILE}: missing (not a save_pretrained folder?)")
         cfg = ModelConfig.from_dict(json.loads((directory / CONFIG_FILE).read_text()))
-        with torch.device("meta"):
-            model = cls(cfg)
-        state = load_file(str(directory / WEIGHTS_FILE), device=str(device))
-        model.load_state_dict(state, strict=True, assign=True)
-        model.diffusion = Diffusion(cfg)  # its scheduler tables were made on meta
+        model = cls.from_state_dict(cfg, load_weights(directory, device))
         if dtype is not None:
             model.to(dtype)
         return model.eval()
+
+
+def save_model_config(directory, cfg: ModelConfig) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    return directory
+
+
+def check_state_shapes(model: nn.Module, shapes: dict) -> None:
+    """WeightsError naming the first tensor that `model` lacks, misses or has in another shape."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name, shape in own.items():
+        if name not in shapes:
+            raise WeightsError(f"{name}: missing from the weights")
+        if tuple(shapes[name]) != shape:
+            raise WeightsError(f"{name}: shape {tuple(shapes[name])} in the weights, the model's is {shape}")
+    extra = [k for k in shapes if k not in own]
+    if extra:
+        raise WeightsError(f"{extra[0]}: in the weights, not a tensor of this model")

@@ -10,7 +10,7 @@ import dataclasses
 from typing import Literal
 
 from data_pipelines.config import DataConfig
-from model.config import Config, ConfigError, knob
+from model.config_system import Config, ConfigError, knob
 from model.model_config import ModelConfig
 
 
@@ -25,6 +25,8 @@ class TrainConfig(Config):
     max_steps: int = knob(1000, "optimizer steps to train for (the schedule's length)")
     stop_at: int = knob(0, "end this invocation at this step, checkpointed, the schedule unchanged (as a "
                            "preemption would; --resume auto goes on); 0 = max_steps")
+    init_from: str = knob("", "release folder (to-release, import-llama) whose weights the run starts from, "
+                              "at step 0; ignored when resuming from a checkpoint")
     zero_stage: int = knob(2, "DeepSpeed ZeRO stage: 1, 2 or 3")
     micro_batch_size: int = knob(4, "packed rows per rank per micro-step")
     grad_accum: int = knob(1, "micro-steps per optimizer step")

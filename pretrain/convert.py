@@ -2,11 +2,13 @@
 
     python -m pretrain.convert to-universal CKPT OUT     # a ZeRO checkpoint -> DeepSpeed universal
     python -m pretrain.train --config X.yaml --resume OUT  # ... then resume on another number of ranks
-    python -m pretrain.convert to-release CKPT OUT [--raw] [--dtype bf16]  # -> a release folder
+    python -m pretrain.convert to-release CKPT_OR_RUN OUT [--raw] [--dtype bf16] [--max-shard-size 5GB]
 
 `to-universal` runs DeepSpeed's `ds_to_universal` (with `--inject_missing_state`, needed for
 ZeRO-1/2) and adds `ema_fp32.pt`: the EMA reassembled from the per-rank partitions, which a
-resumed run on any number of ranks cuts into its own partitions again.
+resumed run on any number of ranks cuts into its own partitions again. `to-release` writes a
+release folder (pretrain.release) from any checkpoint, reading one tensor at a time
+(pretrain.checkpoint.reader): its memory is bounded by the largest tensor, not the model.
 """
 from __future__ import annotations
 
@@ -15,62 +17,18 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
-from typing import Optional
 
 import torch
 
-from pretrain.checkpoint import CONFIG_FILE
-
-EMA_FILE = "ema_fp32.pt"
-
-
-def consolidate(ckpt: Path, partitions: Optional[list] = None) -> dict:
-    """The full fp32 state dict of a ZeRO checkpoint folder: its fp32 master weights, or with
-    `partitions` (one list of flat tensors per rank, the layout of that rank's masters) those
-    tensors in their place (the EMA shadows).
-
-    DeepSpeed's zero_to_fp32 reassembles flat fp32 partitions into parameters; it is handed slim
-    copies of the optimizer files (no Adam moments). The copies also name the ZeRO stage of
-    DeepSpeed's BF16_Optimizer files (ZeRO-1 in bf16), which zero_to_fp32 alone refuses."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    ckpt = Path(ckpt)
-    with tempfile.TemporaryDirectory() as tmp:
-        slim_ckpt = Path(tmp) / ckpt.name
-        slim_ckpt.mkdir()
-        for f in ckpt.glob("*model_states.pt"):
-            os.symlink(f.resolve(), slim_ckpt / f.name)
-        rank = 0
-        while (src := next(ckpt.glob(f"*zero_pp_rank_{rank}_*optim_states.pt"), None)) is not None:
-            osd = torch.load(src, map_location="cpu", weights_only=False, mmap=True)["optimizer_state_dict"]
-            stage = int(osd.get("zero_stage", 1))  # BF16_Optimizer (ZeRO-1 in bf16) writes none
-            key = "single_partition_of_fp32_groups" if stage <= 2 else "fp32_flat_groups"
-            slim = {k: osd[k] for k in ("partition_count", "ds_version") if k in osd}
-            slim.update(zero_stage=stage, **{key: osd[key] if partitions is None else partitions[rank]})
-            torch.save({"optimizer_state_dict": slim, "ds_config": {}, "ds_version": osd.get("ds_version")},
-                       slim_ckpt / src.name)
-            rank += 1
-        if rank == 0:
-            raise FileNotFoundError(f"{ckpt}: no *zero_pp_rank_0_*optim_states.pt (not a ZeRO checkpoint folder)")
-        return get_fp32_state_dict_from_zero_checkpoint(tmp, tag=ckpt.name)
-
-
-def consolidate_ema(ckpt: Path) -> dict | None:
-    """The full fp32 EMA state dict of a ZeRO checkpoint folder (None when it has no EMA)."""
-    rank_files = sorted(Path(ckpt).glob("rank_*.pt"))
-    if not rank_files:
-        return None
-    shadows = [torch.load(f, map_location="cpu", weights_only=False).get("ema") for f in rank_files]
-    if any(s is None for s in shadows):
-        return None
-    return consolidate(ckpt, [s["shadow"] for s in shadows])
+from pretrain.checkpoint import CONFIG_FILE, EMA_FILE, is_checkpoint
+from pretrain.checkpoint.reader import CheckpointError, CheckpointReader
 
 
 def to_universal(ckpt: str | Path, out: str | Path) -> Path:
     """Convert a ZeRO checkpoint folder (e.g. RUN/checkpoints/step_N) to a universal one at `out`."""
     ckpt, out = Path(ckpt), Path(out)
-    if not list(ckpt.glob("*model_states.pt")):
+    if not is_checkpoint(ckpt):
         raise FileNotFoundError(f"{ckpt}: not a DeepSpeed checkpoint folder (no *model_states.pt)")
     if out.exists():
         raise FileExistsError(f"{out}: already exists")
@@ -82,24 +40,78 @@ def to_universal(ckpt: str | Path, out: str | Path) -> Path:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed on {ckpt}:\n{r.stderr[-2000:]}")
-    ema = consolidate_ema(ckpt)
-    if ema is not None:
-        torch.save(ema, tmp / EMA_FILE)
+    reader = CheckpointReader(ckpt)
+    if reader.has_ema():
+        torch.save(reader.state_dict(ema=True), tmp / EMA_FILE)
     if (ckpt / CONFIG_FILE).is_file():
         shutil.copy2(ckpt / CONFIG_FILE, tmp / CONFIG_FILE)
     os.replace(tmp, out)
     return out
 
 
-def to_release(ckpt: str | Path, out: str | Path, ema: bool = True, dtype: str = "fp32") -> Path:
-    """A checkpoint folder -> a release folder (safetensors; EMA weights when kept, else raw)."""
-    from pretrain.release import data_info, model_from_checkpoint, save_release
-    ckpt = Path(ckpt)
-    model, client, used_ema = model_from_checkpoint(ckpt, ema)
-    info, tokenizer = data_info(client["config"].get("data", {}))
-    info["weights"] = "ema" if used_ema else "raw"
-    info["step"] = client.get("step")
-    return save_release(model, Path(out), info, tokenizer, torch.bfloat16 if dtype == "bf16" else None)
+def to_release(source: str | Path, out: str | Path, ema: bool = True, dtype: str = "fp32",
+               max_shard_size: str | int = "5GB", progress: bool = False) -> Path:
+    """A checkpoint folder (ZeRO-1/2/3 from any number of ranks, or universal), a checkpoint root or
+    a run directory (its `latest`) -> a release folder (pretrain.release), EMA weights when the run
+    kept an EMA (else or with ema=False the raw ones). The weights are streamed: one tensor in
+    memory at a time, the optimizer moments never read."""
+    from tqdm import tqdm
+    from model.model_config import ModelConfig
+    from model.transformer import UnifiedTransformer, check_state_shapes
+    from model.weights import Entry, parse_size
+    from pretrain.release import checkpoint_folder, data_info, stamp, write_release
+    folder = checkpoint_folder(Path(source))
+    reader = CheckpointReader(folder)
+    config = reader.config
+    if "model" not in config:
+        raise CheckpointError(f"{folder}: no experiment config ({CONFIG_FILE} or client state)")
+    cfg = ModelConfig.from_dict(config["model"])
+    with torch.device("meta"):
+        model = UnifiedTransformer(cfg)
+    shapes = dict(reader.entries())
+    check_state_shapes(model, shapes)
+    use_ema = ema and reader.has_ema()
+    out_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    entries = [Entry(k, tuple(v.shape), out_dtype if v.is_floating_point() else v.dtype)
+               for k, v in model.state_dict().items()]
+    info, tokenizer = data_info(config.get("data", {}))
+    info["provenance"] = stamp({"source": str(folder.resolve()), "step": reader.client.get("step"),
+                                "tokens_seen": reader.client.get("tokens"), "weights": "ema" if use_ema else "raw",
+                                "dtype": dtype, "config_sha256": config_hash(config)})
+    bar = tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc=f"to-release {folder.name}",
+               disable=not progress)
+    try:
+        return write_release(out, cfg, entries, lambda name: reader.tensor(name, use_ema), info, tokenizer,
+                             parse_size(max_shard_size), progress=lambda e: bar.update(e.nbytes))
+    finally:
+        bar.close()
+        reader.release()
+
+
+def config_hash(config: dict) -> str:
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+LLAMA_FIXED = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "norm_eps", "rope_theta",
+               "max_seq_len", "qk_norm")  # set by the Llama (it has no query/key norms)
+
+
+def latent_knobs(overrides: list[str]) -> dict:
+    """`model.KEY=VALUE` overrides of the knobs a Llama does not fix, typed by ModelConfig."""
+    from model.config_system import ConfigError, load_config
+    from model.model_config import ModelConfig
+    keys = []
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if not key.startswith("model.") or "=" not in o:
+            raise ConfigError(f"{o}: expected model.KEY=VALUE")
+        if key[len("model."):] in LLAMA_FIXED:
+            raise ConfigError(f"{key}: fixed by the Llama's config.json")
+        keys.append(key[len("model."):])
+    cfg = load_config(ModelConfig, None, [o[len("model."):] for o in overrides])
+    return {k: getattr(cfg, k) for k in keys}
 
 
 def main(argv=None) -> int:
@@ -108,20 +120,39 @@ def main(argv=None) -> int:
     u = sub.add_parser("to-universal", help="ZeRO checkpoint -> DeepSpeed universal checkpoint")
     u.add_argument("checkpoint", help="a checkpoint folder, e.g. RUN/checkpoints/step_00001000")
     u.add_argument("out", help="output folder (e.g. RUN/checkpoints/step_00001000_universal)")
-    r = sub.add_parser("to-release", help="ZeRO checkpoint -> release folder (config.json + safetensors)")
-    r.add_argument("checkpoint", help="a checkpoint folder, e.g. RUN/checkpoints/step_00001000")
+    r = sub.add_parser("to-release", help="checkpoint or run -> release folder (config.json + safetensors)")
+    r.add_argument("checkpoint", help="a checkpoint folder (RUN/checkpoints/step_00001000), or a run directory")
     r.add_argument("out", help="release folder to write")
     r.add_argument("--raw", action="store_true", help="raw weights even when the run kept an EMA")
     r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    r.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    i = sub.add_parser("import-llama", help="Hugging Face Llama folder -> release folder (latent parts fresh)")
+    i.add_argument("hf_dir", help="folder with config.json, *.safetensors and tokenizer.model")
+    i.add_argument("out", help="release folder to write")
+    i.add_argument("overrides", nargs="*", help="model knobs the Llama does not fix, e.g. model.latent_channels=4 "
+                                                  "model.patch_size=2 model.objective=flow model.mode=acdit")
+    e = sub.add_parser("export-llama", help="release folder -> Hugging Face Llama folder (the text path)")
+    e.add_argument("release", help="a release folder (to-release, import-llama)")
+    e.add_argument("out", help="folder to write")
+    e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     a = p.parse_args(argv)
     try:
-        if a.command == "to-universal":
+        if a.command == "import-llama":
+            from pretrain.llama import import_llama
+            out = import_llama(a.hf_dir, a.out, **latent_knobs(a.overrides))
+            print(f"wrote {out}; train from it with train.init_from={out} (shards: --tokenizer {out}/tokenizer.model)")
+        elif a.command == "export-llama":
+            from pretrain.llama import export_llama
+            out = export_llama(a.release, a.out, a.dtype)
+            print(f"wrote {out}; load with transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
+        elif a.command == "to-universal":
             out = to_universal(a.checkpoint, a.out)
             print(f"wrote {out}; resume with --resume {out}")
         else:
-            out = to_release(a.checkpoint, a.out, ema=not a.raw, dtype=a.dtype)
+            out = to_release(a.checkpoint, a.out, ema=not a.raw, dtype=a.dtype, max_shard_size=a.max_shard_size,
+                             progress=True)
             print(f"wrote {out}; sample with python -m pretrain.sample --model {out}")
-    except (FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # CheckpointError, WeightsError, ConfigError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,9 +2,8 @@
 
 At each evaluation every rank takes part in assembling the whole fp32 weights (the EMA when
 the run keeps one) with DeepSpeed's `safe_get_full_fp32_param`, which works the same under
-ZeRO-1, 2 and 3; only rank 0 keeps them. It loads them into a plain model copy (built on the
-meta device, the tensors assigned: one full fp32 model on rank 0 for the length of the
-sampling), samples `samples_per_prompt` images per prompt with guidance, saves a PNG grid (one
+ZeRO-1, 2 and 3; only rank 0 keeps them. A plain model copy holds them (assigned, not copied:
+one full fp32 model on rank 0 for the length of the sampling), samples `samples_per_prompt` images per prompt with guidance, saves a PNG grid (one
 row per prompt) and scores them with `train.sample_quality` (pretrain.quality).
 """
 from __future__ import annotations
@@ -15,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from model.config import ConfigError
+from model.config_system import ConfigError
 from model.transformer import UnifiedTransformer
 from pretrain.distributed import any_rank
 from pretrain.ema import full_fp32_state
@@ -92,10 +91,7 @@ class EvalSampler:
         from pretrain.release import Loaded
         from pretrain.sample import sample_pixels
         t = self.cfg.train
-        with torch.device("meta"):
-            model = UnifiedTransformer(self.cfg.model)
-        model.load_state_dict(state, assign=True)
-        model.to(device).eval()
+        model = UnifiedTransformer.from_state_dict(self.cfg.model, state).to(device).eval()
         pixels = sample_pixels(Loaded(model, self.tokenizer, self.info), self.prompts, t.samples_per_prompt, "image",
                                t.sample_steps, t.sample_cfg, seed=self.cfg.run.seed, progress=False,
                                encoder=self.encoder)

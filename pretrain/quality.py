@@ -93,7 +93,9 @@ def _mean_pairwise(x: np.ndarray) -> float:
 def digit_spread(images: torch.Tensor | np.ndarray, wanted: np.ndarray) -> dict:
     """Whether samples are varied digits rather than one mode or copies of the training set: the mean
     pixel distance between two samples of the same digit (against the same for real digits), and
-    from each sample to its nearest real digit (against a real digit's distance to its nearest other)."""
+    from each sample to its nearest real digit (against a real digit's distance to its nearest other),
+    and the share of samples nearer to a real digit than 95% of real digits are to their nearest other
+    (about 5% for samples as new as real digits; copies raise it)."""
     from sklearn.datasets import load_digits
     data = load_digits()
     real = data.images.reshape(len(data.images), -1) / 16.0
@@ -101,12 +103,14 @@ def digit_spread(images: torch.Tensor | np.ndarray, wanted: np.ndarray) -> dict:
     nearest = _distances(x, real).min(1)
     real_nearest = _distances(real[:200], real)
     real_nearest[np.arange(200), np.arange(200)] = np.inf
+    real_nearest = real_nearest.min(1)
     digits = sorted(set(np.asarray(wanted).tolist()))
     return {"within_digit_distance": float(np.mean([_mean_pairwise(x[wanted == d]) for d in digits])),
             "real_within_digit_distance": float(np.mean([_mean_pairwise(real[data.target == d][:100])
                                                          for d in digits])),
             "nearest_real_distance": float(nearest.mean()),
-            "real_nearest_other_distance": float(real_nearest.min(1).mean())}
+            "real_nearest_other_distance": float(real_nearest.mean()),
+            "near_copy_share": float((nearest < np.percentile(real_nearest, 5)).mean())}
 
 
 def check_digits(prompts: Sequence[str], image_shape: Sequence[int]) -> None:
@@ -162,7 +166,8 @@ def format_digit_scores(result: dict) -> str:
             f"(classifier: {result['classifier_holdout_accuracy']:.1%} on held-out real digits)\n  per digit {per}\n"
             f"  spread: two samples of a digit {result['within_digit_distance']:.2f} apart (real digits "
             f"{result['real_within_digit_distance']:.2f}); a sample {result['nearest_real_distance']:.2f} from its "
-            f"nearest real digit (a real digit from its nearest other: {result['real_nearest_other_distance']:.2f})")
+            f"nearest real digit (a real digit from its nearest other: {result['real_nearest_other_distance']:.2f}); "
+            f"{result['near_copy_share']:.1%} nearer than 95% of real digits to their nearest other")
 
 
 def main(argv=None) -> int:

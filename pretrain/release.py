@@ -1,34 +1,40 @@
 """Release folders: everything needed to sample, with no DeepSpeed and no data pipeline run.
 
-    RELEASE/config.json, model.safetensors   (UnifiedTransformer.save_pretrained)
-    RELEASE/tokenizer.model                   (the sentencepiece model of the shards)
-    RELEASE/release.json                      (latent encoder description, latent shapes seen in training)
+    RELEASE/config.json                       the model config (model.transformer)
+    RELEASE/model.safetensors                 or model-0000K-of-0000N.safetensors + model.safetensors.index.json
+    RELEASE/tokenizer.model                   the sentencepiece model of the shards
+    RELEASE/release.json                      latent encoder, latent shapes seen in training, provenance
+    RELEASE/README.md                         provenance for people: source, step, tokens, EMA or raw
+    RELEASE/vae/                              the VAE, when the latents came from one
 
-`load_for_sampling(path)` takes a release folder or a training run directory (its latest
-checkpoint, consolidated in memory by DeepSpeed's zero_to_fp32 helpers; EMA weights when
-the run kept an EMA).
+This module owns the release folder; `write_release` writes one into a temporary folder and
+renames it at the end, so that OUT is either complete or absent. `load_for_sampling(path)`
+takes a release folder, a training run directory (its latest checkpoint) or a checkpoint folder.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from model.model_config import ModelConfig
-from model.transformer import WEIGHTS_FILE, UnifiedTransformer
+from model.transformer import UnifiedTransformer, save_model_config
+from model.weights import Entry, has_weights, state_entries, write_weights
 
-RELEASE_FILE, TOKENIZER_FILE = "release.json", "tokenizer.model"
+RELEASE_FILE, TOKENIZER_FILE, README_FILE = "release.json", "tokenizer.model", "README.md"
 
 
 @dataclasses.dataclass
 class Loaded:
     model: UnifiedTransformer
     tokenizer: Optional[Path]
-    info: dict  # {"encoder": {...}, "latent_shapes": {"image": [C,H,W], ...}}
+    info: dict  # {"encoder": {...}, "latent_shapes": {"image": [C,H,W], ...}, ...}
 
 
 def data_info(data_cfg: dict) -> tuple[dict, Optional[Path]]:
@@ -44,74 +50,128 @@ def data_info(data_cfg: dict) -> tuple[dict, Optional[Path]]:
     return info_from_manifests(manifests)
 
 
-def info_from_manifests(manifests: list[dict]) -> tuple[dict, Optional[Path]]:
+def info_from_manifests(manifests: list) -> tuple[dict, Optional[Path]]:
     """({encoder, latent_shapes}, tokenizer path) of a list of shard manifests: the first of each."""
     info, tokenizer = {"encoder": None, "latent_shapes": {}}, None
     for m in manifests:
-        info["encoder"] = info["encoder"] or m.get("encoder")
-        for kind, shape in m.get("latent_shapes", {}).items():
+        info["encoder"] = info["encoder"] or m.encoder
+        for kind, shape in m.latent_shapes.items():
             info["latent_shapes"].setdefault(kind, shape)
-        if tokenizer is None and m.get("tokenizer", {}).get("path"):
-            tokenizer = Path(m["tokenizer"]["path"])
+        if tokenizer is None and m.tokenizer_path:
+            tokenizer = Path(m.tokenizer_path)
     return info, tokenizer
 
 
-def save_release(model: UnifiedTransformer, out: Path, info: dict, tokenizer: Optional[Path],
-                 dtype: Optional[torch.dtype] = None) -> Path:
+def _readme(cfg: ModelConfig, info: dict) -> str:
+    p = info.get("provenance", {})
+    lines = [f"# monofusion release", "",
+             f"A {cfg.mode} UnifiedTransformer (dim {cfg.dim}, {cfg.n_layers} layers, vocabulary {cfg.vocab_size}, "
+             f"objective {cfg.objective}).", ""]
+    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in p.items()]
+    lines += ["", "Sample: `python -m pretrain.sample --model THIS_FOLDER --prompt \"...\" --out out.png`", ""]
+    return "\n".join(lines)
+
+
+def write_release(out: str | Path, cfg: ModelConfig, entries: list[Entry], get_tensor: Callable[[str], torch.Tensor],
+                  info: dict, tokenizer: Optional[Path], max_shard_bytes: int = 5 * 10**9,
+                  progress: Optional[Callable] = None) -> Path:
+    """Write a release folder at `out` (which must not exist), streaming the weights through
+    `get_tensor`; nothing is left at `out` if anything fails."""
     out = Path(out)
-    model.save_pretrained(out, dtype=dtype)
-    encoder = dict(info.get("encoder") or {})
-    if encoder.get("type") == "vae":  # the release carries its VAE: nothing else is needed to sample
-        shutil.copytree(encoder["path"], out / "vae", dirs_exist_ok=True)
-        info = dict(info, encoder=dict(encoder, path="vae"))
-    (out / RELEASE_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    if tokenizer is not None and Path(tokenizer).is_file():
-        shutil.copyfile(tokenizer, out / TOKENIZER_FILE)
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_weights(tmp, entries, get_tensor, max_shard_bytes, progress=progress)
+        save_model_config(tmp, cfg)
+        info = dict(info)
+        encoder = dict(info.get("encoder") or {})
+        if encoder.get("type") == "vae":  # the release carries its VAE: nothing else is needed to sample
+            shutil.copytree(encoder["path"], tmp / "vae")
+            info["encoder"] = dict(encoder, path="vae")
+        (tmp / RELEASE_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / README_FILE).write_text(_readme(cfg, info))
+        if tokenizer is not None and Path(tokenizer).is_file():
+            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
-def checkpoint_client_state(ckpt: Path) -> dict:
-    files = sorted(ckpt.glob("mp_rank_00_model_states.pt")) or sorted(ckpt.glob("zero_pp_rank_0_*model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{ckpt}: no DeepSpeed model states file")
-    return torch.load(files[0], map_location="cpu", weights_only=False)
+def save_release(model: UnifiedTransformer, out: str | Path, info: dict, tokenizer: Optional[Path],
+                 dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 10**9) -> Path:
+    """A release folder of a model in memory."""
+    state = model.state_dict()
+    return write_release(out, model.cfg, state_entries(state, dtype), state.__getitem__, info, tokenizer,
+                         max_shard_bytes)
+
+
+def stamp(provenance: dict) -> dict:
+    return {**provenance, "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def checkpoint_folder(path: Path) -> Path:
+    """A run directory or checkpoint root (-> its `latest`) or a checkpoint folder itself."""
+    from pretrain.checkpoint import is_checkpoint, read_latest
+    path = Path(path)
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if read_latest(root):
+        return root / read_latest(root)
+    if is_checkpoint(path):
+        return path
+    raise FileNotFoundError(f"{path}: not a release folder, run directory or checkpoint folder "
+                            "(no model.safetensors, no checkpoints/latest, no *model_states.pt)")
 
 
 def model_from_checkpoint(ckpt: Path, ema: bool = True) -> tuple[UnifiedTransformer, dict, bool]:
-    """(model with consolidated weights, client state, whether the EMA was used)."""
-    from pretrain.convert import EMA_FILE, consolidate, consolidate_ema
-    client = checkpoint_client_state(ckpt)
-    cfg = ModelConfig.from_dict(client["config"]["model"])
-    state = None
-    if ema:
-        state = torch.load(ckpt / EMA_FILE, map_location="cpu") if (ckpt / EMA_FILE).is_file() \
-            else consolidate_ema(ckpt)
-    used_ema = state is not None
-    if state is None:
-        state = consolidate(ckpt)
-    model = UnifiedTransformer(cfg)
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return model.eval(), client, used_ema
+    """(model with the checkpoint's whole weights, its experiment config, whether they are the EMA's)."""
+    from pretrain.checkpoint.reader import CheckpointReader
+    reader = CheckpointReader(ckpt)
+    used_ema = ema and reader.has_ema()
+    config = reader.config
+    model = UnifiedTransformer.from_state_dict(ModelConfig.from_dict(config["model"]), reader.state_dict(used_ema))
+    return model.eval(), config, used_ema
+
+
+def init_from_release(model: UnifiedTransformer, path: str | Path, manifests: list) -> None:
+    """Copy a release folder's weights into `model` (train.init_from). ConfigError, one line, when its
+    tensors do not fit the model or the shards were tokenized with another tokenizer than its own."""
+    from data_pipelines.tokenizer import Tokenizer
+    from model.config_system import ConfigError
+    from model.transformer import check_state_shapes
+    from model.weights import WeightsError, load_weights
+    path = Path(path)
+    if not has_weights(path):
+        raise ConfigError(f"train.init_from={path}: not a release folder (no model.safetensors or index)")
+    tokenizer = path / TOKENIZER_FILE
+    if tokenizer.is_file():
+        own = Tokenizer(tokenizer).fingerprint()
+        for m in manifests:
+            if m.tokenizer.get("fingerprint") not in (None, own):
+                raise ConfigError(f"train.init_from={path}: {m.root} was tokenized with {m.tokenizer_path}, not the "
+                                  f"release's {tokenizer} (write the shards with --tokenizer {tokenizer})")
+    state = load_weights(path)
+    try:
+        check_state_shapes(model, {k: v.shape for k, v in state.items()})
+    except WeightsError as e:
+        raise ConfigError(f"train.init_from={path}: {e} (the model.* settings must match its config.json)") from None
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            tensor.copy_(state[name])
 
 
 def load_for_sampling(path: str | Path, device="cpu", ema: bool = True) -> Loaded:
     """A release folder, a run directory (its `latest`), or one checkpoint folder."""
-    from pretrain.checkpoint import read_latest
     path = Path(path)
-    if (path / WEIGHTS_FILE).is_file():  # not config.json: a checkpoint folder holds one too (the run's config)
+    if has_weights(path):  # not config.json: a checkpoint folder holds one too (the run's config)
         model = UnifiedTransformer.from_pretrained(path, device=device)
         info = json.loads((path / RELEASE_FILE).read_text()) if (path / RELEASE_FILE).is_file() else {}
         if (info.get("encoder") or {}).get("type") == "vae":
             info["encoder"]["path"] = str(path / info["encoder"]["path"])  # relative to the release
         tok = path / TOKENIZER_FILE
         return Loaded(model, tok if tok.is_file() else None, info)
-    ckpt = path
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    if read_latest(path):
-        ckpt = path / read_latest(path)
-    if not list(ckpt.glob("*model_states.pt")):
-        raise FileNotFoundError(f"{path}: not a release folder ({WEIGHTS_FILE}), run directory or checkpoint")
-    model, client, _ = model_from_checkpoint(ckpt, ema)
-    info, tokenizer = data_info(client["config"].get("data", {}))
+    model, config, _ = model_from_checkpoint(checkpoint_folder(path), ema)
+    info, tokenizer = data_info(config.get("data", {}))
     return Loaded(model.to(device), tokenizer, info)

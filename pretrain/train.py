@@ -27,14 +27,14 @@ import torch
 from data_pipelines.documents import stateless_uniform
 from data_pipelines.loader import PackedLoader
 from data_pipelines.slot import DataError
-from model.config import ConfigError, load_config
+from model.config_system import ConfigError, load_config
 from model.diffusion import row_noise
 from model.layout import pack_rows
 from model.transformer import Block, UnifiedTransformer, loss_token_counts
 from pretrain import checkpoint as ckpt
+from pretrain.checkpoint import EMA_FILE
 from pretrain import job_history
 from pretrain.config import ExperimentConfig
-from pretrain.convert import EMA_FILE
 from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any_rank, init_distributed,
                                   sum_over_ranks)
 from pretrain.ema import ShardedEMA
@@ -42,6 +42,7 @@ from pretrain.job_history import FINISHED
 from pretrain.engine import build_engine
 from pretrain.eval_samples import EvalSampler
 from pretrain.metrics import RunLogger, batch_flops, loss_record, peak_flops
+from pretrain.release import init_from_release
 from pretrain.run_lock import RunDirBusy, RunDirLock, exit_with_parent
 
 NOISE, EVAL = 11, 12  # hash domains of the diffusion noise seeds
@@ -69,6 +70,8 @@ class Trainer:
         self.eval_sampler = EvalSampler(cfg, self.loader.manifests, dist.is_main)
         torch.manual_seed(cfg.run.seed)
         model = UnifiedTransformer(cfg.model)
+        if t.init_from and self.resume_from is None:
+            init_from_release(model, t.init_from, self.loader.manifests)
         model.activation_checkpointing = t.activation_checkpointing
         if t.zero_stage == 3:  # gather a block's parameters at once, not one Linear at a time
             from deepspeed.utils import set_z3_leaf_modules

@@ -18,7 +18,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from model.config import ConfigError, load_config
+from model.config_system import ConfigError, load_config
 from pretrain.config import ExperimentConfig
 
 SUBMITIT_DIR = "slurm/submitit"

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 
-from model.config import ConfigError, load_config
+from model.config_system import ConfigError, load_config
 
 
 def export_distributed_environment() -> None:

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from model.config import load_config
+from model.config_system import load_config
 from model.diffusion import Diffusion, assign_timesteps
 from model.layout import LatentSegment, LayoutSpec, TextSegment, layout_document, pack_rows
 from model.packed_batch import PackedBatch

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from model.config import ConfigError, describe, load_config
+from model.config_system import ConfigError, describe, load_config
 from model.model_config import ModelConfig
 from model.overfit import OverfitConfig
 

@@ -77,8 +77,8 @@ def test_train_tokenizer_cli(test_data, tmp_path):
 
 def test_write_shards_digits_writes_1797_samples(test_data):
     manifest = load_manifest(test_data["digits"])
-    assert manifest["num_samples"] == 1797 == sum(s["samples"] for s in manifest["shards"])
-    assert len(manifest["shards"]) == 9 and manifest["encoder"]["type"] == "pixels"
+    assert manifest.num_samples == 1797 == sum(manifest.shard_sizes)
+    assert len(manifest.shards) == 9 and manifest.encoder["type"] == "pixels"
     assert len(documents(test_data, "digits")) == 1797
 
 
@@ -89,7 +89,7 @@ def test_write_shards_cli(test_data, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     m = load_manifest(tmp_path / "photos")
-    assert m["num_samples"] == 20 and [s["samples"] for s in m["shards"]] == [8, 8, 4]
+    assert m.num_samples == 20 and m.shard_sizes == [8, 8, 4]
 
 
 def test_one_epoch_over_2_ranks_x_2_workers_yields_every_document_once(test_data):
@@ -212,7 +212,7 @@ def test_bad_samples_of_every_kind_are_counted(test_data, tmp_path):
     w.write("wrong-shape", good, {"lat0.npy": np.zeros((1, 4, 6), np.float16)})
     w.write("ok-1", good, {"lat0.npy": np.zeros((1, 4, 4), np.float16)})
     m = w.close(encoder={"type": "pixels"}, latent_channels=1, tokenizer={"fingerprint": "x", "vocab_size": 100})
-    tar = tmp_path / "bad" / m["shards"][0]["name"]
+    tar = m.shard_path(0)
     tar.write_bytes(tar.read_bytes().replace(b'{"segments":[{"text":"a","tokens":[20,21]}', b'{"segments":[{"text":"a","tokens":[20,21]]', 1))
     loader = PackedLoader(data_config(tmp_path / "bad", num_workers=0), model_config(), 1)
     _, keys = run([loader])

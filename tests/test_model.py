@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model.config import ConfigError
+from model.config_system import ConfigError
 from model.diffusion import Diffusion, assign_timesteps
 from model.layout import LatentSegment, LayoutSpec, TextSegment, layout_document, pack_rows
 from model.model_config import ModelConfig

@@ -34,7 +34,7 @@ def test_the_digit_scorer_refuses_up_front_what_it_could_not_judge():
 def test_a_run_whose_eval_prompts_the_scorer_cannot_judge_stops_before_training(tiny_config, tmp_path):
     """Checked on every rank when the trainer is built, not on rank 0 at the first evaluation."""
     from data_pipelines.shards import load_manifest
-    from model.config import ConfigError, load_config
+    from model.config_system import ConfigError, load_config
     from pretrain.config import ExperimentConfig
     from pretrain.eval_samples import EvalSampler
     common = [f"run.dir={tmp_path}", "train.eval_interval=5", "train.sample_quality=digits"]
@@ -70,6 +70,9 @@ def test_spread_tells_one_mode_and_copies_from_varied_new_digits():
     copies = torch.cat([images[np.flatnonzero(labels == d)[:1]].repeat(10, 1, 1, 1) for d in range(10)])
     s = digit_spread(copies, wanted)
     assert s["within_digit_distance"] == pytest.approx(0, abs=1e-3) and s["nearest_real_distance"] == pytest.approx(0, abs=1e-3)
+    assert s["near_copy_share"] == 1.0
     varied = torch.cat([images[np.flatnonzero(labels == d)[-10:]] for d in range(10)])
     s = digit_spread(varied, wanted)
     assert s["within_digit_distance"] > 0.8 * s["real_within_digit_distance"]
+    noised = (varied + 0.15 * torch.randn(varied.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    assert digit_spread(noised, wanted)["near_copy_share"] < 0.2  # new (here: disturbed) digits are not copies

@@ -80,10 +80,10 @@ def test_release_folder_samples_like_the_run(trained_run, tmp_path):
     from pretrain.convert import to_release
     release = to_release(trained_run / "checkpoints/step_00000004", tmp_path / "release")
     assert {p.name for p in release.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.model",
-                                                   "release.json"}
+                                                   "release.json", "README.md"}
     a, b = load_for_sampling(release), load_for_sampling(trained_run)
     assert all(torch.equal(x, y) for x, y in zip(a.model.state_dict().values(), b.model.state_dict().values()))
-    assert a.info["weights"] == "ema" and a.info["latent_shapes"]["image"] == [1, 8, 8]
+    assert a.info["provenance"]["weights"] == "ema" and a.info["latent_shapes"]["image"] == [1, 8, 8]
     r = sample_cli("--model", release, "--prompt", "a handwritten digit", "--kind", "text", "--max-new-tokens", 5)
     assert r.returncode == 0 and r.stdout.startswith("a handwritten digit"), r.stderr[-2000:]
 

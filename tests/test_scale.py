@@ -96,8 +96,9 @@ def test_bf16_gradients_are_accumulated_and_reduced_in_fp32(reference_gradient, 
     assert error < 0.05 * total
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_sharded_evaluation_over_mixed_held_out_data_samples_from_the_ema(tiny_config, test_data, tmp_path, stage):
+@pytest.mark.parametrize("stage,objective", [(2, "flow"), (3, "ddpm")])
+def test_sharded_evaluation_over_mixed_held_out_data_samples_from_the_ema(tiny_config, test_data, tmp_path, stage,
+                                                                          objective):
     """Held-out data dealt so that rank 0 gets a caption+image document and rank 1 text only, and
     the ranks hold different numbers of batches: every rank runs every module, the same number
     of times (else gloo reports a collective mismatch, or NCCL hangs). The evaluation's sample
@@ -113,7 +114,7 @@ def test_sharded_evaluation_over_mixed_held_out_data_samples_from_the_ema(tiny_c
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "pretrain.train", "--config", str(tiny_config), f"run.dir={run}", f"train.zero_stage={stage}",
-           "train.max_steps=2", "train.log_interval=1", "train.eval_interval=1", "train.eval_batches=0",
+           f"model.objective={objective}", "train.max_steps=2", "train.log_interval=1", "train.eval_interval=1", "train.eval_batches=0",
            "train.micro_batch_size=1", "data.num_workers=0", "wandb.mode=disabled", held_out,
            f"train.sample_prompts=[{', '.join(prompts)}]", "train.samples_per_prompt=3", "train.sample_steps=3",
            "train.sample_quality=digits", "train.ema_warmup=false", "train.ema_decay=0.5"]
@@ -163,7 +164,7 @@ def train_args(cfg, run_dir, *extra):
 def test_a_resume_without_an_ema_starts_the_ema_from_the_loaded_weights(tiny_config, tmp_path):
     """A checkpoint of a run without an EMA: the resumed run's EMA must follow the loaded weights,
     not the random initialisation it was copied from before the checkpoint was loaded."""
-    from pretrain.convert import consolidate, consolidate_ema
+    from pretrain.checkpoint.reader import CheckpointReader
     from tests.launch import torchrun
     run = tmp_path / "run"
     r = torchrun(2, train_args(tiny_config, run, "train.max_steps=3", "checkpoint.interval=3", "checkpoint.keep=0",
@@ -174,8 +175,8 @@ def test_a_resume_without_an_ema_starts_the_ema_from_the_loaded_weights(tiny_con
     assert r.returncode == 0, r.stderr[-3000:]
     assert "has no EMA: the EMA starts from its weights" in r.stdout + r.stderr
     ckpt = run / "checkpoints"
-    w3, w4 = (consolidate(ckpt / t) for t in ("step_00000003", "step_00000004"))
-    ema = consolidate_ema(ckpt / "step_00000004")  # = 0.999 * w3 + 0.001 * w4
+    w3, w4 = (CheckpointReader(ckpt / t).state_dict() for t in ("step_00000003", "step_00000004"))
+    ema = CheckpointReader(ckpt / "step_00000004").state_dict(ema=True)  # = 0.999 * w3 + 0.001 * w4
     gap = sum(float((ema[k] - w3[k]).detach().norm()) for k in w3)
     one_step = sum(float((w4[k] - w3[k]).detach().norm()) for k in w3)
     assert one_step > 0 and gap < 0.01 * one_step

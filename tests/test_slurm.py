@@ -169,14 +169,14 @@ def test_preemption_scancel_and_a_lost_node_leave_latest_loadable_and_the_run_re
     (no rank waits on the lost one), `latest` is loadable, and a resubmission resumes from it.
     (Jobs are requeueable, so Slurm also requeues one that lost a node; that path is the
     preemption's.)"""
-    from pretrain.convert import consolidate
+    from pretrain.checkpoint.reader import CheckpointReader
     run = tmp_path / "run"
     common = ["train.max_steps=40", "checkpoint.interval=4"]
     two_nodes = ["--nodes", "2", "--tasks-per-node", "1", "--time", "10"]
 
     def latest_step():
         step = int(read_latest(run / "checkpoints").split("_")[1])
-        assert consolidate(run / "checkpoints" / f"step_{step:08d}")  # loadable
+        assert CheckpointReader(run / "checkpoints" / f"step_{step:08d}").state_dict()  # loadable
         return step
 
     def reached(n):

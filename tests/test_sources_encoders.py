@@ -60,7 +60,7 @@ def test_vae_encoder_through_from_pretrained(tiny_vae, test_data, tmp_path):
     np.testing.assert_array_equal(lat, again)
     m = write_shards("photos", str(tmp_path / "p"), str(test_data["tokenizer"]), encoder="vae", vae=str(tiny_vae),
                      samples_per_shard=4, num_samples=6, crop=16, progress=False)
-    assert m["encoder"]["type"] == "vae" and m["latent_channels"] == 4 and m["num_samples"] == 6
+    assert m.encoder["type"] == "vae" and m.latent_channels == 4 and m.num_samples == 6
     _, segs = next(iter_shard_documents(tmp_path / "p"))
     assert segs[1]["latent"].shape == (4, 8, 8)
 
@@ -91,7 +91,7 @@ def test_jsonl_with_image_frames_and_mp4(test_data, tmp_path):
     (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
     m = write_shards("jsonl", str(tmp_path / "s"), str(test_data["tokenizer"]), samples_per_shard=10,
                      input=[str(tmp_path / "docs.jsonl")], progress=False)
-    assert m["num_samples"] == 2
+    assert m.num_samples == 2
     (_, first), (_, second) = list(iter_shard_documents(tmp_path / "s"))
     assert [("tokens" in s, s.get("kind")) for s in first] == [(True, None), (False, "image"), (True, None),
                                                               (False, "video")]

@@ -18,9 +18,9 @@ def args(cfg, run_dir, *extra):
             "data.num_workers=1", *extra]
 
 
-def consolidated(ckpt_dir):
-    from pretrain.convert import consolidate
-    return consolidate(ckpt_dir)
+def consolidated(ckpt_dir, ema=False):
+    from pretrain.checkpoint.reader import CheckpointReader
+    return CheckpointReader(ckpt_dir).state_dict(ema)
 
 
 SAMPLING = ["train.eval_interval=4", "train.sample_quality=digits"]  # tiny-cpu's ten digit captions; and at max_steps
@@ -35,8 +35,7 @@ def assert_same_run_from(a, b, steps, ckpt):
             assert abs(ma[step][key] - mb[step][key]) <= 1e-6, (step, key, ma[step][key], mb[step][key])
     wa, wb = consolidated(a / "checkpoints" / ckpt), consolidated(b / "checkpoints" / ckpt)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    from pretrain.convert import consolidate_ema
-    ea, eb = consolidate_ema(a / "checkpoints" / ckpt), consolidate_ema(b / "checkpoints" / ckpt)
+    ea, eb = consolidated(a / "checkpoints" / ckpt, ema=True), consolidated(b / "checkpoints" / ckpt, ema=True)
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
     return wa, ea
 
@@ -77,7 +76,7 @@ def test_resume_reproduces_losses_weights_and_ema(tiny_config, tmp_path, stage, 
 def test_stop_at_ends_an_invocation_on_the_full_schedule_and_a_resume_goes_on(tiny_config, tmp_path):
     """train.stop_at: the run stops as a preemption would (checkpointed, the schedule of max_steps
     unchanged, not annealed to its end), and `--resume auto` continues to max_steps."""
-    from model.config import load_config
+    from model.config_system import load_config
     from pretrain.config import ExperimentConfig
     from pretrain.schedule import lr_factor
     run = tmp_path / "run"
@@ -246,7 +245,7 @@ def test_two_ranks_to_universal_to_one_rank(tiny_config, tmp_path, stage, precis
     """2 ranks x 1 worker -> universal -> 1 rank x 2 workers with twice the accumulation: the same
     reader slots and the same global batches, so the run goes on as the straight one did (which alone
     samples grids at evaluations)."""
-    from pretrain.convert import consolidate_ema, to_universal
+    from pretrain.convert import to_universal
     a, b = tmp_path / "a", tmp_path / "b"
     # no EMA warmup: a slow EMA shows whether it went through the conversion (below)
     common = ["train.max_steps=8", "checkpoint.interval=4", "checkpoint.keep=0", "train.log_samples=true",
@@ -270,7 +269,7 @@ def test_two_ranks_to_universal_to_one_rank(tiny_config, tmp_path, stage, precis
     assert before and after and max(before.values()) == 1 and max(after.values()) == 1
     assert before + after == straight
     # the EMA went through the conversion: after 4 more steps it is still near run a's EMA
-    ema_a, ema_b = consolidate_ema(a / "checkpoints/step_00000008"), consolidate_ema(b / "checkpoints/step_00000008")
+    ema_a, ema_b = consolidated(a / "checkpoints/step_00000008", True), consolidated(b / "checkpoints/step_00000008", True)
     weights_a = consolidated(a / "checkpoints/step_00000008")
     gap = sum(float((ema_a[k] - ema_b[k]).norm()) for k in ema_a)
     drift = sum(float((ema_a[k] - weights_a[k]).detach().norm()) for k in ema_a)

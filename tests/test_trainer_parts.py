@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.config import load_config
+from model.config_system import load_config
 from model.transformer import UnifiedTransformer
 from pretrain.config import ExperimentConfig, TrainConfig
 from pretrain.ema import decay_at

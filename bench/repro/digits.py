@@ -18,44 +18,39 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
-
-RESULTS = REPO / "bench" / "repro" / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, RESULTS, last_record, torchrun  # noqa: E402  (bench/repro/common.py)
 
 
-def torchrun(ranks: int, config: str, run_dir: Path, overrides: list[str], reuse: bool = False) -> float:
-    """Train from scratch in an emptied `run_dir`; returns the wall time in seconds. With `reuse`, a
-    run directory whose run finished is kept (its recorded time returned)."""
-    done = run_dir / "train_seconds.txt"
-    if reuse and done.is_file():
-        return float(done.read_text())
-    shutil.rmtree(run_dir, ignore_errors=True)  # metrics.jsonl appends: no records of an earlier run
-    run_dir.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "pretrain.train",
-           "--config", config, "--resume", "none", f"run.dir={run_dir}", *overrides]
-    start = time.time()
-    subprocess.run(cmd, cwd=REPO, check=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-    seconds = time.time() - start
-    done.write_text(f"{seconds:.1f}\n")
-    return seconds
+def heldout_overlap(train_dir: Path, heldout_dir: Path, min_chars: int = 40) -> dict:
+    """Is the held-out text held out? Pieces equal to a training piece (sha256 of the token ids), and
+    lines of at least `min_chars` characters that also occur in the training pieces."""
+    import hashlib
+    from data_pipelines.shards import iter_shard_documents, load_manifest
+    from data_pipelines.tokenizer import Tokenizer
+    tok = Tokenizer(load_manifest(train_dir).tokenizer_path)
 
+    def pieces(directory):
+        return [[t for s in segments if "tokens" in s for t in s["tokens"]] for _, segments in
+                iter_shard_documents(directory)]
 
-def last_record(run_dir: Path, key: str) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if key in r][-1]
+    def digest(ids):
+        return hashlib.sha256(str(ids).encode()).hexdigest()
+
+    train, held = pieces(train_dir), pieces(heldout_dir)
+    seen = {digest(p) for p in train}
+    train_lines = {line for p in train for line in tok.decode(p).splitlines() if len(line) >= min_chars}
+    lines = [line for p in held for line in tok.decode(p).splitlines() if len(line) >= min_chars]
+    return {"heldout_pieces": len(held), "heldout_pieces_in_training": sum(digest(p) in seen for p in held),
+            "heldout_long_lines": len(lines), "heldout_long_lines_in_training": sum(line in train_lines for line in lines)}
 
 
 def main(argv=None) -> int:
     from data_pipelines.demo_data import build
-    from model.config import load_config
+    from model.config_system import load_config
     from pretrain.config import ExperimentConfig
     from pretrain.quality import evaluate_digits, format_digit_scores
     from pretrain.release import load_for_sampling
@@ -87,6 +82,9 @@ def main(argv=None) -> int:
 
     if not a.skip_text_only:
         text = [d for d in cfg.data.datasets if Path(d.path).name == "text"]
+        if not text:
+            raise SystemExit(f"{a.config}: no data set named 'text' in data.datasets to train the text-only model on "
+                             "(or pass --skip-text-only)")
         per_step = cfg.train.micro_batch_size * cfg.train.grad_accum * a.ranks * cfg.data.seq_len
         steps = math.ceil(final["text_tokens"] / per_step)  # rows are nearly all targets: corrected below
         only = [f"data.datasets=[{{path: {text[0].path}}}]", "train.sample_prompts=[]"]
@@ -100,6 +98,8 @@ def main(argv=None) -> int:
                 break
             steps = math.ceil(steps * final["text_tokens"] / seen)
         text_only = last_record(out / "text-only", "eval/lm_loss")
+        if cfg.data.eval_datasets:
+            result["overlap"] = heldout_overlap(Path(text[0].path), Path(cfg.data.eval_datasets[0].path))
         result.update(text_only_eval_lm_loss=text_only["eval/lm_loss"], text_only_steps=steps, text_only_text_tokens=seen,
                       text_loss_ratio=unified["eval/lm_loss"] / text_only["eval/lm_loss"])
     RESULTS.mkdir(parents=True, exist_ok=True)

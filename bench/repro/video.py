@@ -23,10 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from digits import RESULTS, torchrun  # noqa: E402  (bench/repro/digits.py)
+from common import REPO, RESULTS, torchrun  # noqa: E402  (bench/repro/common.py)
 
 CLIP = dict(canvas=16, max_digits=1)
 PROMPTS = [f"digit {d} moving {v} and {h}" for d, v, h in (
@@ -76,7 +74,7 @@ def main(argv=None) -> int:
     import torch
     from data_pipelines.demo_data import build
     from data_pipelines.write_shards import write_shards
-    from model.config import load_config
+    from model.config_system import load_config
     from pretrain.config import ExperimentConfig
     from pretrain.images import save_video_grid
     from pretrain.release import load_for_sampling
@@ -110,8 +108,9 @@ def main(argv=None) -> int:
     captions = [q for q in PROMPTS for _ in range(a.clips)]
     generated = motion(pixels[:, 0].numpy(), captions)
     generated["frame_digit_accuracy"] = frame_digit_accuracy(pixels[:, 0].numpy(), captions)
-    real = motion(*real_clips(200, pixels.shape[2]))
-    real["frame_digit_accuracy"] = frame_digit_accuracy(*real_clips(200, pixels.shape[2]))
+    reference = real_clips(200, pixels.shape[2])
+    real = motion(*reference)
+    real["frame_digit_accuracy"] = frame_digit_accuracy(*reference)
     result = {"config": a.config, "overrides": a.overrides, "train_seconds": seconds, "sampling_seconds": sampling,
               "clips": len(pixels), "generated": generated, "real": real}
     (RESULTS / "video.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -1,9 +1,12 @@
-"""Sharded checkpoints that a kill at any moment cannot corrupt.
+"""Sharded checkpoints that a kill at any moment cannot corrupt. This package is the one owner
+of the checkpoint folder: its file names, client state, EMA files and, in `reader`, reading
+whole tensors back out of the rank files (pretrain.convert and pretrain.release call it).
 
 Layout: CKPT/step_00000100/ holds DeepSpeed's checkpoint (model and optimizer shards,
-LR scheduler, client state: step, tokens seen, data-loader state, config) plus one
-`rank_RRRRR.pt` per rank (its RNG states and its EMA partition). CKPT/latest names the
-newest complete one.
+LR scheduler, client state: step, tokens seen, data-loader state, config), `config.json` (the
+resolved experiment config) and one `rank_RRRRR.pt` per rank (its RNG states and its EMA
+partition). A universal checkpoint (`to-universal`) holds DeepSpeed's `zero/` folder and the
+whole EMA as `ema_fp32.pt`. CKPT/latest names the newest complete one.
 
 Writing: every rank writes into `step_N.tmp`; after a barrier (all ranks done) rank 0
 renames it to `step_N`, then replaces `latest` atomically (temp file + rename) and prunes
@@ -27,6 +30,7 @@ import torch
 
 LATEST = "latest"
 CONFIG_FILE = "config.json"  # the resolved experiment config, readable without loading any weights
+EMA_FILE = "ema_fp32.pt"     # universal checkpoints: the whole EMA, {name: fp32 tensor}
 TAG = re.compile(r"^step_(\d{8})(_universal)?$")
 FAULT_ENV = "MONOFUSION_FAULT"  # testing hook: "checkpoint-write@N" / "checkpoint-replace@N" exit inside
                                 # the save of step N (after writing / while an older step N is replaced)
@@ -35,6 +39,15 @@ FAULT_ENV = "MONOFUSION_FAULT"  # testing hook: "checkpoint-write@N" / "checkpoi
 def _fault(point: str, step: int) -> None:
     if os.environ.get(FAULT_ENV) == f"{point}@{step}":
         os._exit(17)
+
+
+def rank_file(rank: int) -> str:
+    """A rank's own state in a checkpoint folder: {"rng": ..., "ema": {"shadow": [...]} or None}."""
+    return f"rank_{rank:05d}.pt"
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return any(Path(folder).glob("*model_states.pt"))
 
 
 def tag_for(step: int) -> str:
@@ -106,7 +119,7 @@ def save_checkpoint(engine, root: Path, step: int, client_state: dict, rank_stat
     engine.save_checkpoint(str(root), tmp, client_state=client_state, save_latest=False)
     if rank == 0 and "config" in client_state:
         (root / tmp / CONFIG_FILE).write_text(json.dumps(client_state["config"], indent=2) + "\n")
-    torch.save(rank_state, root / tmp / f"rank_{rank:05d}.pt")
+    torch.save(rank_state, root / tmp / rank_file(rank))
     _fault("checkpoint-write", step)  # as if killed after writing, before the checkpoint is committed
     _barrier()
     if rank == 0:
@@ -135,7 +148,7 @@ def resolve_resume(resume: str, root: Path) -> Optional[tuple[Path, str]]:
     path = Path(resume)
     if (path / LATEST).is_file():
         return path, read_latest(path)
-    if path.is_dir() and list(path.glob("*model_states.pt")):
+    if path.is_dir() and is_checkpoint(path):
         return path.parent, path.name
     raise FileNotFoundError(f"--resume {resume}: not a checkpoint (no '{LATEST}' file, no *model_states.pt)")
 
@@ -158,8 +171,8 @@ def load_checkpoint(engine, root: Path, tag: str, rank: int) -> tuple[dict, Opti
         raise FileNotFoundError(f"{Path(root) / tag}: DeepSpeed could not load this checkpoint")
     if repair:
         _repair_universal_optimizer(engine.optimizer.optimizer, groups)
-    rank_file = Path(root) / tag / f"rank_{rank:05d}.pt"
-    rank_state = torch.load(rank_file, weights_only=False) if rank_file.is_file() else None
+    own = Path(root) / tag / rank_file(rank)
+    rank_state = torch.load(own, weights_only=False) if own.is_file() else None
     return client, rank_state
 
 
@@ -182,7 +195,7 @@ def _repair_universal_optimizer(optimizer, groups: list[dict]) -> None:
 def check_model_matches(root: Path, tag: str, model_cfg) -> None:
     """ConfigError naming the model keys when the checkpoint's weights have other shapes than
     `model_cfg` gives (a checkpoint without CONFIG_FILE is not checked)."""
-    from model.config import ConfigError
+    from model.config_system import ConfigError
     from model.model_config import ModelConfig
     from model.transformer import UnifiedTransformer
     path = Path(root) / tag / CONFIG_FILE

@@ -1,0 +1,223 @@
+"""Whole fp32 tensors out of a checkpoint folder, one at a time, in bounded memory.
+
+A ZeRO checkpoint keeps each rank's fp32 master weights as flat partitions in its optimizer
+file (`*zero_pp_rank_R_*optim_states.pt`) and, in `rank_RRRRR.pt`, the EMA shadows in the same
+layout. ZeRO-1/2 cut the concatenation of a group's parameters (each followed by its alignment
+padding) into equal consecutive pieces, one per rank; ZeRO-3 cuts every parameter into
+ceil(numel / ranks) pieces, rank r holding piece r of each, in order. A universal checkpoint
+(DeepSpeed's `ds_to_universal`) holds one `zero/NAME/fp32.pt` per parameter.
+
+Files are opened memory-mapped (`torch.load(mmap=True)`), so that reading a parameter touches
+only its own bytes and the Adam moments in the same files are never read; the mappings are
+dropped whenever `budget_bytes` of them have been touched, which bounds the resident memory.
+DeepSpeed's own zero_to_fp32 holds the whole model (and for ZeRO-1/2 a second copy) instead.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pretrain.checkpoint import CONFIG_FILE, EMA_FILE, rank_file
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _load(path: Path, mmap: bool = True):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: truncated or not a torch file ({str(e).splitlines()[0]})") from None
+
+
+class _Mapped:
+    """One memory-mapped torch file, opened on first use and dropped on `release`."""
+
+    def __init__(self, path: Path):
+        self.path, self.obj = path, None
+
+    def get(self):
+        if self.obj is None:
+            self.obj = _load(self.path)
+        return self.obj
+
+    def release(self) -> None:
+        self.obj = None
+
+
+class CheckpointReader:
+    """`entries()` (name, shape) of the model's state dict; `tensor(name, ema)` a whole fp32 tensor."""
+
+    def __init__(self, folder: str | Path, budget_bytes: int = 64 * 2**20):
+        self.folder, self.budget, self.touched = Path(folder), budget_bytes, 0
+        if not self.folder.is_dir():
+            raise CheckpointError(f"{self.folder}: no such checkpoint folder")
+        states = sorted(self.folder.glob("*model_states.pt"))
+        if not states:
+            raise CheckpointError(f"{self.folder}: not a checkpoint folder (no *model_states.pt)")
+        first = _load(states[0])  # mmap: the module weights of ZeRO-1/2 in it stay on disk
+        self.client = {k: v for k, v in first.items() if k not in ("module", "optimizer", "lr_scheduler")}
+        self.universal = (self.folder / "zero").is_dir()
+        self.shapes: dict[str, torch.Size] = {}
+        for group in first["param_shapes"]:
+            self.shapes.update(group)
+        self.group_shapes = [dict(g) for g in first["param_shapes"]]
+        self.buffers = {k: v.float().clone() if v.is_floating_point() else v.clone()
+                        for k, v in first["module"].items() if k in first.get("buffer_names", [])}
+        self.shared = dict(first.get("shared_params", {}))
+        if first.get("frozen_param_shapes"):
+            raise CheckpointError(f"{self.folder}: frozen parameters are not supported")
+        del first
+        self.optim: list[_Mapped] = []
+        self.world = 0
+        if not self.universal:
+            self._open_zero()
+        self._ema_ranks: Optional[list[_Mapped]] = None
+
+    # ---- layout ----------------------------------------------------------------------------
+    def _open_zero(self) -> None:
+        files = {}
+        for f in self.folder.glob("*zero_pp_rank_*_optim_states.pt"):
+            files[int(f.name.split("zero_pp_rank_")[1].split("_")[0])] = f
+        if 0 not in files:
+            raise CheckpointError(f"{self.folder}: no *zero_pp_rank_0_*optim_states.pt (not a ZeRO checkpoint)")
+        osd = _load(files[0])["optimizer_state_dict"]
+        count = osd.get("partition_count", len(files))
+        self.world = max(count) if isinstance(count, list) else int(count)
+        missing = [r for r in range(self.world) if r not in files]
+        if missing:
+            raise CheckpointError(f"{self.folder}: rank file of rank {missing[0]} missing "
+                                  f"(*zero_pp_rank_{missing[0]}_*optim_states.pt; the checkpoint has {self.world} ranks)")
+        self.stage = int(osd.get("zero_stage", 1))  # DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16) writes none
+        self.key = "single_partition_of_fp32_groups" if self.stage <= 2 else "fp32_flat_groups"
+        if self.key not in osd:
+            raise CheckpointError(f"{files[0]}: no {self.key} (not a ZeRO-{self.stage} optimizer file)")
+        paddings = osd.get("param_alignment_paddings")
+        sizes = [int(t.numel()) for t in osd[self.key]]
+        del osd
+        for r in range(1, self.world):  # each opens (a truncated file does not) and has its partitions
+            other = _load(files[r]).get("optimizer_state_dict", {}).get(self.key)
+            if other is None or [int(t.numel()) for t in other] != sizes:
+                raise CheckpointError(f"{files[r]}: its {self.key} do not match rank 0's")
+        self.optim = [_Mapped(files[r]) for r in range(self.world)]
+        self.where: dict[str, tuple[int, int]] = {}  # name -> (group, offset): ZeRO-1/2 in the group's
+        if self.stage <= 2:                          # concatenation, ZeRO-3 in each rank's piece
+            for g, shapes in enumerate(self.group_shapes):
+                offset = 0
+                for i, (name, shape) in enumerate(shapes.items()):
+                    self.where[name] = (g, offset)
+                    offset += shape.numel() + (paddings[g][i] if paddings else 0)
+                if offset > sizes[g] * self.world:
+                    raise CheckpointError(f"{self.folder}: group {g} holds {sizes[g] * self.world} values, its "
+                                          f"parameters {offset}")
+            self.part_sizes = sizes
+        else:
+            for g, shapes in enumerate(self.group_shapes):
+                offset = 0
+                for name, shape in shapes.items():
+                    self.where[name] = (g, offset)
+                    offset += math.ceil(shape.numel() / self.world)
+                if offset != sizes[g]:
+                    raise CheckpointError(f"{self.folder}: group {g} holds {sizes[g]} values per rank, its "
+                                          f"parameters need {offset}")
+
+    def entries(self) -> list[tuple[str, torch.Size]]:
+        """(name, shape) of every tensor of the model's state dict, in the model's order."""
+        out = [(k, v.shape) for k, v in self.buffers.items()] + list(self.shapes.items())
+        out += [(alias, self.shapes[source]) for alias, source in self.shared.items() if source in self.shapes]
+        return out
+
+    @property
+    def config(self) -> dict:
+        path = self.folder / CONFIG_FILE
+        return json.loads(path.read_text()) if path.is_file() else self.client.get("config", {})
+
+    # ---- EMA -------------------------------------------------------------------------------
+    def has_ema(self) -> bool:
+        if self.universal:
+            return (self.folder / EMA_FILE).is_file()
+        return self._ema() is not None
+
+    def _ema(self) -> Optional[list[_Mapped]]:
+        if self._ema_ranks is None and not self.universal:
+            files = [self.folder / rank_file(r) for r in range(self.world)]
+            if not all(f.is_file() for f in files):
+                return None
+            emas = [_load(f).get("ema") for f in files]  # each opens (a truncated file does not)
+            if emas[0] is None:
+                return None
+            if any(e is None for e in emas):
+                raise CheckpointError(f"{files[emas.index(None)]}: no EMA (rank 0 has one)")
+            self._ema_ranks = [_Mapped(f) for f in files]
+        return self._ema_ranks
+
+    def _flat(self, rank: int, group: int, ema: bool) -> torch.Tensor:
+        if ema:
+            state = self._ema()[rank].get().get("ema")
+            if state is None:
+                raise CheckpointError(f"{self._ema()[rank].path}: no EMA (the other ranks have one)")
+            return state["shadow"][group]
+        return self.optim[rank].get()["optimizer_state_dict"][self.key][group]
+
+    # ---- tensors ---------------------------------------------------------------------------
+    def tensor(self, name: str, ema: bool = False) -> torch.Tensor:
+        """The whole fp32 tensor `name` (the EMA's with `ema`), a new tensor of its own."""
+        name = self.shared.get(name, name)
+        if name in self.buffers:
+            return self.buffers[name]
+        if name not in self.shapes:
+            raise CheckpointError(f"{self.folder}: no parameter {name!r}")
+        shape = self.shapes[name]
+        n = shape.numel()
+        if self.universal:
+            out = self._universal(name, ema).float()
+            self._touch(n * 4)
+            return out.view(shape)
+        g, start = self.where[name]
+        if self.stage <= 2:  # [start, start + n) of the group's concatenation, cut into equal pieces
+            size = self.part_sizes[g]
+            spans = [(r, max(start, r * size) - r * size, min(start + n, (r + 1) * size) - r * size)
+                     for r in range(start // size, (start + n - 1) // size + 1)] if n else []
+        else:  # piece r of the parameter, at `start` in rank r's flat groups
+            piece = math.ceil(n / self.world)
+            spans = [(r, start, start + min(piece, n - r * piece)) for r in range(self.world) if r * piece < n]
+        out, filled = torch.empty(n, dtype=torch.float32), 0
+        for r, lo, hi in spans:  # copy each rank's piece, then let its pages go when enough were read
+            out[filled:filled + hi - lo] = self._flat(r, g, ema)[lo:hi]
+            filled += hi - lo
+            self._touch((hi - lo) * 4)
+        if filled != n:
+            raise CheckpointError(f"{self.folder}: {name} has {filled} of its {n} values in the rank files")
+        return out.view(shape)
+
+    def _touch(self, nbytes: int) -> None:
+        self.touched += nbytes
+        if self.touched > self.budget:
+            self.release()
+
+    def _universal(self, name: str, ema: bool) -> torch.Tensor:
+        if ema:
+            if not self.has_ema():
+                raise CheckpointError(f"{self.folder}: no EMA ({EMA_FILE})")
+            if self._ema_ranks is None:
+                self._ema_ranks = [_Mapped(self.folder / EMA_FILE)]
+            return self._ema_ranks[0].get()[name].clone()
+        path = self.folder / "zero" / name / "fp32.pt"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (universal checkpoint without parameter {name!r})")
+        state = _load(path)
+        return (state["param"] if isinstance(state, dict) else state).clone()
+
+    def state_dict(self, ema: bool = False) -> dict[str, torch.Tensor]:
+        """Every tensor at once (fp32): for models that fit in memory."""
+        return {name: self.tensor(name, ema) for name, _ in self.entries()}
+
+    def release(self) -> None:
+        for m in self.optim + (self._ema_ranks or []):
+            m.release()
+        self.touched = 0

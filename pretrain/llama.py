@@ -1,0 +1,208 @@
+"""Hugging Face Llama folders in and out: the text path of the UnifiedTransformer is a Llama.
+
+    python -m pretrain.convert import-llama HF_DIR OUT [--latent-channels 4 --patch-size 2 ...]
+    python -m pretrain.convert export-llama RELEASE OUT
+
+`import-llama` reads a `LlamaForCausalLM` folder (config.json, safetensors, sharded or not; GQA;
+tied or untied embeddings; rope_theta) into a release folder: the backbone and LM head come
+from it, the latent parts (patch projection, timestep embedding, adaLN, latent head) are
+freshly initialised. Its `tokenizer.model` becomes the release's tokenizer with the project's
+reserved tokens put first (data_pipelines.tokenizer.adopt_tokenizer): the embedding and LM-head
+rows move with their pieces, the rows of the new reserved tokens are initialised. Shards for
+training on it are written with that tokenizer (`--tokenizer RELEASE/tokenizer.model`).
+`export-llama` writes the text path of a release as a folder `LlamaForCausalLM.from_pretrained`
+loads, with the release's sentencepiece tokenizer. Tensors are streamed, one at a time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from model.config_system import ConfigError
+from model.model_config import ModelConfig
+from model.special_tokens import BOS, EOS, PAD, SPECIAL_TOKENS
+from model.weights import Entry, WeightsError, weight_files, write_weights
+
+HF_CONFIG, HF_TOKENIZER = "config.json", "tokenizer.model"
+VOCAB_ROWS = ("tok_emb.weight", "lm_head.weight")  # rows indexed by token id
+
+
+def llama_names(n_layers: int) -> dict[str, str]:
+    """Our parameter name -> the Hugging Face Llama one, for the whole text path."""
+    names = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+             "lm_head.weight": "lm_head.weight"}
+    per_layer = {"attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj",
+                 "attn.wo": "self_attn.o_proj", "ffn.w1": "mlp.gate_proj", "ffn.w3": "mlp.up_proj",
+                 "ffn.w2": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for i in range(n_layers):
+        for ours, theirs in per_layer.items():
+            names[f"blocks.{i}.{ours}.weight"] = f"model.layers.{i}.{theirs}.weight"
+    return names
+
+
+def _rope_theta(hf: dict, where: Path) -> float:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", None):
+        raise ConfigError(f"{where}: rope_type={kind!r} is not supported (plain rotary only)")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def model_config_from_llama(hf: dict, where: Path, **latent) -> ModelConfig:
+    """Our ModelConfig for a Hugging Face Llama config (its fields checked; `latent`: our own knobs)."""
+    def need(field, ok, why):
+        if not ok:
+            raise ConfigError(f"{where}: {field}={hf.get(field)!r} is not Llama-compatible ({why})")
+    need("model_type", hf.get("model_type") == "llama", "expected 'llama'")
+    need("hidden_act", hf.get("hidden_act", "silu") == "silu", "SwiGLU needs silu")
+    need("attention_bias", not hf.get("attention_bias", False), "no biases")
+    need("mlp_bias", not hf.get("mlp_bias", False), "no biases")
+    heads = hf["num_attention_heads"]
+    need("head_dim", hf.get("head_dim") in (None, hf["hidden_size"] // heads), "must be hidden_size / heads")
+    return ModelConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
+                       n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
+                       vocab_size=hf["vocab_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       rope_theta=_rope_theta(hf, where),
+                       max_seq_len=hf.get("max_position_embeddings", 4096), **latent)
+
+
+class _Tensors:
+    """Tensors of a safetensors folder by name, read one at a time."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+        self.where = {}
+        for f in weight_files(directory):
+            with safe_open(str(f), "pt") as handle:
+                for key in handle.keys():
+                    self.where[key] = f
+        self._open = safe_open
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def shape(self, name: str) -> tuple:
+        with self._open(str(self.where[name]), "pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise WeightsError(f"{name}: missing from the Hugging Face weights")
+        with self._open(str(self.where[name]), "pt") as handle:
+            return handle.get_tensor(name)
+
+
+def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, **latent) -> Path:
+    """A release folder whose text path is the Llama in `hf_dir` (see the module doc)."""
+    from data_pipelines.tokenizer import adopt_tokenizer
+    from model.transformer import UnifiedTransformer
+    from pretrain.release import stamp, write_release
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / HF_CONFIG).is_file():
+        raise FileNotFoundError(f"{hf_dir / HF_CONFIG}: missing (not a Hugging Face model folder)")
+    if not (hf_dir / HF_TOKENIZER).is_file():
+        raise FileNotFoundError(f"{hf_dir / HF_TOKENIZER}: missing (import-llama needs the sentencepiece "
+                                "tokenizer: the project's shards are written with it)")
+    hf = json.loads((hf_dir / HF_CONFIG).read_text())
+    theirs = _Tensors(hf_dir)
+    scratch = Path(str(out) + ".tokenizer")
+    tokenizer, new_id = adopt_tokenizer(hf_dir / HF_TOKENIZER, scratch / HF_TOKENIZER)
+    try:
+        added = tokenizer.vocab_size - len(new_id)  # reserved tokens the source had no piece for
+        base = model_config_from_llama(hf, hf_dir / HF_CONFIG, **latent)
+        if hf["vocab_size"] < len(new_id):
+            raise ConfigError(f"{hf_dir / HF_CONFIG}: vocab_size={hf['vocab_size']} is smaller than the "
+                              f"tokenizer's {len(new_id)} pieces")
+        cfg = dataclasses.replace(base, vocab_size=hf["vocab_size"] + added)
+        rows = list(new_id) + [i + added for i in range(len(new_id), hf["vocab_size"])]  # rows past the pieces
+        names = llama_names(cfg.n_layers)
+        if "lm_head.weight" not in theirs:
+            if not hf.get("tie_word_embeddings", False):
+                raise WeightsError("lm_head.weight: missing from the Hugging Face weights (and not tied)")
+            names["lm_head.weight"] = "model.embed_tokens.weight"
+        torch.manual_seed(seed)
+        fresh = _fresh_latent_parts(cfg)
+
+        def get(name: str) -> torch.Tensor:
+            if name not in names:
+                return fresh[name]
+            t = theirs.get(names[name]).float()
+            if name in VOCAB_ROWS:  # rows move with their pieces; the new reserved tokens get fresh rows
+                out_rows = torch.randn(cfg.vocab_size, t.shape[1], generator=torch.Generator().manual_seed(seed))
+                out_rows *= cfg.init_std
+                out_rows[torch.tensor(rows)] = t
+                return out_rows
+            return t
+
+        with torch.device("meta"):
+            shell = UnifiedTransformer(cfg)
+        entries = [Entry(k, tuple(v.shape), torch.float32) for k, v in shell.state_dict().items()]
+        info = {"encoder": None, "latent_shapes": {},
+                "provenance": stamp({"source": f"import-llama {hf_dir.resolve()}", "step": 0, "tokens_seen": 0,
+                                     "weights": "imported", "tokenizer": f"{hf_dir / HF_TOKENIZER} with the "
+                                     f"project's reserved tokens first ({added} added)"})}
+        return write_release(out, cfg, entries, get, info, tokenizer.path)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _fresh_latent_parts(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The freshly initialised tensors that a Llama lacks (latent in/out, timestep embedding, adaLN),
+    made by the model's own initialisation on a copy with no blocks and one token."""
+    from model.transformer import UnifiedTransformer
+    small = UnifiedTransformer(dataclasses.replace(cfg, n_layers=1, vocab_size=1))
+    state = small.state_dict()
+    fresh = {k: v for k, v in state.items() if not k.startswith(("blocks.", "tok_emb.", "lm_head.", "norm."))}
+    for i in range(cfg.n_layers):
+        fresh[f"blocks.{i}.ada_table"] = state["blocks.0.ada_table"]
+    return fresh
+
+
+def export_llama(release: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+    """The text path of a release folder as a Hugging Face Llama folder (safetensors + config.json +
+    the sentencepiece tokenizer); OUT is complete or absent."""
+    from model.transformer import CONFIG_FILE
+    release, out = Path(release), Path(out)
+    if not (release / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{release / CONFIG_FILE}: missing (not a release folder)")
+    cfg = ModelConfig.from_dict(json.loads((release / CONFIG_FILE).read_text()))
+    if cfg.qk_norm:
+        raise ConfigError(f"{release / CONFIG_FILE}: qk_norm=True: a Llama has no query/key norms")
+    if out.exists():
+        raise FileExistsError(f"{out}: already exists")
+    ours = _Tensors(release)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    names = llama_names(cfg.n_layers)
+    entries = [Entry(theirs, ours.shape(name), torch_dtype) for name, theirs in names.items()]
+    back = {theirs: name for name, theirs in names.items()}
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        write_weights(tmp, entries, lambda theirs: ours.get(back[theirs]))
+        (tmp / HF_CONFIG).write_text(json.dumps(llama_config(cfg, dtype), indent=2) + "\n")
+        if (release / HF_TOKENIZER).is_file():
+            shutil.copyfile(release / HF_TOKENIZER, tmp / HF_TOKENIZER)
+            (tmp / "tokenizer_config.json").write_text(json.dumps(
+                {"tokenizer_class": "LlamaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
+                 "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False,
+                 "legacy": False}, indent=2) + "\n")
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def llama_config(cfg: ModelConfig, dtype: str = "fp32") -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.dim,
+            "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu",
+            "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
+            "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD,
+            "dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}

@@ -1,0 +1,152 @@
+"""import-llama / export-llama against transformers' own LlamaForCausalLM (tiny, random, saved locally),
+and a training run started from an imported Llama."""
+import json
+import shutil
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+PIECES, VOCAB = 400, 404  # the Llama's embedding has rows past its tokenizer's pieces, as some do
+
+
+def hf_tokenizer(corpus, out):
+    """A sentencepiece model laid out as Llama's are: <unk>=0, <s>=1, </s>=2, no pad."""
+    import sentencepiece as spm
+    from data_pipelines.sources import iter_text_files, text_lines
+    lines = [line for line in text_lines(iter_text_files([corpus])) if line.strip()][:3000]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"),
+                                   vocab_size=PIECES, model_type="bpe", byte_fallback=True,
+                                   character_coverage=0.995, minloglevel=2)
+    return out / "tokenizer.model"
+
+
+@pytest.fixture(scope="module")
+def tiny_llamas(test_data, tmp_path_factory):
+    """{tied: folder}: a tiny random Llama (GQA, rope_theta 5e5, vocabulary padded past the pieces),
+    with untied embeddings in sharded safetensors, and with tied ones in one file."""
+    root = tmp_path_factory.mktemp("llama")
+    tok = hf_tokenizer(test_data["corpus"], root)
+    folders = {}
+    for tied in (False, True):
+        torch.manual_seed(int(tied))
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
+                                       max_position_embeddings=256, tie_word_embeddings=tied, rms_norm_eps=1e-5)
+        model = transformers.LlamaForCausalLM(cfg).eval()
+        folders[tied] = root / f"tied={tied}"
+        model.save_pretrained(folders[tied], max_shard_size="100KB" if not tied else "50MB")
+        shutil.copyfile(tok, folders[tied] / "tokenizer.model")
+    return folders
+
+
+def our_logits(model, ids):
+    from model.generate import text_batch
+    from model.layout import LayoutSpec
+    with torch.no_grad():
+        return model.logits(text_batch(ids, 0, LayoutSpec.from_model_config(model.cfg), "cpu"))[0]
+
+
+def hf_ids(folder, text="The Python tutorial: a for statement iterates over the items of any sequence."):
+    import sentencepiece as spm
+    return [1] + spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).encode(text)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_imported_llama_gives_transformers_logits(tiny_llamas, tmp_path, tied):
+    from data_pipelines.tokenizer import Tokenizer, adopt_tokenizer
+    from model.transformer import UnifiedTransformer
+    from pretrain.convert import main
+    folder = tiny_llamas[tied]
+    if not tied:
+        assert (folder / "model.safetensors.index.json").is_file()  # sharded input
+    assert main(["import-llama", str(folder), str(tmp_path / "release"), "model.latent_channels=1",
+                 "model.patch_size=2", "model.objective=flow"]) == 0
+    ours = UnifiedTransformer.from_pretrained(tmp_path / "release")
+    assert ours.cfg.latent_channels == 1 and ours.cfg.rope_theta == 500000.0 and ours.cfg.n_kv_heads == 2
+    _, new_id = adopt_tokenizer(folder / "tokenizer.model", tmp_path / "again.model")
+    rows = new_id + [i + (ours.cfg.vocab_size - VOCAB) for i in range(len(new_id), VOCAB)]
+    ids = hf_ids(folder)
+    theirs = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        want = theirs(torch.tensor([ids])).logits[0]
+    got = our_logits(ours, [new_id[i] for i in ids])[:, rows]
+    assert (got - want).abs().max() < 1e-4
+    # the release's tokenizer is the Llama's with the reserved tokens first: the same text, the same pieces
+    tok = Tokenizer(tmp_path / "release" / "tokenizer.model")
+    assert tok.encode("a for statement") == [new_id[i] for i in hf_ids(folder, "a for statement")[1:]]
+
+
+def test_exported_model_loads_in_transformers_with_the_same_logits(tiny_llamas, tmp_path):
+    from model.transformer import UnifiedTransformer
+    from pretrain.convert import main
+    assert main(["import-llama", str(tiny_llamas[False]), str(tmp_path / "release")]) == 0
+    assert main(["export-llama", str(tmp_path / "release"), str(tmp_path / "hf")]) == 0
+    ours = UnifiedTransformer.from_pretrained(tmp_path / "release")
+    theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = [2, 40, 77, 120, 400, 9, 11]
+    with torch.no_grad():
+        want = theirs(torch.tensor([ids])).logits[0]
+    assert (our_logits(ours, ids) - want).abs().max() < 1e-4
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok.convert_tokens_to_ids(["<bos>", "<eos>", "<pad>"]) == [2, 3, 0]
+
+
+def test_export_refuses_a_model_a_llama_cannot_hold(tmp_path, capsys):
+    from model.model_config import ModelConfig
+    from model.transformer import UnifiedTransformer
+    from pretrain.convert import main
+    UnifiedTransformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, qk_norm=True)).save_pretrained(
+        tmp_path / "release")
+    assert main(["export-llama", str(tmp_path / "release"), str(tmp_path / "hf")]) == 2
+    assert "qk_norm=True" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+
+
+def test_an_hf_config_that_is_not_llama_names_the_field(tiny_llamas, tmp_path, capsys):
+    from pretrain.convert import main
+    folder = tmp_path / "gelu"
+    shutil.copytree(tiny_llamas[True], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["hidden_act"] = "gelu"
+    (folder / "config.json").write_text(json.dumps(config))
+    assert main(["import-llama", str(folder), str(tmp_path / "release")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "hidden_act='gelu' is not Llama-compatible" in err[0]
+    assert not (tmp_path / "release").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_run_starts_from_an_imported_llama_and_refuses_other_shards(tiny_llamas, test_data, tmp_path):
+    """init_from: the run starts from the release's weights (at lr 0 its checkpoint holds them
+    unchanged); shards written with the demo tokenizer are refused with one line."""
+    from data_pipelines.write_shards import write_shards
+    from pretrain.convert import main
+    from tests.launch import error_line, metrics, torchrun
+    release = tmp_path / "release"
+    assert main(["import-llama", str(tiny_llamas[False]), str(release), "model.latent_channels=1"]) == 0
+    common = dict(encoder="pixels", channels=1, progress=False)
+    write_shards("digits", str(tmp_path / "digits"), str(release / "tokenizer.model"), num_samples=64, **common)
+    write_shards("text", str(tmp_path / "text"), str(release / "tokenizer.model"), num_samples=64,
+                 input=[str(test_data["corpus"])], max_chars=400, **common)
+    cfg = json.loads((release / "config.json").read_text())
+    model = [f"model.{k}={v}" for k, v in cfg.items() if k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim",
+                                                               "vocab_size", "rope_theta", "norm_eps")]
+    data = f"data.datasets=[{{path: {tmp_path / 'digits'}, weight: 0.5}}, {{path: {tmp_path / 'text'}, weight: 0.5}}]"
+    base = ["--config", "configs/tiny-cpu.yaml", "wandb.mode=disabled", "train.max_steps=2", "train.log_interval=1",
+            "data.num_workers=0", "train.eval_interval=0", "model.qk_norm=false", *model]
+    r = torchrun(2, [*base, f"run.dir={tmp_path / 'run'}", data, f"train.init_from={release}", "train.lr=0"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(metrics(tmp_path / "run")) == [1, 2]
+    from model.weights import load_weights
+    from pretrain.checkpoint.reader import CheckpointReader
+    want, got = load_weights(release), CheckpointReader(tmp_path / "run/checkpoints/step_00000002").state_dict()
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+    from data_pipelines.tokenizer import train_tokenizer
+    other = train_tokenizer(["a handwritten digit " + w for w in ("one", "two", "three")] * 50, tmp_path / "o.model", 300)
+    write_shards("digits", str(tmp_path / "other-digits"), str(other.path), num_samples=8, **common)
+    r = torchrun(2, [*base, f"run.dir={tmp_path / 'other'}", f"data.datasets.0.path={tmp_path / 'other-digits'}",
+                     f"data.datasets.1.path={tmp_path / 'text'}", f"train.init_from={release}"])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert r.returncode != 0 and errors and all("was tokenized with" in e and "--tokenizer" in e for e in errors), \
+        r.stderr[-3000:]
