@@ -53,7 +53,7 @@ class _Mapped:
 class CheckpointReader:
     """`entries()` (name, shape) of the model's state dict; `tensor(name, ema)` a whole fp32 tensor."""
 
-    def __init__(self, folder: str | Path, budget_bytes: int = 64 * 2**20):
+    def __init__(self, folder: str | Path, budget_bytes: int = 16 * 2**20):
         self.folder, self.budget, self.touched = Path(folder), budget_bytes, 0
         if not self.folder.is_dir():
             raise CheckpointError(f"{self.folder}: no such checkpoint folder")
