@@ -92,6 +92,8 @@ def write_weights(directory: str | Path, entries: Iterable[Entry], get_tensor: C
     `get_tensor(name)` for each tensor in turn (cast to the entry's dtype here). Returns the files."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in [directory / WEIGHTS_FILE, directory / INDEX_FILE, *directory.glob("model-*-of-*.safetensors")]:
+        stale.unlink(missing_ok=True)  # an earlier save's files would be read with this one's
     entries = list(entries)
     shards = plan_shards(entries, max_shard_bytes)
     names = [WEIGHTS_FILE] if len(shards) == 1 else [SHARD_NAME.format(i + 1, len(shards)) for i in range(len(shards))]
@@ -115,6 +117,24 @@ def write_weights(directory: str | Path, entries: Iterable[Entry], get_tensor: C
                  "weight_map": {e.name: name for name, shard in zip(names, shards) for e in shard}}
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return [directory / n for n in names]
+
+
+class ByteProgress:
+    """A tqdm bar over the bytes of `entries`, for write_weights' `progress` (a context manager)."""
+
+    def __init__(self, entries: list[Entry], desc: str, enabled: bool = True):
+        from tqdm import tqdm
+        self.bar = tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc=desc,
+                        disable=not enabled)
+
+    def __call__(self, entry: Entry) -> None:
+        self.bar.update(entry.nbytes)
+
+    def __enter__(self) -> "ByteProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
 
 
 def has_weights(directory: str | Path) -> bool:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CONFIG_FILE, EMA_FILE, is_checkpoint
+from pretrain.checkpoint import CONFIG_FILE, is_checkpoint, write_full_ema
 from pretrain.checkpoint.reader import CheckpointError, CheckpointReader
 
 
@@ -37,15 +37,19 @@ def to_universal(ckpt: str | Path, out: str | Path) -> Path:
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
            "--num_merge_workers", "1"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"ds_to_universal failed on {ckpt}:\n{r.stderr[-2000:]}")
-    reader = CheckpointReader(ckpt)
-    if reader.has_ema():
-        torch.save(reader.state_dict(ema=True), tmp / EMA_FILE)
-    if (ckpt / CONFIG_FILE).is_file():
-        shutil.copy2(ckpt / CONFIG_FILE, tmp / CONFIG_FILE)
-    os.replace(tmp, out)
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise RuntimeError(f"ds_to_universal failed on {ckpt}: {last}")
+        reader = CheckpointReader(ckpt)
+        if reader.has_ema():
+            write_full_ema(tmp, reader.state_dict(ema=True))
+        if (ckpt / CONFIG_FILE).is_file():
+            shutil.copy2(ckpt / CONFIG_FILE, tmp / CONFIG_FILE)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -55,10 +59,9 @@ def to_release(source: str | Path, out: str | Path, ema: bool = True, dtype: str
     a run directory (its `latest`) -> a release folder (pretrain.release), EMA weights when the run
     kept an EMA (else or with ema=False the raw ones). The weights are streamed: one tensor in
     memory at a time, the optimizer moments never read."""
-    from tqdm import tqdm
     from model.model_config import ModelConfig
     from model.transformer import UnifiedTransformer, check_state_shapes
-    from model.weights import Entry, parse_size
+    from model.weights import ByteProgress, Entry, parse_size
     from pretrain.release import checkpoint_folder, data_info, stamp, write_release
     folder = checkpoint_folder(Path(source))
     reader = CheckpointReader(folder)
@@ -78,13 +81,11 @@ def to_release(source: str | Path, out: str | Path, ema: bool = True, dtype: str
     info["provenance"] = stamp({"source": str(folder.resolve()), "step": reader.client.get("step"),
                                 "tokens_seen": reader.client.get("tokens"), "weights": "ema" if use_ema else "raw",
                                 "dtype": dtype, "config_sha256": config_hash(config)})
-    bar = tqdm(total=sum(e.nbytes for e in entries), unit="B", unit_scale=True, desc=f"to-release {folder.name}",
-               disable=not progress)
     try:
-        return write_release(out, cfg, entries, lambda name: reader.tensor(name, use_ema), info, tokenizer,
-                             parse_size(max_shard_size), progress=lambda e: bar.update(e.nbytes))
+        with ByteProgress(entries, f"to-release {folder.name}", progress) as bar:
+            return write_release(out, cfg, entries, lambda name: reader.tensor(name, use_ema), info, tokenizer,
+                                 parse_size(max_shard_size), progress=bar)
     finally:
-        bar.close()
         reader.release()
 
 
@@ -139,11 +140,11 @@ def main(argv=None) -> int:
     try:
         if a.command == "import-llama":
             from pretrain.llama import import_llama
-            out = import_llama(a.hf_dir, a.out, **latent_knobs(a.overrides))
+            out = import_llama(a.hf_dir, a.out, progress=True, **latent_knobs(a.overrides))
             print(f"wrote {out}; train from it with train.init_from={out} (shards: --tokenizer {out}/tokenizer.model)")
         elif a.command == "export-llama":
             from pretrain.llama import export_llama
-            out = export_llama(a.release, a.out, a.dtype)
+            out = export_llama(a.release, a.out, a.dtype, progress=True)
             print(f"wrote {out}; load with transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
         elif a.command == "to-universal":
             out = to_universal(a.checkpoint, a.out)

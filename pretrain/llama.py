@@ -1,6 +1,6 @@
 """Hugging Face Llama folders in and out: the text path of the UnifiedTransformer is a Llama.
 
-    python -m pretrain.convert import-llama HF_DIR OUT [--latent-channels 4 --patch-size 2 ...]
+    python -m pretrain.convert import-llama HF_DIR OUT [model.latent_channels=4 model.patch_size=2 ...]
     python -m pretrain.convert export-llama RELEASE OUT
 
 `import-llama` reads a `LlamaForCausalLM` folder (config.json, safetensors, sharded or not; GQA;
@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ import torch
 from model.config_system import ConfigError
 from model.model_config import ModelConfig
 from model.special_tokens import BOS, EOS, PAD, SPECIAL_TOKENS
-from model.weights import Entry, WeightsError, weight_files, write_weights
+from model.weights import ByteProgress, Entry, WeightsError, weight_files, write_weights
 
 HF_CONFIG, HF_TOKENIZER = "config.json", "tokenizer.model"
 VOCAB_ROWS = ("tok_emb.weight", "lm_head.weight")  # rows indexed by token id
@@ -58,6 +59,9 @@ def model_config_from_llama(hf: dict, where: Path, **latent) -> ModelConfig:
     def need(field, ok, why):
         if not ok:
             raise ConfigError(f"{where}: {field}={hf.get(field)!r} is not Llama-compatible ({why})")
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if field not in hf:
+            raise ConfigError(f"{where}: no {field} (not a Llama config)")
     need("model_type", hf.get("model_type") == "llama", "expected 'llama'")
     need("hidden_act", hf.get("hidden_act", "silu") == "silu", "SwiGLU needs silu")
     need("attention_bias", not hf.get("attention_bias", False), "no biases")
@@ -78,9 +82,12 @@ class _Tensors:
         from safetensors import safe_open
         self.where = {}
         for f in weight_files(directory):
-            with safe_open(str(f), "pt") as handle:
-                for key in handle.keys():
-                    self.where[key] = f
+            try:
+                with safe_open(str(f), "pt") as handle:
+                    for key in handle.keys():
+                        self.where[key] = f
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+                raise WeightsError(f"{f}: not a readable safetensors file ({e})") from None
         self._open = safe_open
 
     def __contains__(self, name: str) -> bool:
@@ -93,11 +100,14 @@ class _Tensors:
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
             raise WeightsError(f"{name}: missing from the Hugging Face weights")
-        with self._open(str(self.where[name]), "pt") as handle:
-            return handle.get_tensor(name)
+        try:
+            with self._open(str(self.where[name]), "pt") as handle:
+                return handle.get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - a truncated file fails only when its tensor is read
+            raise WeightsError(f"{self.where[name]}: cannot read {name} ({e})") from None
 
 
-def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, **latent) -> Path:
+def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, progress: bool = False, **latent) -> Path:
     """A release folder whose text path is the Llama in `hf_dir` (see the module doc)."""
     from data_pipelines.tokenizer import adopt_tokenizer
     from model.transformer import UnifiedTransformer
@@ -110,9 +120,9 @@ def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, **latent) -
                                 "tokenizer: the project's shards are written with it)")
     hf = json.loads((hf_dir / HF_CONFIG).read_text())
     theirs = _Tensors(hf_dir)
-    scratch = Path(str(out) + ".tokenizer")
-    tokenizer, new_id = adopt_tokenizer(hf_dir / HF_TOKENIZER, scratch / HF_TOKENIZER)
+    scratch = Path(tempfile.mkdtemp(prefix="import-llama-"))
     try:
+        tokenizer, new_id = adopt_tokenizer(hf_dir / HF_TOKENIZER, scratch / HF_TOKENIZER)
         added = tokenizer.vocab_size - len(new_id)  # reserved tokens the source had no piece for
         base = model_config_from_llama(hf, hf_dir / HF_CONFIG, **latent)
         if hf["vocab_size"] < len(new_id):
@@ -146,7 +156,8 @@ def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, **latent) -
                 "provenance": stamp({"source": f"import-llama {hf_dir.resolve()}", "step": 0, "tokens_seen": 0,
                                      "weights": "imported", "tokenizer": f"{hf_dir / HF_TOKENIZER} with the "
                                      f"project's reserved tokens first ({added} added)"})}
-        return write_release(out, cfg, entries, get, info, tokenizer.path)
+        with ByteProgress(entries, "import-llama", progress) as bar:
+            return write_release(out, cfg, entries, get, info, tokenizer.path, progress=bar)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -163,7 +174,7 @@ def _fresh_latent_parts(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     return fresh
 
 
-def export_llama(release: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+def export_llama(release: str | Path, out: str | Path, dtype: str = "fp32", progress: bool = False) -> Path:
     """The text path of a release folder as a Hugging Face Llama folder (safetensors + config.json +
     the sentencepiece tokenizer); OUT is complete or absent."""
     from model.transformer import CONFIG_FILE
@@ -183,18 +194,28 @@ def export_llama(release: str | Path, out: str | Path, dtype: str = "fp32") -> P
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        write_weights(tmp, entries, lambda theirs: ours.get(back[theirs]))
+        with ByteProgress(entries, "export-llama", progress) as bar:
+            write_weights(tmp, entries, lambda theirs: ours.get(back[theirs]), progress=bar)
         (tmp / HF_CONFIG).write_text(json.dumps(llama_config(cfg, dtype), indent=2) + "\n")
         if (release / HF_TOKENIZER).is_file():
             shutil.copyfile(release / HF_TOKENIZER, tmp / HF_TOKENIZER)
             (tmp / "tokenizer_config.json").write_text(json.dumps(
                 {"tokenizer_class": "LlamaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
                  "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False,
-                 "legacy": False}, indent=2) + "\n")
+                 "legacy": False, "add_prefix_space": adds_prefix_space(release / HF_TOKENIZER)}, indent=2) + "\n")
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def adds_prefix_space(tokenizer: Path) -> bool:
+    """Whether a sentencepiece model puts '▁' before the text (ours do not; Llama's do), which the
+    Hugging Face tokenizer must be told to match."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    proto = pb.ModelProto()
+    proto.ParseFromString(tokenizer.read_bytes())
+    return bool(proto.normalizer_spec.add_dummy_prefix)
 
 
 def llama_config(cfg: ModelConfig, dtype: str = "fp32") -> dict:

@@ -28,6 +28,8 @@ from model.transformer import UnifiedTransformer, save_model_config
 from model.weights import Entry, has_weights, state_entries, write_weights
 
 RELEASE_FILE, TOKENIZER_FILE, README_FILE = "release.json", "tokenizer.model", "README.md"
+WEIGHT_KNOBS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "norm_eps", "rope_theta", "qk_norm",
+                "latent_channels", "patch_size")  # model knobs that give the weights their meaning
 
 
 @dataclasses.dataclass
@@ -114,9 +116,9 @@ def stamp(provenance: dict) -> dict:
 
 def checkpoint_folder(path: Path) -> Path:
     """A run directory or checkpoint root (-> its `latest`) or a checkpoint folder itself."""
-    from pretrain.checkpoint import is_checkpoint, read_latest
+    from pretrain.checkpoint import is_checkpoint, read_latest, run_checkpoints
     path = Path(path)
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    root = run_checkpoints(path) if run_checkpoints(path).is_dir() else path
     if read_latest(root):
         return root / read_latest(root)
     if is_checkpoint(path):
@@ -142,9 +144,14 @@ def init_from_release(model: UnifiedTransformer, path: str | Path, manifests: li
     from model.config_system import ConfigError
     from model.transformer import check_state_shapes
     from model.weights import WeightsError, load_weights
+    from model.transformer import CONFIG_FILE
     path = Path(path)
-    if not has_weights(path):
-        raise ConfigError(f"train.init_from={path}: not a release folder (no model.safetensors or index)")
+    if not has_weights(path) or not (path / CONFIG_FILE).is_file():
+        raise ConfigError(f"train.init_from={path}: not a release folder (no {CONFIG_FILE} and weights)")
+    theirs, ours = json.loads((path / CONFIG_FILE).read_text()), model.cfg.to_dict()
+    differ = [f"model.{k} is {theirs.get(k)!r} there, {ours[k]!r} here" for k in WEIGHT_KNOBS if theirs.get(k) != ours[k]]
+    if differ:
+        raise ConfigError(f"train.init_from={path}: the run's model is not the release's ({'; '.join(differ)})")
     tokenizer = path / TOKENIZER_FILE
     if tokenizer.is_file():
         own = Tokenizer(tokenizer).fingerprint()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from pretrain import job_history
-from pretrain.checkpoint import list_checkpoints, read_latest
+from pretrain.checkpoint import list_checkpoints, read_latest, run_checkpoints
 
 
 def summarize(run_dir: Path) -> str:
@@ -33,7 +33,7 @@ def summarize(run_dir: Path) -> str:
             lines.append(f"  evaluation at step {r['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     if (run_dir / "samples").is_dir():
         lines.append(f"sample grids:  {run_dir / 'samples'} ({len(list((run_dir / 'samples').glob('*.png')))})")
-    root = run_dir / "checkpoints"
+    root = run_checkpoints(run_dir)
     lines.append(f"checkpoints:   {root} latest={read_latest(root)} all={list_checkpoints(root)}")
     jobs = job_history.describe(run_dir)
     if jobs:

@@ -32,7 +32,6 @@ from model.diffusion import row_noise
 from model.layout import pack_rows
 from model.transformer import Block, UnifiedTransformer, loss_token_counts
 from pretrain import checkpoint as ckpt
-from pretrain.checkpoint import EMA_FILE
 from pretrain import job_history
 from pretrain.config import ExperimentConfig
 from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any_rank, init_distributed,
@@ -60,7 +59,7 @@ class Trainer:
         self.early_signals = early_signals if early_signals is not None else []  # caught before run()
         t = cfg.train
         self.lock = self._lock_run_dir()
-        self.ckpt_root = Path(cfg.run.dir) / "checkpoints"
+        self.ckpt_root = ckpt.run_checkpoints(cfg.run.dir)
         self.resume_from = ckpt.resolve_resume(resume, self.ckpt_root)
         if self.resume_from is not None:
             ckpt.check_model_matches(*self.resume_from, cfg.model)
@@ -129,8 +128,8 @@ class Trainer:
             return notes
         if own is not None and own.get("ema") is not None:
             self.ema.load_state_dict(own["ema"])
-        elif own is None and (root / tag / EMA_FILE).is_file():
-            self.ema.load_full(self.engine, torch.load(root / tag / EMA_FILE, map_location="cpu"))
+        elif own is None and (full := ckpt.read_full_ema(root / tag)) is not None:
+            self.ema.load_full(self.engine, full)
         else:  # not from the random initialisation it was copied from before the weights were loaded
             self.ema.reset(self.engine)
             notes.append(f"{root / tag} has no EMA: the EMA starts from its weights")

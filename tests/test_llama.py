@@ -92,6 +92,27 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(tiny_llamas, 
     assert tok.convert_tokens_to_ids(["<bos>", "<eos>", "<pad>"]) == [2, 3, 0]
 
 
+@pytest.mark.parametrize("tokenizer", ["adopted", "project"])
+def test_exported_tokenizer_encodes_as_ours(tiny_llamas, test_data, tmp_path, tokenizer):
+    """An adopted Llama tokenizer puts '▁' before the text, the project's do not: transformers must
+    encode as the release's own tokenizer does, either way."""
+    from data_pipelines.tokenizer import Tokenizer
+    from model.model_config import ModelConfig
+    from model.transformer import UnifiedTransformer
+    from pretrain.convert import main
+    from pretrain.release import save_release
+    if tokenizer == "adopted":
+        assert main(["import-llama", str(tiny_llamas[True]), str(tmp_path / "release")]) == 0
+    else:
+        model = UnifiedTransformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=1000))
+        save_release(model, tmp_path / "release", {"encoder": None, "latent_shapes": {}}, test_data["tokenizer"])
+    assert main(["export-llama", str(tmp_path / "release"), str(tmp_path / "hf")]) == 0
+    ours = Tokenizer(tmp_path / "release" / "tokenizer.model")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in ("a handwritten digit seven", "The for statement iterates over items."):
+        assert theirs(text)["input_ids"] == [2] + ours.encode(text)
+
+
 def test_export_refuses_a_model_a_llama_cannot_hold(tmp_path, capsys):
     from model.model_config import ModelConfig
     from model.transformer import UnifiedTransformer

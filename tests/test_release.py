@@ -15,18 +15,19 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 RUNS = {}
 
 
-def trained(tiny_config, tmp_path_factory, stage, precision):
-    """A 2-rank run of 3 steps with an EMA: its checkpoint and the trainer's live state at the end."""
-    if (stage, precision) not in RUNS:
-        run = tmp_path_factory.mktemp(f"zero{stage}-{precision}") / "run"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+def trained(tiny_config, tmp_path_factory, stage, precision, ranks=2):
+    """A run of 3 steps with an EMA: its checkpoint and the trainer's live state at the end."""
+    if (stage, precision, ranks) not in RUNS:
+        run = tmp_path_factory.mktemp(f"zero{stage}-{precision}-{ranks}") / "run"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-port",
+               str(free_port()),
                "-m", "tests.live_weights", "--config", str(tiny_config), f"run.dir={run}", "wandb.mode=disabled",
                f"train.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=3", "data.num_workers=0",
                "train.ema_decay=0.5", "train.ema_warmup=false", "checkpoint.interval=100"]
         r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
-        RUNS[stage, precision] = run
-    return RUNS[stage, precision]
+        RUNS[stage, precision, ranks] = run
+    return RUNS[stage, precision, ranks]
 
 
 def outputs(model, batch):
@@ -35,15 +36,24 @@ def outputs(model, batch):
         return model.lm_head(out.hidden), out.latent_pred
 
 
-@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (1, "bf16"), (2, "fp32"), (2, "bf16"), (3, "fp32"),
-                                             (3, "bf16")])
-def test_release_holds_the_live_weights_and_ema(tiny_config, tmp_path_factory, tmp_path, stage, precision):
+@pytest.mark.parametrize("stage,precision,ranks", [(1, "fp32", 2), (1, "bf16", 2), (2, "fp32", 2), (2, "bf16", 2),
+                                                   (3, "fp32", 2), (3, "bf16", 2), (2, "fp32", 3)])
+def test_release_holds_the_live_weights_and_ema(tiny_config, tmp_path_factory, tmp_path, stage, precision, ranks):
+    """3 ranks: ZeRO-2 saves the last rank's partition without its alignment padding."""
     from model.transformer import UnifiedTransformer
     from model.weights import INDEX_FILE
     from pretrain.convert import to_release
     from tests.test_model import packed_mixed_batch
-    run = trained(tiny_config, tmp_path_factory, stage, precision)
+    run = trained(tiny_config, tmp_path_factory, stage, precision, ranks)
     live = torch.load(run / "live.pt")
+    if ranks == 3:
+        from pretrain.checkpoint.reader import CheckpointReader
+        reader = CheckpointReader(run / "checkpoints/step_00000003")
+        assert any(n < size for n, size in zip(reader.saved[-1], reader.part_sizes))  # a trimmed partition
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        theirs = get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints"), tag="step_00000003")
+        ours = reader.state_dict()
+        assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in theirs)
     ema = UnifiedTransformer.from_pretrained(to_release(run, tmp_path / "ema"))  # the run's latest, EMA
     raw_dir = to_release(run / "checkpoints" / "step_00000003", tmp_path / "raw", ema=False, max_shard_size="200KB")
     raw = UnifiedTransformer.from_pretrained(raw_dir)
@@ -91,6 +101,9 @@ def test_a_truncated_rank_file_is_named_and_nothing_is_left_at_out(broken, tmp_p
 def test_a_missing_rank_file_or_no_checkpoint_is_named(broken, tmp_path, capsys):
     assert_fails_naming(tmp_path / "nothing", tmp_path / "out", "not a release folder, run directory or checkpoint",
                         capsys)
+    (broken / "rank_00001.pt").rename(tmp_path / "aside.pt")  # rank 1's EMA partition
+    assert_fails_naming(broken, tmp_path / "out", "rank_00001.pt: missing", capsys)
+    (tmp_path / "aside.pt").rename(broken / "rank_00001.pt")
     next(broken.glob("*zero_pp_rank_1_*optim_states.pt")).unlink()
     assert_fails_naming(broken, tmp_path / "out", "rank file of rank 1 missing", capsys)
 

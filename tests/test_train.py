@@ -255,6 +255,12 @@ def test_two_ranks_to_universal_to_one_rank(tiny_config, tmp_path, stage, precis
     assert "sample/digit_accuracy" in metrics(a)[8]
     universal = to_universal(a / "checkpoints/step_00000004", tmp_path / "step_00000004_universal")
     assert (universal / "ema_fp32.pt").is_file() and (universal / "config.json").is_file()
+    from model.transformer import UnifiedTransformer
+    from pretrain.convert import to_release
+    for ema in (True, False):  # a release of the universal checkpoint holds the ZeRO checkpoint's tensors
+        release = UnifiedTransformer.from_pretrained(to_release(universal, tmp_path / f"release-{ema}", ema=ema))
+        want = consolidated(a / "checkpoints/step_00000004", ema)
+        assert all(torch.equal(t, want[k]) for k, t in release.state_dict().items())
     r = torchrun(1, ["--resume", str(universal), *args(tiny_config, b, *common, "train.grad_accum=2",
                                                        "data.num_workers=2")])
     assert r.returncode == 0, r.stderr[-3000:]

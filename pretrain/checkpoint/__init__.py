@@ -41,6 +41,24 @@ def _fault(point: str, step: int) -> None:
         os._exit(17)
 
 
+CHECKPOINTS = "checkpoints"  # under run.dir
+
+
+def run_checkpoints(run_dir: str | Path) -> Path:
+    """Where a run directory keeps its checkpoints (and `latest`)."""
+    return Path(run_dir) / CHECKPOINTS
+
+
+def write_full_ema(folder: Path, state: dict) -> None:
+    """The whole EMA of a universal checkpoint, {name: fp32 tensor}, which any world size cuts anew."""
+    torch.save(state, Path(folder) / EMA_FILE)
+
+
+def read_full_ema(folder: Path) -> Optional[dict]:
+    path = Path(folder) / EMA_FILE
+    return torch.load(path, map_location="cpu") if path.is_file() else None
+
+
 def rank_file(rank: int) -> str:
     """A rank's own state in a checkpoint folder: {"rng": ..., "ema": {"shadow": [...]} or None}."""
     return f"rank_{rank:05d}.pt"

@@ -14,8 +14,11 @@ DeepSpeed's own zero_to_fp32 holds the whole model (and for ZeRO-1/2 a second co
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import math
+import mmap
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +29,24 @@ from pretrain.checkpoint import CONFIG_FILE, EMA_FILE, rank_file
 
 class CheckpointError(ValueError):
     pass
+
+
+def _drop_pages(address: int, nbytes: int) -> bool:
+    """madvise(MADV_DONTNEED) over [address, address + nbytes) of a file mapping; False where unavailable."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if not _LIBC or not hasattr(mmap, "MADV_DONTNEED"):
+        return False
+    start = address - address % mmap.PAGESIZE
+    return _LIBC.madvise(start, address + nbytes - start, mmap.MADV_DONTNEED) == 0
+
+
+_LIBC = None
 
 
 def _load(path: Path, mmap: bool = True):
@@ -93,17 +114,26 @@ class CheckpointReader:
         if missing:
             raise CheckpointError(f"{self.folder}: rank file of rank {missing[0]} missing "
                                   f"(*zero_pp_rank_{missing[0]}_*optim_states.pt; the checkpoint has {self.world} ranks)")
-        self.stage = int(osd.get("zero_stage", 1))  # DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16) writes none
-        self.key = "single_partition_of_fp32_groups" if self.stage <= 2 else "fp32_flat_groups"
+        trims = "zero_stage" in osd  # DeepSpeed's ZeRO-1/2 optimizer saves its partitions without their
+        self.stage = int(osd.get("zero_stage", 1))  # end padding; BF16_Optimizer (ZeRO-1 in bf16, no
+        self.key = "single_partition_of_fp32_groups" if self.stage <= 2 else "fp32_flat_groups"  # zero_stage) not
         if self.key not in osd:
             raise CheckpointError(f"{files[0]}: no {self.key} (not a ZeRO-{self.stage} optimizer file)")
         paddings = osd.get("param_alignment_paddings")
-        sizes = [int(t.numel()) for t in osd[self.key]]
         del osd
-        for r in range(1, self.world):  # each opens (a truncated file does not) and has its partitions
-            other = _load(files[r]).get("optimizer_state_dict", {}).get(self.key)
-            if other is None or [int(t.numel()) for t in other] != sizes:
-                raise CheckpointError(f"{files[r]}: its {self.key} do not match rank 0's")
+        saved, sizes = [], None  # per rank: the values saved per group; the partitions' size in memory
+        for r in range(self.world):  # each opens (a truncated file does not) and has its partitions
+            osd = _load(files[r]).get("optimizer_state_dict", {})
+            if self.key not in osd:
+                raise CheckpointError(f"{files[r]}: no {self.key} (rank 0's file has them)")
+            saved.append([int(t.numel()) for t in osd[self.key]])
+            pads = osd.get("group_paddings", [0] * len(saved[-1])) if trims and self.stage <= 2 else [0] * len(saved[-1])
+            full = [n + pad for n, pad in zip(saved[-1], pads)]
+            if sizes is None:
+                sizes = full
+            if full != sizes:
+                raise CheckpointError(f"{files[r]}: partitions of {full} values, rank 0's of {sizes}")
+        self.saved = saved
         self.optim = [_Mapped(files[r]) for r in range(self.world)]
         self.where: dict[str, tuple[int, int]] = {}  # name -> (group, offset): ZeRO-1/2 in the group's
         if self.stage <= 2:                          # concatenation, ZeRO-3 in each rank's piece
@@ -144,15 +174,16 @@ class CheckpointReader:
         return self._ema() is not None
 
     def _ema(self) -> Optional[list[_Mapped]]:
+        """The rank files holding the EMA partitions, or None when the run kept no EMA."""
         if self._ema_ranks is None and not self.universal:
             files = [self.folder / rank_file(r) for r in range(self.world)]
-            if not all(f.is_file() for f in files):
+            if not files[0].is_file() or _load(files[0]).get("ema") is None:
                 return None
-            emas = [_load(f).get("ema") for f in files]  # each opens (a truncated file does not)
-            if emas[0] is None:
-                return None
-            if any(e is None for e in emas):
-                raise CheckpointError(f"{files[emas.index(None)]}: no EMA (rank 0 has one)")
+            for f in files[1:]:  # each opens (a truncated file does not) and has its partition
+                if not f.is_file():
+                    raise CheckpointError(f"{f}: missing (rank {files.index(f)}'s EMA; rank 0 has one)")
+                if _load(f).get("ema") is None:
+                    raise CheckpointError(f"{f}: no EMA (rank 0 has one)")
             self._ema_ranks = [_Mapped(f) for f in files]
         return self._ema_ranks
 
@@ -175,9 +206,7 @@ class CheckpointReader:
         shape = self.shapes[name]
         n = shape.numel()
         if self.universal:
-            out = self._universal(name, ema).float()
-            self._touch(n * 4)
-            return out.view(shape)
+            return self._universal(name, ema).float().view(shape)
         g, start = self.where[name]
         if self.stage <= 2:  # [start, start + n) of the group's concatenation, cut into equal pieces
             size = self.part_sizes[g]
@@ -187,18 +216,26 @@ class CheckpointReader:
             piece = math.ceil(n / self.world)
             spans = [(r, start, start + min(piece, n - r * piece)) for r in range(self.world) if r * piece < n]
         out, filled = torch.empty(n, dtype=torch.float32), 0
-        for r, lo, hi in spans:  # copy each rank's piece, then let its pages go when enough were read
-            out[filled:filled + hi - lo] = self._flat(r, g, ema)[lo:hi]
-            filled += hi - lo
-            self._touch((hi - lo) * 4)
+        for r, lo, hi in spans:  # copy each rank's piece, then let its pages go
+            if hi > lo:
+                piece = self._flat(r, g, ema)[lo:hi]
+                if hi > piece.numel() + lo:
+                    raise CheckpointError(f"{self.folder}: rank {r} holds too few values for {name}")
+                out[filled:filled + hi - lo] = piece
+                filled += hi - lo
+                self._touch(piece)
         if filled != n:
             raise CheckpointError(f"{self.folder}: {name} has {filled} of its {n} values in the rank files")
         return out.view(shape)
 
-    def _touch(self, nbytes: int) -> None:
-        self.touched += nbytes
-        if self.touched > self.budget:
-            self.release()
+    def _touch(self, piece: torch.Tensor) -> None:
+        """Give back the pages of a piece just copied (a private file mapping: they are read again
+        from the file if needed). Without madvise: drop every mapping once `budget` bytes were read."""
+        nbytes = piece.numel() * piece.element_size()
+        if not _drop_pages(piece.data_ptr(), nbytes):
+            self.touched += nbytes
+            if self.touched > self.budget:
+                self.release()
 
     def _universal(self, name: str, ema: bool) -> torch.Tensor:
         if ema:
