@@ -9,7 +9,8 @@ from model.config_system import Config, ConfigError, knob
 
 @dataclasses.dataclass
 class DatasetConfig(Config):
-    path: str = knob("", "shard folder holding manifest.json (data_pipelines.write_shards)")
+    path: str = knob("", "shard set holding manifest.json (data_pipelines.write_shards): a folder, an http(s):// "
+                         "URL prefix, or a pipe: command with {shard} for the file name (data_pipelines.remote)")
     weight: float = knob(1.0, "mixture weight (normalised over the datasets)")
     role: Literal["generate", "context", "both"] = knob(
         "generate", "layout of latents: generate (noised, diffusion loss), context (clean), both")
@@ -31,6 +32,9 @@ class DataConfig(Config):
     pack_buffer: int = knob(32, "documents held to choose from when filling a row (first fit)")
     caption_dropout: float = knob(0.1, "probability of dropping the caption of a generated latent (CFG)")
     max_bad_samples: int = knob(100, "corrupt samples skipped per reader before a DataError")
+    max_shard_bytes: int = knob(2 * 10**9, "largest remote shard a reader holds in memory (an error beyond)")
+    read_retries: int = knob(5, "retries of a failed or damaged remote read (backoff doubling), then a DataError")
+    retry_backoff: float = knob(0.5, "seconds before the first retry of a remote read")
     num_epochs: int = knob(0, "passes over each dataset; 0 = endless")
     add_bos_eos: bool = knob(True, "wrap each document in <bos> ... <eos>")
 

@@ -15,7 +15,6 @@ dataset fingerprints differ from the shards on disk is refused.
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
@@ -64,7 +63,7 @@ class PackedLoader:
         self.entries = list(cfg.datasets if datasets is None else datasets)
         if not self.entries:
             raise DataError("data.datasets: no dataset configured")
-        self.manifests = [load_manifest(e.path) for e in self.entries]
+        self.manifests = [load_manifest(e.path, cfg.read_retries, cfg.retry_backoff) for e in self.entries]
         for e, m in zip(self.entries, self.manifests):
             if m.latent_channels != model_cfg.latent_channels:
                 raise DataError(f"{e.path}: latents have {m.latent_channels} channels, "
@@ -87,7 +86,7 @@ class PackedLoader:
         datasets = []
         for e, m, order, (base, partial, first) in zip(self.entries, self.manifests, self.orders, self.base):
             dealing = Dealing(order, self.num_slots, first, self.num_epochs)
-            datasets.append(Dataset(Path(e.path), m, e.role, e.weight, order, dealing, base, partial))
+            datasets.append(Dataset(e.path, m, e.role, e.weight, order, dealing, base, partial))
         return Slot(datasets, self.cfg, self.spec, self.diffusion, self.batch_size, slot,
                     self.slot_states.get(slot))
 

@@ -22,6 +22,8 @@ import numpy as np
 import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from data_pipelines import remote
+
 MANIFEST = "manifest.json"
 FORMAT = "monofusion-shards/1"
 
@@ -35,8 +37,9 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class Manifest:
-    """A shard set: where it is, its shards, and how its samples were encoded and tokenized."""
-    root: Path
+    """A shard set: where it is (a folder, URL prefix or pipe: template), its shards, and how its
+    samples were encoded and tokenized."""
+    root: str
     shards: tuple[ShardInfo, ...]
     num_samples: int
     fingerprint: str
@@ -47,8 +50,8 @@ class Manifest:
     source: dict = field(default_factory=dict)         # the source's name and options
 
     @classmethod
-    def from_json(cls, root: Path, raw: dict) -> "Manifest":
-        return cls(Path(root), tuple(ShardInfo(**s) for s in raw["shards"]), raw["num_samples"], raw["fingerprint"],
+    def from_json(cls, root: str | Path, raw: dict) -> "Manifest":
+        return cls(str(root), tuple(ShardInfo(**s) for s in raw["shards"]), raw["num_samples"], raw["fingerprint"],
                    raw.get("encoder"), raw.get("latent_channels", 0), dict(raw.get("latent_shapes", {})),
                    dict(raw.get("tokenizer", {})), dict(raw.get("source", {})))
 
@@ -64,8 +67,9 @@ class Manifest:
     def shard_sizes(self) -> list[int]:
         return [s.samples for s in self.shards]
 
-    def shard_path(self, index: int) -> Path:
-        return self.root / self.shards[index].name
+    def shard_path(self, index: int) -> str:
+        """Where shard `index` is: a local path, a URL or a pipe: command (data_pipelines.remote)."""
+        return remote.location(self.root, self.shards[index].name)
 
 
 class BadSample(ValueError):
@@ -132,25 +136,29 @@ def fingerprint(manifest: dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_manifest(directory: str | Path) -> Manifest:
-    """The manifest of a shard folder, checked (format, fingerprint); one-line errors naming the file."""
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
+def load_manifest(directory: str | Path, retries: int = 5, backoff: float = 0.5) -> Manifest:
+    """The manifest of a shard set (a folder, URL prefix or pipe: template, data_pipelines.remote),
+    checked (format, fingerprint); one-line errors naming the file."""
+    path = remote.location(str(directory), MANIFEST)
+    if not remote.is_remote(str(directory)) and not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no shard manifest (write shards with data_pipelines.write_shards)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(remote.read_bytes(path, retries=retries, backoff=backoff))
+    except remote.RemoteError as e:
+        raise FileNotFoundError(str(e)) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT}")
     if manifest.get("fingerprint") != fingerprint(manifest):
         raise ValueError(f"{path}: fingerprint does not match its contents (edited by hand?)")
-    return Manifest.from_json(Path(directory), manifest)
+    return Manifest.from_json(directory, manifest)
 
 
-def read_shard(path: str | Path) -> tuple[list[tuple[str, dict]], Optional[str]]:
+def read_shard(path: str | Path, data: Optional[bytes] = None) -> tuple[list[tuple[str, dict]], Optional[str]]:
     """All samples of a shard as (key, {extension: bytes}), in stored order, and the read
-    error that stopped reading early (truncated or corrupt tar), if any."""
+    error that stopped reading early (truncated or corrupt tar), if any. `data`: the shard's
+    bytes, already read (remote.read_bytes), else the local file `path` is read."""
     errors: list[str] = []
 
     def handler(exn: Exception) -> bool:
@@ -159,13 +167,24 @@ def read_shard(path: str | Path) -> tuple[list[tuple[str, dict]], Optional[str]]
 
     samples = []
     try:
-        with open(path, "rb") as f:
+        with (io.BytesIO(data) if data is not None else open(path, "rb")) as f:
             files = (dict(item, __url__=str(path)) for item in tar_file_iterator(f, handler=handler))
             for s in group_by_keys(files, handler=handler):
                 samples.append((s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")}))
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         errors.append(f"{type(e).__name__}: {e}")
     return samples, (errors[0] if errors else None)
+
+
+def fetch_shard(manifest: Manifest, index: int, max_bytes: int = 0, retries: int = 5,
+                backoff: float = 0.5) -> tuple[list[tuple[str, dict]], Optional[str]]:
+    """read_shard of shard `index` wherever it is: a remote one is read whole (at most `max_bytes`),
+    retried when a read fails or its bytes do not match the manifest's sha256 (remote.read_bytes)."""
+    where = manifest.shard_path(index)
+    if not remote.is_remote(manifest.root):
+        return read_shard(where)
+    data = remote.read_bytes(where, max_bytes, retries, backoff, sha256=manifest.shards[index].sha256 or None)
+    return read_shard(where, data)
 
 
 def decode_sample(key: str, files: dict, where: str) -> list[dict]:
@@ -199,8 +218,8 @@ def iter_shard_documents(directory: str | Path) -> Iterator[tuple[str, list[dict
     """(key, segments) of every sample of a shard set in stored order (for inspection/tests)."""
     manifest = load_manifest(directory)
     for i in range(len(manifest.shards)):
-        where = str(manifest.shard_path(i))
-        samples, error = read_shard(where)
+        where = manifest.shard_path(i)
+        samples, error = fetch_shard(manifest, i)
         if error:
             raise BadSample(f"{where}: {error}")
         for key, files in samples:

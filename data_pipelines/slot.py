@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 from typing import Iterator, Optional, Union
 
 from data_pipelines.config import DataConfig
 from data_pipelines.documents import best_fit, build_document, stateless_uniform, text_chunk, timestep_generator
 from data_pipelines.order import Dealing, DatasetOrder, Intervals
-from data_pipelines.shards import BadSample, Manifest, decode_sample, read_shard
+from data_pipelines import remote
+from data_pipelines.shards import BadSample, Manifest, decode_sample, fetch_shard
 from model.diffusion import Diffusion, assign_timesteps
 from model.layout import DocLayout, LayoutSpec, pack_rows
 
@@ -32,7 +32,7 @@ class DataError(RuntimeError):
 @dataclasses.dataclass
 class Dataset:
     """A shard set as one slot sees it: where, its order, how it is dealt, what is consumed."""
-    root: Path
+    root: str  # a folder, URL prefix or pipe: template
     manifest: Manifest
     role: str
     weight: float
@@ -45,8 +45,8 @@ class Dataset:
 class ShardCursor:
     """Pulls a slot's positions of one dataset in order and fetches their samples."""
 
-    def __init__(self, ds: Dataset, slot: int, cursor: tuple[int, int] = (0, 0)):
-        self.ds, self.slot = ds, slot
+    def __init__(self, ds: Dataset, slot: int, cfg: DataConfig, cursor: tuple[int, int] = (0, 0)):
+        self.ds, self.slot, self.cfg = ds, slot, cfg
         self.k, self.q = cursor
         self._rest: Optional[tuple[int, list[int]]] = None
         self._cache: dict[int, tuple[list, Optional[str]]] = {}
@@ -67,12 +67,16 @@ class ShardCursor:
     def fetch(self, e: int, p: int) -> tuple[str, list[dict]]:
         """(key, decoded segments) of position p of epoch e; BadSample names shard and key."""
         shard, index = self.ds.order.locate(e, p)
+        where = self.ds.manifest.shard_path(shard)
         if shard not in self._cache:
             if len(self._cache) >= 2:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[shard] = read_shard(self.ds.manifest.shard_path(shard))
+            try:
+                self._cache[shard] = fetch_shard(self.ds.manifest, shard, self.cfg.max_shard_bytes,
+                                                 self.cfg.read_retries, self.cfg.retry_backoff)
+            except (remote.RemoteError, ValueError) as e:
+                raise DataError(str(e)) from None
         samples, error = self._cache[shard]
-        where = str(self.ds.manifest.shard_path(shard))
         if index >= len(samples):
             raise BadSample(f"{where}: sample {index} unreadable ({error or 'missing'})")
         key, files = samples[index]
@@ -111,7 +115,7 @@ class Slot:
         self.oversize_run = 0  # consecutive oversize skips: a dataset of nothing else must not spin forever
         self.done = list(state.get("done", [False] * len(datasets)))
         cursors = state.get("cursors", [[0, 0]] * len(datasets))
-        self.cursors = [ShardCursor(ds, slot, tuple(c)) for ds, c in zip(datasets, cursors)]
+        self.cursors = [ShardCursor(ds, slot, cfg, tuple(c)) for ds, c in zip(datasets, cursors)]
         self.buffer: list[Entry] = []
         self._restore = state.get("buffer", [])
 

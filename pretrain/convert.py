@@ -32,7 +32,7 @@ def to_universal(ckpt: str | Path, out: str | Path) -> Path:
         raise FileNotFoundError(f"{ckpt}: not a DeepSpeed checkpoint folder (no *model_states.pt)")
     if out.exists():
         raise FileExistsError(f"{out}: already exists")
-    tmp = out.with_name(out.name + ".tmp")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
            "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",

@@ -80,7 +80,7 @@ class _Tensors:
 
     def __init__(self, directory: Path):
         from safetensors import safe_open
-        self.where = {}
+        self.directory, self.where = directory, {}
         for f in weight_files(directory):
             try:
                 with safe_open(str(f), "pt") as handle:
@@ -94,12 +94,14 @@ class _Tensors:
         return name in self.where
 
     def shape(self, name: str) -> tuple:
+        if name not in self.where:
+            raise WeightsError(f"{name}: missing from {self.directory}")
         with self._open(str(self.where[name]), "pt") as handle:
             return tuple(handle.get_slice(name).get_shape())
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.where:
-            raise WeightsError(f"{name}: missing from the Hugging Face weights")
+            raise WeightsError(f"{name}: missing from {self.directory}")
         try:
             with self._open(str(self.where[name]), "pt") as handle:
                 return handle.get_tensor(name)
@@ -143,6 +145,8 @@ def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, progress: b
                 return fresh[name]
             t = theirs.get(names[name]).float()
             if name in VOCAB_ROWS:  # rows move with their pieces; the new reserved tokens get fresh rows
+                if t.shape[0] != len(rows):
+                    raise WeightsError(f"{names[name]}: {t.shape[0]} rows, config.json's vocab_size is {len(rows)}")
                 out_rows = torch.randn(cfg.vocab_size, t.shape[1], generator=torch.Generator().manual_seed(seed))
                 out_rows *= cfg.init_std
                 out_rows[torch.tensor(rows)] = t
@@ -214,7 +218,10 @@ def adds_prefix_space(tokenizer: Path) -> bool:
     Hugging Face tokenizer must be told to match."""
     from sentencepiece import sentencepiece_model_pb2 as pb
     proto = pb.ModelProto()
-    proto.ParseFromString(tokenizer.read_bytes())
+    try:
+        proto.ParseFromString(tokenizer.read_bytes())
+    except Exception as e:  # noqa: BLE001 - protobuf raises its own DecodeError
+        raise ValueError(f"{tokenizer}: not a sentencepiece model ({e})") from None
     return bool(proto.normalizer_spec.add_dummy_prefix)
 
 

@@ -5,6 +5,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -212,7 +213,7 @@ def test_bad_samples_of_every_kind_are_counted(test_data, tmp_path):
     w.write("wrong-shape", good, {"lat0.npy": np.zeros((1, 4, 6), np.float16)})
     w.write("ok-1", good, {"lat0.npy": np.zeros((1, 4, 4), np.float16)})
     m = w.close(encoder={"type": "pixels"}, latent_channels=1, tokenizer={"fingerprint": "x", "vocab_size": 100})
-    tar = m.shard_path(0)
+    tar = Path(m.shard_path(0))
     tar.write_bytes(tar.read_bytes().replace(b'{"segments":[{"text":"a","tokens":[20,21]}', b'{"segments":[{"text":"a","tokens":[20,21]]', 1))
     loader = PackedLoader(data_config(tmp_path / "bad", num_workers=0), model_config(), 1)
     _, keys = run([loader])

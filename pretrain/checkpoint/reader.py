@@ -7,9 +7,10 @@ padding) into equal consecutive pieces, one per rank; ZeRO-3 cuts every paramete
 ceil(numel / ranks) pieces, rank r holding piece r of each, in order. A universal checkpoint
 (DeepSpeed's `ds_to_universal`) holds one `zero/NAME/fp32.pt` per parameter.
 
-Files are opened memory-mapped (`torch.load(mmap=True)`), so that reading a parameter touches
-only its own bytes and the Adam moments in the same files are never read; the mappings are
-dropped whenever `budget_bytes` of them have been touched, which bounds the resident memory.
+Files are opened memory-mapped (`torch.load(mmap=True)`, a private mapping), so that reading a
+parameter touches only its own bytes and the Adam moments in the same files are never read; the
+pages of each piece are given back right after it is copied (madvise MADV_DONTNEED, Linux), or
+elsewhere every mapping is dropped once `budget_bytes` were read: memory stays about one tensor.
 DeepSpeed's own zero_to_fp32 holds the whole model (and for ZeRO-1/2 a second copy) instead.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import ctypes.util
 import json
 import math
 import mmap
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -40,8 +42,8 @@ def _drop_pages(address: int, nbytes: int) -> bool:
             _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         except (OSError, AttributeError):
             _LIBC = False
-    if not _LIBC or not hasattr(mmap, "MADV_DONTNEED"):
-        return False
+    if not _LIBC or not hasattr(mmap, "MADV_DONTNEED") or not sys.platform.startswith("linux"):
+        return False  # elsewhere MADV_DONTNEED may keep the pages: drop whole mappings instead
     start = address - address % mmap.PAGESIZE
     return _LIBC.madvise(start, address + nbytes - start, mmap.MADV_DONTNEED) == 0
 
@@ -114,9 +116,11 @@ class CheckpointReader:
         if missing:
             raise CheckpointError(f"{self.folder}: rank file of rank {missing[0]} missing "
                                   f"(*zero_pp_rank_{missing[0]}_*optim_states.pt; the checkpoint has {self.world} ranks)")
-        trims = "zero_stage" in osd  # DeepSpeed's ZeRO-1/2 optimizer saves its partitions without their
-        self.stage = int(osd.get("zero_stage", 1))  # end padding; BF16_Optimizer (ZeRO-1 in bf16, no
-        self.key = "single_partition_of_fp32_groups" if self.stage <= 2 else "fp32_flat_groups"  # zero_stage) not
+        # DeepSpeed's ZeRO-1/2 optimizer saves its partitions without their end padding (`group_paddings`);
+        # BF16_Optimizer (ZeRO-1 in bf16, which writes no zero_stage) and ZeRO-3 save them whole
+        trims = "zero_stage" in osd
+        self.stage = int(osd.get("zero_stage", 1))
+        self.key = "single_partition_of_fp32_groups" if self.stage <= 2 else "fp32_flat_groups"
         if self.key not in osd:
             raise CheckpointError(f"{files[0]}: no {self.key} (not a ZeRO-{self.stage} optimizer file)")
         paddings = osd.get("param_alignment_paddings")
@@ -177,7 +181,11 @@ class CheckpointReader:
         """The rank files holding the EMA partitions, or None when the run kept no EMA."""
         if self._ema_ranks is None and not self.universal:
             files = [self.folder / rank_file(r) for r in range(self.world)]
-            if not files[0].is_file() or _load(files[0]).get("ema") is None:
+            if not any(f.is_file() for f in files):
+                return None  # no rank files at all: a checkpoint of another writer
+            if not files[0].is_file():
+                raise CheckpointError(f"{files[0]}: missing (every rank writes one; the others are there)")
+            if _load(files[0]).get("ema") is None:
                 return None
             for f in files[1:]:  # each opens (a truncated file does not) and has its partition
                 if not f.is_file():
@@ -243,11 +251,14 @@ class CheckpointReader:
                 raise CheckpointError(f"{self.folder}: no EMA ({EMA_FILE})")
             if self._ema_ranks is None:
                 self._ema_ranks = [_Mapped(self.folder / EMA_FILE)]
-            return self._ema_ranks[0].get()[name].clone()
+            source = self._ema_ranks[0].get()[name]
+            out = source.clone()
+            self._touch(source)  # one mapping holds the whole EMA: give each tensor's pages back
+            return out
         path = self.folder / "zero" / name / "fp32.pt"
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (universal checkpoint without parameter {name!r})")
-        state = _load(path)
+        state = _load(path)  # its own mapping, gone with `state`
         return (state["param"] if isinstance(state, dict) else state).clone()
 
     def state_dict(self, ema: bool = False) -> dict[str, torch.Tensor]:

@@ -1,0 +1,114 @@
+"""Shards read from an HTTP server (the standard library's, on 127.0.0.1) and through pipe: commands:
+the same batches as from the folder, retries through an outage, damaged shards counted as bad."""
+import functools
+import http.server
+import itertools
+import shutil
+import threading
+
+import pytest
+import torch
+
+from data_pipelines import remote
+from data_pipelines.loader import PackedLoader
+from tests.data_fixtures import data_config, model_config
+
+
+class Server:
+    """A threaded HTTP server over `root` that can be stopped and started again on the same port."""
+
+    def __init__(self, root, port=0):
+        self.root, self.port, self.httpd = root, port, None
+        self.start()
+
+    def start(self):
+        handler = functools.partial(QuietHandler, directory=str(self.root))
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.port}/{name}"
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def served(test_data, tmp_path):
+    """The test digits and text shard folders, copied under one root and served."""
+    for name in ("digits", "text"):
+        shutil.copytree(test_data[name], tmp_path / "www" / name)
+    server = Server(tmp_path / "www")
+    yield server
+    server.stop()
+
+
+def batches(paths, n=6, rank=0, world_size=2, **kw):
+    loader = PackedLoader(data_config(*paths, weights=[0.5, 0.5], num_workers=0, **kw), model_config(), 2,
+                          rank=rank, world_size=world_size)
+    out = []
+    for batch in itertools.islice(loader, n):
+        out.append((batch.tokens.clone(), batch.latents.clone(), [list(r) for r in loader.last_keys]))
+    return out
+
+
+def same(a, b):
+    return len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) and x[2] == y[2]
+                                    for x, y in zip(a, b))
+
+
+def test_http_and_pipe_give_the_folder_batches(served, tmp_path):
+    www = tmp_path / "www"
+    local = batches([www / "digits", www / "text"])
+    assert same(batches([served.url("digits"), served.url("text")]), local)
+    pipes = [f"pipe:cat {www / name}/{{shard}}" for name in ("digits", "text")]
+    assert same(batches(pipes), local)
+
+
+def test_an_outage_is_retried_and_the_run_goes_on_with_the_same_batches(served, tmp_path):
+    www = tmp_path / "www"
+    local = batches([www / "digits", www / "text"], n=4)
+    served.stop()
+    threading.Timer(1.5, served.start).start()  # back on the same port after 1.5 s
+    before = remote.RETRIES["count"]
+    got = batches([served.url("digits"), served.url("text")], n=4, retry_backoff=0.5)
+    assert remote.RETRIES["count"] > before and same(got, local)
+
+
+def test_a_server_that_stays_down_is_an_error_naming_the_url(test_data, tmp_path):
+    server = Server(tmp_path)
+    url = server.url("digits")
+    server.stop()
+    with pytest.raises(FileNotFoundError, match=f"{url}/manifest.json: unreadable after 1 retries \\(exit status 7\\)"):
+        batches([url, url], read_retries=1, retry_backoff=0.01)
+
+
+def test_a_shard_cut_short_on_the_server_is_retried_then_its_samples_are_counted_bad(served, tmp_path, caplog):
+    from data_pipelines.shards import load_manifest
+    m = load_manifest(tmp_path / "www" / "digits")
+    tar = tmp_path / "www" / "digits" / m.shards[0].name
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    loader = PackedLoader(data_config(served.url("digits"), num_workers=0, read_retries=1, retry_backoff=0.01,
+                                      max_bad_samples=10**6), model_config(), 2)
+    list(loader)  # the whole epoch (data_config: one)
+    assert loader.state_dict()["slots"]["0"]["bad"] > 0
+    assert any("sha256 mismatch" in r.message and m.shards[0].name in r.message for r in caplog.records)
+
+
+def test_read_bytes_resumes_after_a_broken_read_without_repeating_bytes(tmp_path):
+    """A command that dies half-way the first time: the retry skips the bytes already held."""
+    data = bytes(range(256)) * 1000
+    (tmp_path / "f").write_bytes(data)
+    flag = tmp_path / "failed-once"
+    cmd = (f"pipe:if [ -e {flag} ]; then cat {tmp_path / 'f'}; else touch {flag}; "
+           f"head -c 100000 {tmp_path / 'f'}; exit 3; fi")
+    assert remote.read_bytes(cmd, retries=2, backoff=0, sleep=lambda s: None) == data
+    with pytest.raises(ValueError, match="max_shard_bytes=1000"):
+        remote.read_bytes(str(tmp_path / "f"), max_bytes=1000)
