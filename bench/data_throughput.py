@@ -1,6 +1,10 @@
-"""Packed tokens per second from local shards (digits + text mix), as the trainer would read them.
+"""Packed tokens per second from shards (digits + text mix), as the trainer would read them.
 
-    python bench/data_throughput.py [--workers 2] [--seq-len 1024] [--batch 8] [--batches 200]
+    python bench/data_throughput.py [--workers 2] [--seq-len 1024] [--batch 8] [--batches 200] \
+        [--source local|http|pipe]
+
+`--source http` serves the shard folders with `python -m http.server` on 127.0.0.1 and reads them by
+URL (curl through webdataset's gopen); `pipe` reads them through `pipe:cat {shard}`.
 
 Builds a tokenizer and shards in a temporary folder first (not timed): scikit-learn digits
 through the `pixels` encoder and text from the Debian python3.11-doc sources when installed
@@ -36,6 +40,31 @@ def build(root: Path, text_docs: int) -> tuple[Path, Path, Path]:
     return tok, root / "digits", root / "text"
 
 
+class Served:
+    def __init__(self, process, url):
+        self.process, self.url = process, url
+
+
+def serve(root: str) -> Served:
+    """`python -m http.server` over `root` on 127.0.0.1, in a process of its own (as a real server is:
+    one in this process would be forked into the loader's workers)."""
+    import subprocess
+    import urllib.request
+    from pretrain.distributed import free_port
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                                "--directory", root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(f"{url}/digits/manifest.json", timeout=1).read()
+            return Served(process, url)
+        except OSError:
+            time.sleep(0.1)
+    process.terminate()
+    raise SystemExit(f"{url}: the HTTP server did not start")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workers", type=int, default=2)
@@ -45,9 +74,15 @@ def main() -> None:
     p.add_argument("--text-docs", type=int, default=2000)
     p.add_argument("--mode", default="monoformer", choices=["monoformer", "acdit"])
     p.add_argument("--digits-weight", type=float, default=0.5, help="mixture weight of digits (text: 1 - it)")
+    p.add_argument("--source", default="local", choices=["local", "http", "pipe"])
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tok, digits, text = build(Path(tmp), args.text_docs)
+        server = serve(tmp) if args.source == "http" else None
+        if server is not None:
+            digits, text = f"{server.url}/digits", f"{server.url}/text"
+        elif args.source == "pipe":
+            digits, text = f"pipe:cat {digits}/{{shard}}", f"pipe:cat {text}/{{shard}}"
         mc = ModelConfig(vocab_size=4000, latent_channels=1, patch_size=2, mode=args.mode, block_size=4)
         cfg = DataConfig(datasets=[DatasetConfig(path=str(digits), weight=args.digits_weight),
                                    DatasetConfig(path=str(text), weight=1 - args.digits_weight)],
@@ -63,7 +98,10 @@ def main() -> None:
             total += b.tokens.numel()
             real += int((b.doc != -1).sum())
         dt = time.perf_counter() - t
-    print(f"workers={args.workers} seq_len={args.seq_len} batch={args.batch} mode={args.mode} "
+        del it, loader  # the workers stop reading before the server goes
+        if server is not None:
+            server.process.terminate()
+    print(f"source={args.source} workers={args.workers} seq_len={args.seq_len} batch={args.batch} mode={args.mode} "
           f"digits weight={args.digits_weight} batches={args.batches}")
     print(f"{'packed tokens/s':>16s} {'real tokens/s':>14s} {'fill':>6s} {'batches/s':>10s}")
     print(f"{total / dt:16.0f} {real / dt:14.0f} {real / total:6.1%} {args.batches / dt:10.1f}")

@@ -99,3 +99,51 @@ def read_bytes(where: str, max_bytes: int = 0, retries: int = 5, backoff: float 
         if whole:
             data.clear()  # a complete but wrong read is not a prefix to keep
         sleep(backoff * 2 ** (attempt - 1))
+
+
+class FolderServer:
+    """A threaded HTTP server over a local folder on 127.0.0.1 (the standard library's), for tests and
+    benchmarks that read shards over HTTP; `stop` and `start` again keep its port. `outage=(n, s)`:
+    after the n-th request for a .tar file the server stops, and starts again s seconds later. Serve
+    to other processes, or to a loader without workers: forked DataLoader workers of this process
+    have hung on its requests (bench/data_throughput.py runs `python -m http.server` instead)."""
+
+    def __init__(self, root: str | Path, port: int = 0, outage: Optional[tuple[int, float]] = None):
+        self.root, self.port, self.httpd = Path(root), port, None
+        self.outage, self.tar_requests = outage, 0
+        self.start()
+
+    def start(self) -> None:
+        import functools
+        import http.server
+        import threading
+        server = self
+
+        class Quiet(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                if self.path.endswith(".tar"):
+                    server.tar_requests += 1
+                    if server.outage and server.tar_requests == server.outage[0]:
+                        threading.Thread(target=server._outage, daemon=True).start()
+                        return  # this request gets no answer: the connection closes
+                super().do_GET()
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port),
+                                                     functools.partial(Quiet, directory=str(self.root)))
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def _outage(self) -> None:
+        self.stop()
+        time.sleep(self.outage[1])
+        self.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{name}"

@@ -1,7 +1,5 @@
 """Shards read from an HTTP server (the standard library's, on 127.0.0.1) and through pipe: commands:
 the same batches as from the folder, retries through an outage, damaged shards counted as bad."""
-import functools
-import http.server
 import itertools
 import shutil
 import threading
@@ -10,34 +8,9 @@ import pytest
 import torch
 
 from data_pipelines import remote
+from data_pipelines.remote import FolderServer
 from data_pipelines.loader import PackedLoader
 from tests.data_fixtures import data_config, model_config
-
-
-class Server:
-    """A threaded HTTP server over `root` that can be stopped and started again on the same port."""
-
-    def __init__(self, root, port=0):
-        self.root, self.port, self.httpd = root, port, None
-        self.start()
-
-    def start(self):
-        handler = functools.partial(QuietHandler, directory=str(self.root))
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), handler)
-        self.port = self.httpd.server_address[1]
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def url(self, name):
-        return f"http://127.0.0.1:{self.port}/{name}"
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture
@@ -45,7 +18,7 @@ def served(test_data, tmp_path):
     """The test digits and text shard folders, copied under one root and served."""
     for name in ("digits", "text"):
         shutil.copytree(test_data[name], tmp_path / "www" / name)
-    server = Server(tmp_path / "www")
+    server = FolderServer(tmp_path / "www")
     yield server
     server.stop()
 
@@ -83,7 +56,7 @@ def test_an_outage_is_retried_and_the_run_goes_on_with_the_same_batches(served, 
 
 
 def test_a_server_that_stays_down_is_an_error_naming_the_url(test_data, tmp_path):
-    server = Server(tmp_path)
+    server = FolderServer(tmp_path)
     url = server.url("digits")
     server.stop()
     with pytest.raises(FileNotFoundError, match=f"{url}/manifest.json: unreadable after 1 retries \\(exit status 7\\)"):
@@ -112,3 +85,34 @@ def test_read_bytes_resumes_after_a_broken_read_without_repeating_bytes(tmp_path
     assert remote.read_bytes(cmd, retries=2, backoff=0, sleep=lambda s: None) == data
     with pytest.raises(ValueError, match="max_shard_bytes=1000"):
         remote.read_bytes(str(tmp_path / "f"), max_bytes=1000)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_ranks_train_over_http_through_an_outage_like_from_the_folder(tiny_config, test_data, tmp_path):
+    """2-rank runs read the same documents in the same batches (train.log_samples) and log the same
+    losses from the folder and over HTTP, the server down for 3 s after its 4th shard request: the
+    readers retry (logged with the URL) and no document is repeated or skipped."""
+    import json
+    from tests.launch import metrics, torchrun
+    for name in ("digits", "text"):
+        shutil.copytree(test_data[name], tmp_path / "www" / name)
+    server = FolderServer(tmp_path / "www", outage=(4, 3.0))
+    common = ["--config", str(tiny_config), "wandb.mode=disabled", "train.max_steps=6", "train.log_interval=1",
+              "data.num_workers=1", "train.log_samples=true", "data.retry_backoff=1"]
+    runs = {}
+    for where, paths in (("folder", [tmp_path / "www" / "digits", tmp_path / "www" / "text"]),
+                         ("http", [server.url("digits"), server.url("text")])):
+        runs[where] = tmp_path / where
+        r = torchrun(2, [*common, f"run.dir={runs[where]}", f"data.datasets.0.path={paths[0]}",
+                         f"data.datasets.1.path={paths[1]}"])
+        assert r.returncode == 0, r.stderr[-3000:]
+    server.stop()
+    assert server.tar_requests > 4 and "retry 1 of 5" in r.stderr and server.url("") in r.stderr
+    a, b = metrics(runs["folder"]), metrics(runs["http"])
+    assert all(a[s]["loss"] == b[s]["loss"] for s in range(1, 7))
+
+    def documents(run):
+        return [json.loads(line)["docs"] for rank in (0, 1) for line in
+                (run / f"samples_rank{rank}.jsonl").read_text().splitlines()]
+    assert documents(runs["folder"]) == documents(runs["http"])
