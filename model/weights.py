@@ -168,3 +168,37 @@ def load_weights(directory: str | Path, device="cpu") -> dict[str, torch.Tensor]
         except SafetensorError as e:
             raise WeightsError(f"{f}: not a readable safetensors file ({e})") from None
     return state
+
+
+class LazyWeights:
+    """The tensors of a folder written by `write_weights` (or Hugging Face), by name, read one at a time."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+        self.directory, self.where = directory, {}
+        for f in weight_files(directory):
+            try:
+                with safe_open(str(f), "pt") as handle:
+                    for key in handle.keys():
+                        self.where[key] = f
+            except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
+                raise WeightsError(f"{f}: not a readable safetensors file ({e})") from None
+        self._open = safe_open
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def shape(self, name: str) -> tuple:
+        if name not in self.where:
+            raise WeightsError(f"{name}: missing from {self.directory}")
+        with self._open(str(self.where[name]), "pt") as handle:
+            return tuple(handle.get_slice(name).get_shape())
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.where:
+            raise WeightsError(f"{name}: missing from {self.directory}")
+        try:
+            with self._open(str(self.where[name]), "pt") as handle:
+                return handle.get_tensor(name)
+        except Exception as e:  # noqa: BLE001 - a truncated file fails only when its tensor is read
+            raise WeightsError(f"{self.where[name]}: cannot read {name} ({e})") from None

@@ -61,7 +61,7 @@ def to_release(source: str | Path, out: str | Path, ema: bool = True, dtype: str
     memory at a time, the optimizer moments never read."""
     from model.model_config import ModelConfig
     from model.transformer import UnifiedTransformer, check_state_shapes
-    from model.weights import ByteProgress, Entry, parse_size
+    from model.weights import ByteProgress, parse_size, state_entries
     from pretrain.release import checkpoint_folder, data_info, stamp, write_release
     folder = checkpoint_folder(Path(source))
     reader = CheckpointReader(folder)
@@ -75,8 +75,7 @@ def to_release(source: str | Path, out: str | Path, ema: bool = True, dtype: str
     check_state_shapes(model, shapes)
     use_ema = ema and reader.has_ema()
     out_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    entries = [Entry(k, tuple(v.shape), out_dtype if v.is_floating_point() else v.dtype)
-               for k, v in model.state_dict().items()]
+    entries = state_entries(model.state_dict(), out_dtype)
     info, tokenizer = data_info(config.get("data", {}))
     info["provenance"] = stamp({"source": str(folder.resolve()), "step": reader.client.get("step"),
                                 "tokens_seen": reader.client.get("tokens"), "weights": "ema" if use_ema else "raw",

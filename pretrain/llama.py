@@ -26,8 +26,8 @@ import torch
 
 from model.config_system import ConfigError
 from model.model_config import ModelConfig
-from model.special_tokens import BOS, EOS, PAD, SPECIAL_TOKENS
-from model.weights import ByteProgress, Entry, WeightsError, weight_files, write_weights
+from model.special_tokens import BOS, EOS, PAD
+from model.weights import ByteProgress, Entry, LazyWeights, WeightsError, state_entries, write_weights
 
 HF_CONFIG, HF_TOKENIZER = "config.json", "tokenizer.model"
 VOCAB_ROWS = ("tok_emb.weight", "lm_head.weight")  # rows indexed by token id
@@ -75,40 +75,6 @@ def model_config_from_llama(hf: dict, where: Path, **latent) -> ModelConfig:
                        max_seq_len=hf.get("max_position_embeddings", 4096), **latent)
 
 
-class _Tensors:
-    """Tensors of a safetensors folder by name, read one at a time."""
-
-    def __init__(self, directory: Path):
-        from safetensors import safe_open
-        self.directory, self.where = directory, {}
-        for f in weight_files(directory):
-            try:
-                with safe_open(str(f), "pt") as handle:
-                    for key in handle.keys():
-                        self.where[key] = f
-            except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError
-                raise WeightsError(f"{f}: not a readable safetensors file ({e})") from None
-        self._open = safe_open
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def shape(self, name: str) -> tuple:
-        if name not in self.where:
-            raise WeightsError(f"{name}: missing from {self.directory}")
-        with self._open(str(self.where[name]), "pt") as handle:
-            return tuple(handle.get_slice(name).get_shape())
-
-    def get(self, name: str) -> torch.Tensor:
-        if name not in self.where:
-            raise WeightsError(f"{name}: missing from {self.directory}")
-        try:
-            with self._open(str(self.where[name]), "pt") as handle:
-                return handle.get_tensor(name)
-        except Exception as e:  # noqa: BLE001 - a truncated file fails only when its tensor is read
-            raise WeightsError(f"{self.where[name]}: cannot read {name} ({e})") from None
-
-
 def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, progress: bool = False, **latent) -> Path:
     """A release folder whose text path is the Llama in `hf_dir` (see the module doc)."""
     from data_pipelines.tokenizer import adopt_tokenizer
@@ -121,7 +87,7 @@ def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, progress: b
         raise FileNotFoundError(f"{hf_dir / HF_TOKENIZER}: missing (import-llama needs the sentencepiece "
                                 "tokenizer: the project's shards are written with it)")
     hf = json.loads((hf_dir / HF_CONFIG).read_text())
-    theirs = _Tensors(hf_dir)
+    theirs = LazyWeights(hf_dir)
     scratch = Path(tempfile.mkdtemp(prefix="import-llama-"))
     try:
         tokenizer, new_id = adopt_tokenizer(hf_dir / HF_TOKENIZER, scratch / HF_TOKENIZER)
@@ -155,7 +121,7 @@ def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, progress: b
 
         with torch.device("meta"):
             shell = UnifiedTransformer(cfg)
-        entries = [Entry(k, tuple(v.shape), torch.float32) for k, v in shell.state_dict().items()]
+        entries = state_entries(shell.state_dict(), torch.float32)
         info = {"encoder": None, "latent_shapes": {},
                 "provenance": stamp({"source": f"import-llama {hf_dir.resolve()}", "step": 0, "tokens_seen": 0,
                                      "weights": "imported", "tokenizer": f"{hf_dir / HF_TOKENIZER} with the "
@@ -190,7 +156,7 @@ def export_llama(release: str | Path, out: str | Path, dtype: str = "fp32", prog
         raise ConfigError(f"{release / CONFIG_FILE}: qk_norm=True: a Llama has no query/key norms")
     if out.exists():
         raise FileExistsError(f"{out}: already exists")
-    ours = _Tensors(release)
+    ours = LazyWeights(release)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     names = llama_names(cfg.n_layers)
     entries = [Entry(theirs, ours.shape(name), torch_dtype) for name, theirs in names.items()]

@@ -125,9 +125,10 @@ class CheckpointReader:
             raise CheckpointError(f"{files[0]}: no {self.key} (not a ZeRO-{self.stage} optimizer file)")
         paddings = osd.get("param_alignment_paddings")
         del osd
+        self.optim = [_Mapped(files[r]) for r in range(self.world)]
         saved, sizes = [], None  # per rank: the values saved per group; the partitions' size in memory
         for r in range(self.world):  # each opens (a truncated file does not) and has its partitions
-            osd = _load(files[r]).get("optimizer_state_dict", {})
+            osd = self.optim[r].get().get("optimizer_state_dict", {})
             if self.key not in osd:
                 raise CheckpointError(f"{files[r]}: no {self.key} (rank 0's file has them)")
             saved.append([int(t.numel()) for t in osd[self.key]])
@@ -138,7 +139,6 @@ class CheckpointReader:
             if full != sizes:
                 raise CheckpointError(f"{files[r]}: partitions of {full} values, rank 0's of {sizes}")
         self.saved = saved
-        self.optim = [_Mapped(files[r]) for r in range(self.world)]
         self.where: dict[str, tuple[int, int]] = {}  # name -> (group, offset): ZeRO-1/2 in the group's
         if self.stage <= 2:                          # concatenation, ZeRO-3 in each rank's piece
             for g, shapes in enumerate(self.group_shapes):
@@ -185,14 +185,15 @@ class CheckpointReader:
                 return None  # no rank files at all: a checkpoint of another writer
             if not files[0].is_file():
                 raise CheckpointError(f"{files[0]}: missing (every rank writes one; the others are there)")
-            if _load(files[0]).get("ema") is None:
+            ranks = [_Mapped(f) for f in files]
+            if ranks[0].get().get("ema") is None:
                 return None
-            for f in files[1:]:  # each opens (a truncated file does not) and has its partition
+            for f, mapped in zip(files[1:], ranks[1:]):  # each opens (a truncated file does not) and has its partition
                 if not f.is_file():
                     raise CheckpointError(f"{f}: missing (rank {files.index(f)}'s EMA; rank 0 has one)")
-                if _load(f).get("ema") is None:
+                if mapped.get().get("ema") is None:
                     raise CheckpointError(f"{f}: no EMA (rank 0 has one)")
-            self._ema_ranks = [_Mapped(f) for f in files]
+            self._ema_ranks = ranks
         return self._ema_ranks
 
     def _flat(self, rank: int, group: int, ema: bool) -> torch.Tensor:
