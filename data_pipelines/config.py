@@ -35,6 +35,8 @@ class DataConfig(Config):
     max_shard_bytes: int = knob(2 * 10**9, "largest remote shard a reader holds in memory (an error beyond)")
     read_retries: int = knob(5, "retries of a failed or damaged remote read (backoff doubling), then a DataError")
     retry_backoff: float = knob(0.5, "seconds before the first retry of a remote read")
+    shards_in_flight: int = knob(4, "shards each reader slot reads at once, interleaved in a seeded order (shards are "
+                                    "split into pieces when there are fewer than slots x this)")
     num_epochs: int = knob(0, "passes over each dataset; 0 = endless")
     add_bos_eos: bool = knob(True, "wrap each document in <bos> ... <eos>")
 
@@ -42,5 +44,7 @@ class DataConfig(Config):
         super().__post_init__()
         if self.seq_len <= 8:
             raise ConfigError(f"seq_len: must be > 8, got {self.seq_len}")
+        if self.shards_in_flight < 1:
+            raise ConfigError(f"shards_in_flight: must be >= 1, got {self.shards_in_flight}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout: must be in [0, 1], got {self.caption_dropout}")

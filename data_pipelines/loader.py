@@ -6,8 +6,8 @@
     state = PackedLoader.merge_states(all_ranks)   # gathered by the trainer, saved once
     loader.load_state_dict(state)                  # same or another number of ranks/workers
 
-Resumed with the same number of slots (ranks x workers, e.g. 2 x 1 or 1 x 2), every slot continues
-exactly (same batches).
+Resumed with the same number of slots (ranks x workers, e.g. 2 x 1 or 1 x 2) and the same
+data.shards_in_flight, every slot continues exactly (same batches).
 Otherwise the slots' progress is folded into the consumed set of the global order and the
 unseen samples are dealt to the new slots (none repeated, none skipped). A state whose
 dataset fingerprints differ from the shards on disk is refused.
@@ -26,7 +26,7 @@ from data_pipelines.slot import DataError, Dataset, Slot, base_from_json, base_t
 from model.diffusion import Diffusion
 from model.layout import LayoutSpec
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: cursors count groups of data.shards_in_flight units
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -85,7 +85,7 @@ class PackedLoader:
     def make_slot(self, slot: int) -> Slot:
         datasets = []
         for e, m, order, (base, partial, first) in zip(self.entries, self.manifests, self.orders, self.base):
-            dealing = Dealing(order, self.num_slots, first, self.num_epochs)
+            dealing = Dealing(order, self.num_slots, first, self.num_epochs, self.cfg.shards_in_flight)
             datasets.append(Dataset(e.path, m, e.role, e.weight, order, dealing, base, partial))
         return Slot(datasets, self.cfg, self.spec, self.diffusion, self.batch_size, slot,
                     self.slot_states.get(slot))
@@ -113,7 +113,8 @@ class PackedLoader:
 
     def layout(self) -> dict:
         return {"world_size": self.world_size, "workers": self.workers, "slots": self.num_slots,
-                "seed": self.cfg.seed, "shuffle": self.cfg.shuffle, "num_epochs": self.num_epochs}
+                "shards_in_flight": self.cfg.shards_in_flight, "seed": self.cfg.seed, "shuffle": self.cfg.shuffle,
+                "num_epochs": self.num_epochs}
 
     def state_dict(self) -> dict:
         """This rank's part of the state (merge all ranks' with `merge_states`). Every slot of the
@@ -134,7 +135,8 @@ class PackedLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION} "
+                            "(saved by another version of monofusion)")
         if state["fingerprints"] != self.fingerprints():
             changed = [e.path for e, a, b in zip(self.entries, state["fingerprints"], self.fingerprints()) if a != b]
             raise DataError(f"loader state does not match the datasets: fingerprint differs for "
@@ -145,20 +147,21 @@ class PackedLoader:
                 raise DataError(f"loader state has data.{key}={old[key]}, the config says {self.layout()[key]}")
         slots = {int(j): s for j, s in state["slots"].items()}
         bases = [base_from_json(b) for b in state["base"]]
-        if old["slots"] == self.num_slots:  # the same slots, whichever rank or worker reads each: exact
+        if (old["slots"], old["shards_in_flight"]) == (self.num_slots, self.cfg.shards_in_flight):
+            # the same slots, whichever rank or worker reads each: exact
             self.base, self.slot_states = bases, slots
             return
         missing = sorted(set(range(old["slots"])) - set(slots))
         if missing and any(s.get("batches") for s in slots.values()):
             raise DataError(f"loader state lacks slots {missing[:8]} of {old['slots']}: "
                             "pass the state merged from every rank (PackedLoader.merge_states)")
-        self.base = [self._fold(d, bases[d], slots, old["slots"]) for d in range(len(self.entries))]
+        self.base = [self._fold(d, bases[d], slots, old) for d in range(len(self.entries))]
         self.slot_states = {}
 
-    def _fold(self, d: int, base: tuple, slots: dict, old_slots: int) -> tuple:
-        """Fold the slots' progress on dataset d into a new consumed set for a new layout."""
+    def _fold(self, d: int, base: tuple, slots: dict, old: dict) -> tuple:
+        """Fold the slots' progress on dataset d (dealt as in the `old` layout) into a new consumed set."""
         epochs, partial, first = base
-        dealing = Dealing(self.orders[d], old_slots, first, self.num_epochs)
+        dealing = Dealing(self.orders[d], old["slots"], first, self.num_epochs, old["shards_in_flight"])
         cursors = {j: tuple(s["cursors"][d]) for j, s in slots.items()}
         buffered = {(e, p): start for s in slots.values() for dd, e, p, start in s["buffer"] if dd == d}
         epochs = dealing.fold_cursors(epochs, cursors, buffered)

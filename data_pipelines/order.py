@@ -4,16 +4,19 @@ Per dataset and epoch e, the order is: shards in a seeded permutation, samples i
 shard in a seeded permutation. A sample's *position* p in [0, N) is its index in that
 order; (epoch, p) names it independently of how many ranks or workers read.
 
-The order is cut into *units* — one shard each (`shard` mode), or one sample each
-(`sample` mode, used when there are fewer shards than slots, so no slot starves). Unit
-u = e * units_per_epoch + i is read by slot u % S, where S = ranks x workers ("slots").
-A slot's progress is a cursor (k, q): it has pulled its units before its k-th and the
-first q remaining positions of its k-th.
+The order is cut into *units*: each shard into `pieces` contiguous runs of positions, as
+few as give every slot `in_flight` units per epoch (one piece, the whole shard, when there
+are at least S x F shards; S = ranks x workers "slots", F = `data.shards_in_flight`). Unit
+u = e * units_per_epoch + i is read by slot u % S. A slot reads its units F at a time: its
+g-th *group* is its units gF .. gF+F-1, their remaining positions merged in a seeded order
+that keeps each unit's own order, so a slot interleaves F shards (shards are often
+clustered by source). A slot's progress is a cursor (g, q): it has pulled its groups
+before the g-th and the first q positions of the g-th's merged order.
 
 What has been consumed is kept as `Intervals` of positions per epoch ("base"); a slot
-skips positions in the base. On a change of S the slots' cursors are folded into the base
-(`fold_cursors`) and the remaining positions are dealt to the new slots: nothing seen is
-repeated, nothing unseen is skipped.
+skips positions in the base. On a change of S or F the slots' cursors are folded into the
+base (`fold_cursors`) and the remaining positions are dealt to the new slots: nothing seen
+is repeated, nothing unseen is skipped.
 """
 from __future__ import annotations
 
@@ -52,9 +55,22 @@ class Intervals:
                 self.ranges[i:i + 1] = [r for r in ([a, p], [p + 1, b]) if r[1] > r[0]]
                 return
 
+    def add_positions(self, positions: np.ndarray) -> None:
+        """Add every position of an array, a run of consecutive ones at a time."""
+        p = np.unique(positions)
+        cuts = np.flatnonzero(np.diff(p) != 1) + 1
+        for run in np.split(p, cuts) if len(p) else []:
+            self.add(int(run[0]), int(run[-1]) + 1)
+
     def __contains__(self, p: int) -> bool:
         i = bisect.bisect_right([r[0] for r in self.ranges], p) - 1
         return i >= 0 and p < self.ranges[i][1]
+
+    def contains(self, positions: np.ndarray) -> np.ndarray:
+        """A boolean array: which positions are in the set."""
+        r = np.asarray(self.ranges, dtype=np.int64).reshape(-1, 2)
+        i = np.searchsorted(r[:, 0], positions, side="right") - 1
+        return (i >= 0) & (positions < r[np.maximum(i, 0), 1]) if len(r) else np.zeros(len(positions), bool)
 
     def covers(self, n: int) -> bool:
         return n == 0 or (len(self.ranges) == 1 and self.ranges[0][0] <= 0 and self.ranges[0][1] >= n)
@@ -94,13 +110,17 @@ class DatasetOrder:
         return shard, int(self.within(e, shard)[p - starts[i]])
 
 
-class Dealing:
-    """How one dataset's units are dealt to `slots` slots, from `first_epoch` on."""
+MERGE = 2  # seed domain of a group's merge order
 
-    def __init__(self, order: DatasetOrder, slots: int, first_epoch: int = 0, num_epochs: int = 0):
-        self.order, self.slots = order, slots
-        self.mode = "shard" if len(order.sizes) >= slots else "sample"
-        self.units_per_epoch = len(order.sizes) if self.mode == "shard" else order.num_samples
+
+class Dealing:
+    """How one dataset's units are dealt to `slots` slots from `first_epoch` on, `in_flight` at a time."""
+
+    def __init__(self, order: DatasetOrder, slots: int, first_epoch: int = 0, num_epochs: int = 0,
+                 in_flight: int = 1):
+        self.order, self.slots, self.in_flight = order, slots, in_flight
+        self.pieces = max(1, -(-slots * in_flight // len(order.sizes)))  # per shard
+        self.units_per_epoch = len(order.sizes) * self.pieces
         self.first_epoch, self.num_epochs = first_epoch, num_epochs
 
     def unit(self, slot: int, k: int) -> tuple[int, int]:
@@ -108,48 +128,72 @@ class Dealing:
         u = self.first_epoch * self.units_per_epoch + slot + k * self.slots
         return divmod(u, self.units_per_epoch)
 
+    def group(self, slot: int, g: int) -> list[tuple[int, int]]:
+        """(epoch, unit index) of the units of the slot's g-th group."""
+        return [self.unit(slot, k) for k in range(g * self.in_flight, (g + 1) * self.in_flight)]
+
     def exhausted(self, epoch: int) -> bool:
         return bool(self.num_epochs) and epoch >= self.num_epochs
 
+    def group_exhausted(self, slot: int, g: int) -> bool:
+        return self.exhausted(self.unit(slot, g * self.in_flight)[0])
+
+    def unit_start(self, e: int, i: int) -> int:
+        """First position of unit i of epoch e (i = units_per_epoch: the epoch's end)."""
+        _, starts = self.order.epoch(e)
+        j, r = divmod(i, self.pieces)
+        if j == len(self.order.sizes):
+            return int(starts[-1])
+        return int(starts[j]) + r * int(starts[j + 1] - starts[j]) // self.pieces
+
     def unit_range(self, e: int, i: int, j: Optional[int] = None) -> tuple[int, int]:
         """Positions [a, b) of units i..j-1 (default: unit i alone) of epoch e."""
-        j = i + 1 if j is None else j
-        if self.mode == "sample":
-            return i, j
-        _, starts = self.order.epoch(e)
-        return int(starts[i]), int(starts[j])
+        return self.unit_start(e, i), self.unit_start(e, i + 1 if j is None else j)
 
-    def remaining(self, slot: int, k: int, base: dict[int, Intervals]) -> tuple[int, list[int]]:
-        """(epoch, positions of the slot's k-th unit not in the base)."""
-        e, i = self.unit(slot, k)
-        a, b = self.unit_range(e, i)
-        done = base.get(e)
-        return e, [p for p in range(a, b) if done is None or p not in done]
+    def remaining(self, slot: int, g: int, base: dict[int, Intervals]) -> tuple[np.ndarray, np.ndarray]:
+        """(epochs, positions) of the slot's g-th group not in the base, in the group's merge order."""
+        runs = []
+        for e, i in self.group(slot, g):
+            if not self.exhausted(e):
+                p = np.arange(*self.unit_range(e, i), dtype=np.int64)
+                runs.append((e, p[~base[e].contains(p)] if e in base else p))
+        if not runs:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        label = np.repeat(np.arange(len(runs)), [len(p) for _, p in runs])
+        if self.order.shuffle:
+            first = self.first_epoch * self.units_per_epoch + slot + g * self.in_flight * self.slots
+            label = np.random.default_rng([self.order.seed, MERGE, self.slots, self.in_flight, first]).permutation(label)
+        else:  # round robin
+            rank = np.concatenate([np.arange(len(p)) for _, p in runs])
+            label = label[np.lexsort((label, rank))]
+        epochs, positions = np.empty(len(label), np.int64), np.empty(len(label), np.int64)
+        where = np.argsort(label, kind="stable")  # the merged places of each unit's positions, in order
+        positions[where] = np.concatenate([p for _, p in runs])
+        epochs[where] = np.concatenate([np.full(len(p), e) for e, p in runs])
+        return epochs, positions
 
     def fold_cursors(self, base: dict[int, Intervals], cursors: dict[int, tuple[int, int]],
                      unconsumed: Iterable[tuple[int, int]]) -> dict[int, Intervals]:
-        """Base + everything the slots pulled (cursor (k, q) per slot) - `unconsumed` (e, p)."""
+        """Base + everything the slots pulled (cursor (g, q) per slot) - `unconsumed` (e, p)."""
         out = {e: Intervals(iv.ranges) for e, iv in base.items()}
         if not cursors:
             return out
-        kmin = min(k for k, _ in cursors.values())
+        gmin = min(g for g, _ in cursors.values())
         upe = self.units_per_epoch
         lo = self.first_epoch * upe
-        hi = lo + kmin * self.slots  # units [lo, hi) were pulled by their slots
+        hi = lo + gmin * self.in_flight * self.slots  # units [lo, hi) were pulled by their slots
         for e in range(lo // upe, -(-hi // upe)):
             if self.exhausted(e):
                 break
             i0, i1 = max(lo, e * upe) - e * upe, min(hi, (e + 1) * upe) - e * upe
             out.setdefault(e, Intervals()).add(*self.unit_range(e, i0, i1))
-        for slot, (k, q) in cursors.items():
-            for kk in range(kmin, k):
-                e, i = self.unit(slot, kk)
+        for slot, (g, q) in cursors.items():
+            for e, i in (u for gg in range(gmin, g) for u in self.group(slot, gg)):
                 if not self.exhausted(e):
                     out.setdefault(e, Intervals()).add(*self.unit_range(e, i))
-            e, rest = self.remaining(slot, k, base)
-            if not self.exhausted(e):
-                for p in rest[:q]:
-                    out.setdefault(e, Intervals()).add(p)
+            epochs, positions = (a[:q] for a in self.remaining(slot, g, base))
+            for e in np.unique(epochs):
+                out.setdefault(int(e), Intervals()).add_positions(positions[epochs == e])
         for e, p in unconsumed:
             if e in out:
                 out[e].remove(p)

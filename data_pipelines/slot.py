@@ -43,33 +43,34 @@ class Dataset:
 
 
 class ShardCursor:
-    """Pulls a slot's positions of one dataset in order and fetches their samples."""
+    """Pulls a slot's positions of one dataset in order (group by group) and fetches their samples."""
 
     def __init__(self, ds: Dataset, slot: int, cfg: DataConfig, cursor: tuple[int, int] = (0, 0)):
         self.ds, self.slot, self.cfg = ds, slot, cfg
-        self.k, self.q = cursor
-        self._rest: Optional[tuple[int, list[int]]] = None
+        self.g, self.q = cursor
+        self._rest: Optional[tuple] = None
         self._cache: dict[int, tuple[list, Optional[str]]] = {}
+        self._cache_size = ds.dealing.in_flight + 1  # the group's shards + one a restored buffer needs
 
     def pull(self) -> Optional[tuple[int, int]]:
         """Next (epoch, position) of this slot, or None when its epochs are done."""
-        while True:
+        dealing = self.ds.dealing
+        while not dealing.group_exhausted(self.slot, self.g):
             if self._rest is None:
-                self._rest = self.ds.dealing.remaining(self.slot, self.k, self.ds.base)
-            e, rest = self._rest
-            if self.ds.dealing.exhausted(e):
-                return None
-            if self.q < len(rest):
+                self._rest = dealing.remaining(self.slot, self.g, self.ds.base)
+            epochs, positions = self._rest
+            if self.q < len(positions):
                 self.q += 1
-                return e, rest[self.q - 1]
-            self.k, self.q, self._rest = self.k + 1, 0, None
+                return int(epochs[self.q - 1]), int(positions[self.q - 1])
+            self.g, self.q, self._rest = self.g + 1, 0, None
+        return None
 
     def fetch(self, e: int, p: int) -> tuple[str, list[dict]]:
         """(key, decoded segments) of position p of epoch e; BadSample names shard and key."""
         shard, index = self.ds.order.locate(e, p)
         where = self.ds.manifest.shard_path(shard)
         if shard not in self._cache:
-            if len(self._cache) >= 2:
+            if len(self._cache) >= self._cache_size:
                 self._cache.pop(next(iter(self._cache)))
             try:
                 self._cache[shard] = fetch_shard(self.ds.manifest, shard, self.cfg.max_shard_bytes,
@@ -122,7 +123,7 @@ class Slot:
     def state(self) -> dict:
         return {"slot": self.slot, "batches": self.batches, "mix": self.mix, "bad": self.bad,
                 "oversize": self.oversize, "done": list(self.done),
-                "cursors": [[c.k, c.q] for c in self.cursors],
+                "cursors": [[c.g, c.q] for c in self.cursors],
                 "buffer": [[x.dataset, x.epoch, x.position, x.start] for x in self.buffer]}
 
     def _document(self, d: int, e: int, p: int) -> Optional[tuple[str, Union[list[int], DocLayout]]]:

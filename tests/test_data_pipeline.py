@@ -146,6 +146,39 @@ def test_resume_on_one_rank_yields_exactly_the_unseen_samples(test_data):
     assert_each_token_once(seen + rest, documents(test_data, "digits", "text"))
 
 
+def test_resume_with_another_shards_in_flight_and_layout_yields_exactly_the_unseen_samples(test_data):
+    cfg = data_config(test_data["digits"], test_data["text"], shards_in_flight=4)
+    mc = model_config()
+    first = [PackedLoader(cfg, mc, 2, rank=r, world_size=2) for r in range(2)]
+    _, seen = run(first, limit=5)
+    state = json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict() for ld in first])))
+    resumed = [PackedLoader(cfg.replace(num_workers=1, shards_in_flight=2), mc, 2, rank=r, world_size=3)
+               for r in range(3)]
+    for ld in resumed:
+        ld.load_state_dict(state)
+    _, rest = run(resumed)
+    assert_each_token_once(seen + rest, documents(test_data, "digits", "text"))
+
+
+def shards_of_first_batches(test_data, in_flight):
+    """For each of 2 ranks, how many digit shards its first batch draws on."""
+    from data_pipelines.shards import read_shard
+    manifest = load_manifest(test_data["digits"])
+    shard_of = {key: i for i in range(len(manifest.shards)) for key, _ in read_shard(manifest.shard_path(i))[0]}
+    cfg = data_config(test_data["digits"], num_workers=1, shards_in_flight=in_flight)
+    counts = []
+    for r in range(2):
+        loader = PackedLoader(cfg, model_config(), 4, rank=r, world_size=2)
+        _, keys = run([loader], limit=1)
+        counts.append(len({shard_of[k] for k in keys}))
+    return counts
+
+
+def test_a_batch_draws_on_shards_in_flight_shards_per_rank(test_data):
+    assert shards_of_first_batches(test_data, 1) == [1, 1]  # 9 shards, 2 slots: one shard each
+    assert min(shards_of_first_batches(test_data, 4)) == 4
+
+
 def test_a_state_saved_before_every_slot_handed_out_a_batch_resumes_on_another_layout(test_data):
     """2 ranks x 2 workers, one batch each: each rank's second worker has handed out nothing yet
     (a checkpoint at step 1). Its slot is at its start; on 1 rank every token still comes once."""

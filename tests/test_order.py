@@ -27,27 +27,53 @@ def test_order_is_a_permutation_per_epoch_and_differs_between_epochs():
 
 
 def pull(dealing, slot, cursor, base, n):
-    """Pull n positions for a slot from cursor (k, q); returns positions and the new cursor."""
-    k, q = cursor
+    """Pull n positions for a slot from cursor (g, q); returns (epoch, position) pairs and the new cursor."""
+    g, q = cursor
     out = []
-    while len(out) < n:
-        e, rest = dealing.remaining(slot, k, base)
-        if dealing.exhausted(e):
-            break
-        if q < len(rest):
-            out.append((e, rest[q]))
+    while len(out) < n and not dealing.group_exhausted(slot, g):
+        epochs, positions = dealing.remaining(slot, g, base)
+        if q < len(positions):
+            out.append((int(epochs[q]), int(positions[q])))
             q += 1
         else:
-            k, q = k + 1, 0
-    return out, (k, q)
+            g, q = g + 1, 0
+    return out, (g, q)
 
 
-@pytest.mark.parametrize("sizes,slots,new_slots", [([7, 5, 6, 4, 8], 2, 3), ([7, 5], 4, 1), ([3] * 9, 4, 2)])
-def test_folding_then_redealing_yields_exactly_the_unseen(sizes, slots, new_slots):
+def test_a_group_interleaves_its_units_each_in_its_own_order():
+    order = DatasetOrder([50] * 16, seed=3)
+    dealing = Dealing(order, slots=2, num_epochs=1, in_flight=4)
+    assert dealing.pieces == 1  # 16 shards >= 2 slots x 4: a unit is a whole shard
+    epochs, positions = dealing.remaining(0, 0, {})
+    shards = [order.locate(0, int(p))[0] for p in positions]
+    units = [set(range(*dealing.unit_range(0, i))) for _, i in dealing.group(0, 0)]
+    assert len(positions) == 200 and set(epochs) == {0}
+    assert len(set(shards[:20])) == 4  # the first 20 pulls already draw on all four shards
+    for unit in units:  # each unit's positions come in their own (ascending) order
+        mine = [int(p) for p in positions if p in unit]
+        assert mine == sorted(unit)
+    again = Dealing(order, 2, num_epochs=1, in_flight=4).remaining(0, 0, {})[1]
+    assert (again == positions).all()  # the merge order is seeded, not drawn
+
+
+def test_fewer_shards_than_slots_x_in_flight_are_cut_into_pieces():
+    order = DatasetOrder([10, 7, 9], seed=0)
+    dealing = Dealing(order, slots=4, num_epochs=1, in_flight=2)
+    assert dealing.pieces == 3 and dealing.units_per_epoch == 9
+    cover = [p for i in range(9) for p in range(*dealing.unit_range(0, i))]
+    assert cover == list(range(26))  # the pieces tile the epoch
+    groups = [dealing.remaining(s, 0, {})[1] for s in range(4)]
+    assert all(len({order.locate(0, int(p))[0] for p in g}) == 2 for g in groups)  # two shards per slot
+
+
+@pytest.mark.parametrize("sizes,slots,new_slots,in_flight,new_in_flight", [
+    ([7, 5, 6, 4, 8], 2, 3, 1, 1), ([7, 5], 4, 1, 1, 1), ([3] * 9, 4, 2, 1, 1),
+    ([7, 5, 6, 4, 8], 2, 3, 4, 4), ([7, 5], 4, 1, 4, 2), ([3] * 9, 4, 2, 2, 3), ([30] * 20, 2, 2, 4, 1)])
+def test_folding_then_redealing_yields_exactly_the_unseen(sizes, slots, new_slots, in_flight, new_in_flight):
     rng = random.Random(0)
     order = DatasetOrder(sizes, seed=3)
     n = order.num_samples
-    dealing = Dealing(order, slots, num_epochs=1)
+    dealing = Dealing(order, slots, num_epochs=1, in_flight=in_flight)
     cursors, pulled, held = {}, [], []
     for s in range(slots):  # each slot pulls a different amount, holding a few back (its packing buffer)
         got, cursors[s] = pull(dealing, s, (0, 0), {}, rng.randrange(0, n // slots + 1))
@@ -56,10 +82,17 @@ def test_folding_then_redealing_yields_exactly_the_unseen(sizes, slots, new_slot
     consumed = set(pulled) - set(held)
     base = dealing.fold_cursors({}, cursors, held)
     assert {(0, p) for p in range(n) if p in base.get(0, Intervals())} == consumed
-    new = Dealing(order, new_slots, num_epochs=1)
+    new = Dealing(order, new_slots, num_epochs=1, in_flight=new_in_flight)
     after = []
     for s in range(new_slots):
         got, _ = pull(new, s, (0, 0), base, n + 1)
         after += got
     assert len(after) == len(set(after))
     assert set(after) == {(0, p) for p in range(n)} - consumed
+
+
+def test_every_slot_pulls_each_position_of_an_epoch_once_across_epochs():
+    order = DatasetOrder([5, 6, 7], seed=1)
+    dealing = Dealing(order, slots=3, num_epochs=2, in_flight=2)
+    got = [x for s in range(3) for x in pull(dealing, s, (0, 0), {}, 10 ** 6)[0]]
+    assert sorted(got) == [(e, p) for e in range(2) for p in range(18)]
