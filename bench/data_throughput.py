@@ -1,7 +1,7 @@
 """Packed tokens per second from shards (digits + text mix), as the trainer would read them.
 
     python bench/data_throughput.py [--workers 2] [--seq-len 1024] [--batch 8] [--batches 200] \
-        [--source local|http|pipe]
+        [--source local|http|pipe] [--shards-in-flight 4]
 
 `--source http` serves the shard folders with `python -m http.server` on 127.0.0.1 and reads them by
 URL (curl through webdataset's gopen); `pipe` reads them through `pipe:cat {shard}`.
@@ -75,6 +75,8 @@ def main() -> None:
     p.add_argument("--mode", default="monoformer", choices=["monoformer", "acdit"])
     p.add_argument("--digits-weight", type=float, default=0.5, help="mixture weight of digits (text: 1 - it)")
     p.add_argument("--source", default="local", choices=["local", "http", "pipe"])
+    p.add_argument("--shards-in-flight", type=int, default=DataConfig.shards_in_flight,
+                   help="data.shards_in_flight: shards each worker interleaves")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tok, digits, text = build(Path(tmp), args.text_docs)
@@ -86,7 +88,8 @@ def main() -> None:
         mc = ModelConfig(vocab_size=4000, latent_channels=1, patch_size=2, mode=args.mode, block_size=4)
         cfg = DataConfig(datasets=[DatasetConfig(path=str(digits), weight=args.digits_weight),
                                    DatasetConfig(path=str(text), weight=1 - args.digits_weight)],
-                         seq_len=args.seq_len, num_workers=args.workers, num_epochs=0)
+                         seq_len=args.seq_len, num_workers=args.workers, num_epochs=0,
+                         shards_in_flight=args.shards_in_flight)
         loader = PackedLoader(cfg, mc, args.batch)
         it = iter(loader)
         for _ in range(5):  # start the workers
@@ -102,7 +105,7 @@ def main() -> None:
         if server is not None:
             server.process.terminate()
     print(f"source={args.source} workers={args.workers} seq_len={args.seq_len} batch={args.batch} mode={args.mode} "
-          f"digits weight={args.digits_weight} batches={args.batches}")
+          f"shards_in_flight={args.shards_in_flight} digits weight={args.digits_weight} batches={args.batches}")
     print(f"{'packed tokens/s':>16s} {'real tokens/s':>14s} {'fill':>6s} {'batches/s':>10s}")
     print(f"{total / dt:16.0f} {real / dt:14.0f} {real / total:6.1%} {args.batches / dt:10.1f}")
 
