@@ -14,6 +14,7 @@ dataset fingerprints differ from the shards on disk is refused.
 """
 from __future__ import annotations
 
+import logging
 import signal
 from typing import Iterator, Optional
 
@@ -27,6 +28,7 @@ from model.diffusion import Diffusion
 from model.layout import LayoutSpec
 
 STATE_VERSION = 2  # 2: cursors count groups of data.shards_in_flight units
+log = logging.getLogger(__name__)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
@@ -71,12 +73,24 @@ class PackedLoader:
             if m.vocab_size > model_cfg.vocab_size:
                 raise DataError(f"{e.path}: tokenizer has {m.vocab_size} pieces, "
                                 f"model.vocab_size is {model_cfg.vocab_size}")
-        self.orders = [DatasetOrder(m.shard_sizes, cfg.seed, cfg.shuffle)
+        # a group's shards (about 2F when shards are cut into slices) and a packing buffer's
+        self.orders = [DatasetOrder(m.shard_sizes, cfg.seed, cfg.shuffle, 2 * cfg.shards_in_flight + 2)
                        for m in self.manifests]
+        if rank == 0:
+            self._warn_about_cut_shards()
         self.base = [base_from_json(None) for _ in self.entries]  # (epochs, partial, first_epoch)
         self.slot_states: dict[int, dict] = {}
         self.last_keys: list[list[str]] = []
         self.last_position: tuple[int, int] = (-1, -1)
+
+    def _warn_about_cut_shards(self) -> None:
+        want = self.num_slots * self.cfg.shards_in_flight
+        for e, m in zip(self.entries, self.manifests):
+            if len(m.shards) < want:
+                log.warning("%s: %d shards for %d slots x data.shards_in_flight=%d: each shard is cut into "
+                            "slices and fetched by about %d readers; write at least %d shards to read each once",
+                            e.path, len(m.shards), self.num_slots, self.cfg.shards_in_flight,
+                            -(-want // len(m.shards)), want)
 
     # ---- slots ---------------------------------------------------------------------------
     def own_slots(self) -> list[int]:
@@ -134,9 +148,7 @@ class PackedLoader:
         return merged
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state version {state.get('version')} is not {STATE_VERSION} "
-                            "(saved by another version of monofusion)")
+        state = self._upgrade(state)
         if state["fingerprints"] != self.fingerprints():
             changed = [e.path for e, a, b in zip(self.entries, state["fingerprints"], self.fingerprints()) if a != b]
             raise DataError(f"loader state does not match the datasets: fingerprint differs for "
@@ -157,6 +169,18 @@ class PackedLoader:
                             "pass the state merged from every rank (PackedLoader.merge_states)")
         self.base = [self._fold(d, bases[d], slots, old) for d in range(len(self.entries))]
         self.slot_states = {}
+
+    def _upgrade(self, state: dict) -> dict:
+        """A version-1 state (one unit at a time) is a version-2 state with shards_in_flight=1 where
+        every dataset has a shard per slot; then it is folded like any other layout change."""
+        version = state.get("version")
+        if version == 1 and all(len(m.shards) >= state["layout"]["slots"] for m in self.manifests):
+            return dict(state, version=2, layout=dict(state["layout"], shards_in_flight=1))
+        if version != STATE_VERSION:
+            raise DataError(f"loader state version {version} is not {STATE_VERSION} and cannot be converted "
+                            "(version 1 only with a shard per slot); start a new run from the checkpoint's "
+                            "weights: pretrain.convert to-release, then train.init_from")
+        return state
 
     def _fold(self, d: int, base: tuple, slots: dict, old: dict) -> tuple:
         """Fold the slots' progress on dataset d (dealt as in the `old` layout) into a new consumed set."""

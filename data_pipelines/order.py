@@ -4,14 +4,15 @@ Per dataset and epoch e, the order is: shards in a seeded permutation, samples i
 shard in a seeded permutation. A sample's *position* p in [0, N) is its index in that
 order; (epoch, p) names it independently of how many ranks or workers read.
 
-The order is cut into *units*: each shard into `pieces` contiguous runs of positions, as
-few as give every slot `in_flight` units per epoch (one piece, the whole shard, when there
-are at least S x F shards; S = ranks x workers "slots", F = `data.shards_in_flight`). Unit
-u = e * units_per_epoch + i is read by slot u % S. A slot reads its units F at a time: its
-g-th *group* is its units gF .. gF+F-1, their remaining positions merged in a seeded order
-that keeps each unit's own order, so a slot interleaves F shards (shards are often
-clustered by source). A slot's progress is a cursor (g, q): it has pulled its groups
-before the g-th and the first q positions of the g-th's merged order.
+The order is cut into *units* of contiguous positions: one shard each when there are at
+least S x F shards (S = ranks x workers "slots", F = `data.shards_in_flight`), else S x F
+equal slices of the epoch (one sample each when N < S x F), so every slot gets its share
+and a shard is fetched by about S x F / shards slots. Unit u = e * units_per_epoch + i is
+read by slot u % S. A slot reads its units F at a time: its g-th *group* is its units
+gF .. gF+F-1, their remaining positions merged in a seeded order that keeps each unit's
+own order, so a slot interleaves F shards (shards are often clustered by source). A
+slot's progress is a cursor (g, q): it has pulled its groups before the g-th and the first
+q positions of the g-th's merged order.
 
 What has been consumed is kept as `Intervals` of positions per epoch ("base"); a slot
 skips positions in the base. On a change of S or F the slots' cursors are folded into the
@@ -28,79 +29,116 @@ import numpy as np
 
 
 class Intervals:
-    """A set of integers as sorted, disjoint half-open ranges [a, b)."""
+    """A set of integers as sorted, disjoint half-open ranges [a, b); bulk operations are one pass."""
 
     def __init__(self, ranges: Iterable = ()):
-        self.ranges: list[list[int]] = []
-        for a, b in ranges:
-            self.add(a, b)
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        self.add_ranges(ranges)
+
+    @property
+    def ranges(self) -> list[tuple[int, int]]:
+        return list(zip(self.starts, self.ends))
 
     def add(self, a: int, b: Optional[int] = None) -> None:
         b = a + 1 if b is None else b
         if b <= a:
             return
-        starts = [r[0] for r in self.ranges]
-        i = bisect.bisect_left(starts, a)
-        if i > 0 and self.ranges[i - 1][1] >= a:
-            i -= 1
-        j = i
-        while j < len(self.ranges) and self.ranges[j][0] <= b:
-            a, b = min(a, self.ranges[j][0]), max(b, self.ranges[j][1])
-            j += 1
-        self.ranges[i:j] = [[a, b]]
+        i = bisect.bisect_left(self.ends, a)  # the first range that ends at or after a
+        j = bisect.bisect_right(self.starts, b)  # ranges from i to j touch [a, b)
+        if i < j:
+            a, b = min(a, self.starts[i]), max(b, self.ends[j - 1])
+        self.starts[i:j], self.ends[i:j] = [a], [b]
 
-    def remove(self, p: int) -> None:
-        for i, (a, b) in enumerate(self.ranges):
-            if a <= p < b:
-                self.ranges[i:i + 1] = [r for r in ([a, p], [p + 1, b]) if r[1] > r[0]]
-                return
+    def add_ranges(self, ranges: Iterable) -> None:
+        """Add many [a, b) at once (sorted and merged with the set in one pass)."""
+        merged: list[list[int]] = []
+        for a, b in sorted([*zip(self.starts, self.ends), *((int(a), int(b)) for a, b in ranges)]):
+            if b <= a:
+                continue
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        self.starts, self.ends = [a for a, _ in merged], [b for _, b in merged]
 
     def add_positions(self, positions: np.ndarray) -> None:
-        """Add every position of an array, a run of consecutive ones at a time."""
-        p = np.unique(positions)
-        cuts = np.flatnonzero(np.diff(p) != 1) + 1
-        for run in np.split(p, cuts) if len(p) else []:
-            self.add(int(run[0]), int(run[-1]) + 1)
+        """Add every position of an array, as runs of consecutive ones."""
+        p = np.unique(np.asarray(positions, dtype=np.int64))
+        cut = np.flatnonzero(np.diff(p) != 1) + 1
+        self.add_ranges(zip(p[np.r_[0, cut]].tolist(), (p[np.r_[cut - 1, len(p) - 1]] + 1).tolist())
+                        if len(p) else ())
+
+    def remove(self, p: int) -> None:
+        self.remove_positions([p])
+
+    def remove_positions(self, positions: Iterable[int]) -> None:
+        """Take out every listed position (one pass over the ranges)."""
+        cuts = sorted(set(positions))
+        starts, ends, c = [], [], 0
+        for a, b in zip(self.starts, self.ends):
+            while c < len(cuts) and cuts[c] < a:
+                c += 1
+            while c < len(cuts) and cuts[c] < b:
+                if cuts[c] > a:
+                    starts.append(a)
+                    ends.append(cuts[c])
+                a, c = cuts[c] + 1, c + 1
+            if a < b:
+                starts.append(a)
+                ends.append(b)
+        self.starts, self.ends = starts, ends
 
     def __contains__(self, p: int) -> bool:
-        i = bisect.bisect_right([r[0] for r in self.ranges], p) - 1
-        return i >= 0 and p < self.ranges[i][1]
+        i = bisect.bisect_right(self.starts, p) - 1
+        return i >= 0 and p < self.ends[i]
 
     def contains(self, positions: np.ndarray) -> np.ndarray:
         """A boolean array: which positions are in the set."""
-        r = np.asarray(self.ranges, dtype=np.int64).reshape(-1, 2)
-        i = np.searchsorted(r[:, 0], positions, side="right") - 1
-        return (i >= 0) & (positions < r[np.maximum(i, 0), 1]) if len(r) else np.zeros(len(positions), bool)
+        if not self.starts:
+            return np.zeros(len(positions), bool)
+        starts, ends = np.asarray(self.starts), np.asarray(self.ends)
+        i = np.searchsorted(starts, positions, side="right") - 1
+        return (i >= 0) & (positions < ends[np.maximum(i, 0)])
 
     def covers(self, n: int) -> bool:
-        return n == 0 or (len(self.ranges) == 1 and self.ranges[0][0] <= 0 and self.ranges[0][1] >= n)
+        return n == 0 or (len(self.starts) == 1 and self.starts[0] <= 0 and self.ends[0] >= n)
 
     def count(self) -> int:
-        return sum(b - a for a, b in self.ranges)
+        return sum(self.ends) - sum(self.starts)
 
     def to_list(self) -> list:
-        return [list(r) for r in self.ranges]
+        return [[a, b] for a, b in zip(self.starts, self.ends)]
 
 
 class DatasetOrder:
     """The per-epoch order of one dataset's samples (shard sizes from its manifest)."""
 
-    def __init__(self, shard_sizes: list[int], seed: int, shuffle: bool = True):
+    def __init__(self, shard_sizes: list[int], seed: int, shuffle: bool = True, shards_in_use: int = 8):
         self.sizes = np.asarray(shard_sizes, dtype=np.int64)
         self.num_samples = int(self.sizes.sum())
         self.seed, self.shuffle = seed, shuffle
+        # caches per instance (one on the class would be shared by every dataset): two epochs' shard
+        # orders, and the in-shard permutations of the shards a reader uses, in two epochs
+        self.epoch = functools.lru_cache(maxsize=4)(self._epoch)
+        self.within = functools.lru_cache(maxsize=2 * shards_in_use)(self._within)
 
-    @functools.lru_cache(maxsize=8)
-    def epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
+    def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard permutation, start position of each permuted shard + total at the end)."""
         perm = (np.random.default_rng([self.seed, e]).permutation(len(self.sizes)) if self.shuffle
                 else np.arange(len(self.sizes)))
         return perm, np.concatenate([[0], np.cumsum(self.sizes[perm])])
 
-    @functools.lru_cache(maxsize=64)
-    def within(self, e: int, shard: int) -> np.ndarray:
+    def _within(self, e: int, shard: int) -> np.ndarray:
         n = int(self.sizes[shard])
-        return np.random.default_rng([self.seed, e, shard, 1]).permutation(n) if self.shuffle else np.arange(n)
+        perm = np.random.default_rng([self.seed, e, shard, 1]).permutation(n) if self.shuffle else np.arange(n)
+        return perm.astype(np.int32) if n < 2 ** 31 else perm
+
+    def shards(self, e: int, a: int, b: int) -> list[int]:
+        """The shards holding positions [a, b) of epoch e."""
+        perm, starts = self.epoch(e)
+        i, j = np.searchsorted(starts, [a, b - 1], side="right") - 1
+        return perm[i:j + 1].tolist() if b > a else []
 
     def locate(self, e: int, p: int) -> tuple[int, int]:
         """Position p of epoch e -> (shard index, sample index inside the shard's stored order)."""
@@ -119,8 +157,9 @@ class Dealing:
     def __init__(self, order: DatasetOrder, slots: int, first_epoch: int = 0, num_epochs: int = 0,
                  in_flight: int = 1):
         self.order, self.slots, self.in_flight = order, slots, in_flight
-        self.pieces = max(1, -(-slots * in_flight // len(order.sizes)))  # per shard
-        self.units_per_epoch = len(order.sizes) * self.pieces
+        self.whole_shards = len(order.sizes) >= slots * in_flight
+        self.units_per_epoch = (len(order.sizes) if self.whole_shards
+                                else max(1, min(order.num_samples, slots * in_flight)))
         self.first_epoch, self.num_epochs = first_epoch, num_epochs
 
     def unit(self, slot: int, k: int) -> tuple[int, int]:
@@ -140,15 +179,18 @@ class Dealing:
 
     def unit_start(self, e: int, i: int) -> int:
         """First position of unit i of epoch e (i = units_per_epoch: the epoch's end)."""
-        _, starts = self.order.epoch(e)
-        j, r = divmod(i, self.pieces)
-        if j == len(self.order.sizes):
-            return int(starts[-1])
-        return int(starts[j]) + r * int(starts[j + 1] - starts[j]) // self.pieces
+        if not self.whole_shards:
+            return i * self.order.num_samples // self.units_per_epoch
+        return int(self.order.epoch(e)[1][i])
 
     def unit_range(self, e: int, i: int, j: Optional[int] = None) -> tuple[int, int]:
         """Positions [a, b) of units i..j-1 (default: unit i alone) of epoch e."""
         return self.unit_start(e, i), self.unit_start(e, i + 1 if j is None else j)
+
+    def group_shards(self, slot: int, g: int) -> set[int]:
+        """The shards the slot's g-th group reads."""
+        return {shard for e, i in self.group(slot, g) if not self.exhausted(e)
+                for shard in self.order.shards(e, *self.unit_range(e, i))}
 
     def remaining(self, slot: int, g: int, base: dict[int, Intervals]) -> tuple[np.ndarray, np.ndarray]:
         """(epochs, positions) of the slot's g-th group not in the base, in the group's merge order."""
@@ -166,7 +208,7 @@ class Dealing:
         else:  # round robin
             rank = np.concatenate([np.arange(len(p)) for _, p in runs])
             label = label[np.lexsort((label, rank))]
-        epochs, positions = np.empty(len(label), np.int64), np.empty(len(label), np.int64)
+        epochs, positions = np.empty(len(label), np.int32), np.empty(len(label), np.int64)
         where = np.argsort(label, kind="stable")  # the merged places of each unit's positions, in order
         positions[where] = np.concatenate([p for _, p in runs])
         epochs[where] = np.concatenate([np.full(len(p), e) for e, p in runs])
@@ -194,9 +236,12 @@ class Dealing:
             epochs, positions = (a[:q] for a in self.remaining(slot, g, base))
             for e in np.unique(epochs):
                 out.setdefault(int(e), Intervals()).add_positions(positions[epochs == e])
+        by_epoch: dict[int, list[int]] = {}
         for e, p in unconsumed:
+            by_epoch.setdefault(e, []).append(p)
+        for e, ps in by_epoch.items():
             if e in out:
-                out[e].remove(p)
+                out[e].remove_positions(ps)
         return out
 
     def first_open_epoch(self, base: dict[int, Intervals]) -> int:

@@ -62,6 +62,7 @@ def read_bytes(where: str, max_bytes: int = 0, retries: int = 5, backoff: float 
     attempt = 0
     while True:
         error, whole = None, False
+        too_big = False
         try:
             stream = _open(where)
             try:
@@ -72,10 +73,17 @@ def read_bytes(where: str, max_bytes: int = 0, retries: int = 5, backoff: float 
                         chunk, skip = chunk[cut:], skip - cut
                     data += chunk
                     if max_bytes and len(data) > max_bytes:
-                        raise ValueError(f"{where}: larger than data.max_shard_bytes={max_bytes} "
-                                         "(write smaller shards or raise the limit)")
+                        too_big = True
+                        break
             finally:
-                stream.close()  # a pipe's close raises when its command failed
+                try:
+                    stream.close()  # a pipe's close raises when its command failed
+                except (OSError, EOFError):
+                    if not too_big:  # a command stopped early (curl: exit 23) is not a read error
+                        raise
+            if too_big:
+                raise ValueError(f"{where}: larger than data.max_shard_bytes={max_bytes} "
+                                 "(write smaller shards or raise the limit)")
             whole = True
             if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
                 error = f"sha256 mismatch after {len(data)} bytes (cut short?)"

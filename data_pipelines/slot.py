@@ -8,6 +8,7 @@ hash of the seed and stable ids, never a generator state.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from typing import Iterator, Optional, Union
@@ -49,8 +50,8 @@ class ShardCursor:
         self.ds, self.slot, self.cfg = ds, slot, cfg
         self.g, self.q = cursor
         self._rest: Optional[tuple] = None
-        self._cache: dict[int, tuple[list, Optional[str]]] = {}
-        self._cache_size = ds.dealing.in_flight + 1  # the group's shards + one a restored buffer needs
+        self._cache: collections.OrderedDict[int, tuple[list, Optional[str]]] = collections.OrderedDict()
+        self._capacity = ds.dealing.in_flight + 1
 
     def pull(self) -> Optional[tuple[int, int]]:
         """Next (epoch, position) of this slot, or None when its epochs are done."""
@@ -58,6 +59,8 @@ class ShardCursor:
         while not dealing.group_exhausted(self.slot, self.g):
             if self._rest is None:
                 self._rest = dealing.remaining(self.slot, self.g, self.ds.base)
+                # the group's shards, and one more for a document of the packing buffer
+                self._capacity = len(dealing.group_shards(self.slot, self.g)) + 1
             epochs, positions = self._rest
             if self.q < len(positions):
                 self.q += 1
@@ -69,9 +72,11 @@ class ShardCursor:
         """(key, decoded segments) of position p of epoch e; BadSample names shard and key."""
         shard, index = self.ds.order.locate(e, p)
         where = self.ds.manifest.shard_path(shard)
-        if shard not in self._cache:
-            if len(self._cache) >= self._cache_size:
-                self._cache.pop(next(iter(self._cache)))
+        if shard in self._cache:
+            self._cache.move_to_end(shard)
+        else:
+            while len(self._cache) >= self._capacity:
+                self._cache.popitem(last=False)  # the least recently used
             try:
                 self._cache[shard] = fetch_shard(self.ds.manifest, shard, self.cfg.max_shard_bytes,
                                                  self.cfg.read_retries, self.cfg.retry_backoff)

@@ -160,6 +160,24 @@ def test_resume_with_another_shards_in_flight_and_layout_yields_exactly_the_unse
     assert_each_token_once(seen + rest, documents(test_data, "digits", "text"))
 
 
+def test_a_version_1_state_resumes_as_one_shard_in_flight(test_data):
+    """States saved before cross-shard mixing read one shard at a time: they resume (folded) as that."""
+    cfg = data_config(test_data["digits"], test_data["text"], num_workers=1, shards_in_flight=1)
+    mc = model_config()
+    first = [PackedLoader(cfg, mc, 2, rank=r, world_size=2) for r in range(2)]
+    _, seen = run(first, limit=4)
+    state = json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict() for ld in first])))
+    del state["layout"]["shards_in_flight"]
+    state["version"] = 1
+    single = PackedLoader(cfg.replace(shards_in_flight=4), mc, 2, rank=0, world_size=1)
+    single.load_state_dict(state)
+    _, rest = run([single])
+    assert_each_token_once(seen + rest, documents(test_data, "digits", "text"))
+    state["layout"]["slots"] = 10  # more slots than the 9 digit shards: version 1 dealt single samples
+    with pytest.raises(DataError, match="loader state version 1 is not 2 and cannot be converted"):
+        single.load_state_dict(state)
+
+
 def shards_of_first_batches(test_data, in_flight):
     """For each of 2 ranks, how many digit shards its first batch draws on."""
     from data_pipelines.shards import read_shard

@@ -43,7 +43,7 @@ def pull(dealing, slot, cursor, base, n):
 def test_a_group_interleaves_its_units_each_in_its_own_order():
     order = DatasetOrder([50] * 16, seed=3)
     dealing = Dealing(order, slots=2, num_epochs=1, in_flight=4)
-    assert dealing.pieces == 1  # 16 shards >= 2 slots x 4: a unit is a whole shard
+    assert dealing.whole_shards  # 16 shards >= 2 slots x 4: a unit is a whole shard
     epochs, positions = dealing.remaining(0, 0, {})
     shards = [order.locate(0, int(p))[0] for p in positions]
     units = [set(range(*dealing.unit_range(0, i))) for _, i in dealing.group(0, 0)]
@@ -56,14 +56,26 @@ def test_a_group_interleaves_its_units_each_in_its_own_order():
     assert (again == positions).all()  # the merge order is seeded, not drawn
 
 
-def test_fewer_shards_than_slots_x_in_flight_are_cut_into_pieces():
+def test_fewer_shards_than_slots_x_in_flight_are_cut_into_equal_slices():
     order = DatasetOrder([10, 7, 9], seed=0)
     dealing = Dealing(order, slots=4, num_epochs=1, in_flight=2)
-    assert dealing.pieces == 3 and dealing.units_per_epoch == 9
-    cover = [p for i in range(9) for p in range(*dealing.unit_range(0, i))]
-    assert cover == list(range(26))  # the pieces tile the epoch
-    groups = [dealing.remaining(s, 0, {})[1] for s in range(4)]
-    assert all(len({order.locate(0, int(p))[0] for p in g}) == 2 for g in groups)  # two shards per slot
+    assert not dealing.whole_shards and dealing.units_per_epoch == 8
+    cover = [p for i in range(8) for p in range(*dealing.unit_range(0, i))]
+    assert cover == list(range(26))  # the slices tile the epoch
+    counts = [len(dealing.remaining(s, 0, {})[1]) for s in range(4)]
+    assert sum(counts) == 26 and max(counts) - min(counts) <= 2  # each slot: two slices of 3 or 4
+
+
+@pytest.mark.parametrize("sizes,slots,in_flight", [([10, 10], 16, 4), ([3, 3], 8, 4), ([20] * 4, 16, 4),
+                                                   ([1], 3, 1), ([5, 1, 9], 4, 4)])
+def test_no_slot_starves_when_shards_are_few_and_small(sizes, slots, in_flight):
+    """Every slot's share of 4 epochs differs from the others' by at most 2F slices (none is empty)."""
+    order = DatasetOrder(sizes, seed=2)
+    dealing = Dealing(order, slots, num_epochs=4, in_flight=in_flight)
+    counts = [len(pull(dealing, s, (0, 0), {}, 10 ** 6)[0]) for s in range(slots)]
+    assert sum(counts) == 4 * sum(sizes)
+    slice_size = -(-sum(sizes) // dealing.units_per_epoch)
+    assert min(counts) > 0 and max(counts) - min(counts) <= 2 * in_flight * slice_size, counts
 
 
 @pytest.mark.parametrize("sizes,slots,new_slots,in_flight,new_in_flight", [

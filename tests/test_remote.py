@@ -87,6 +87,18 @@ def test_read_bytes_resumes_after_a_broken_read_without_repeating_bytes(tmp_path
         remote.read_bytes(str(tmp_path / "f"), max_bytes=1000)
 
 
+def test_a_file_over_max_shard_bytes_over_http_is_refused_at_once(tmp_path):
+    (tmp_path / "f").write_bytes(bytes(5 << 20))
+    server = FolderServer(tmp_path)
+    before = remote.RETRIES["count"]
+    try:
+        with pytest.raises(ValueError, match=f"{server.url('f')}: larger than data.max_shard_bytes=1048576"):
+            remote.read_bytes(server.url("f"), max_bytes=1 << 20, retries=2, backoff=0)
+    finally:
+        server.stop()
+    assert remote.RETRIES["count"] == before  # too big is not a read error to retry
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_two_ranks_train_over_http_through_an_outage_like_from_the_folder(tiny_config, test_data, tmp_path):
@@ -116,3 +128,5 @@ def test_two_ranks_train_over_http_through_an_outage_like_from_the_folder(tiny_c
         return [json.loads(line)["docs"] for rank in (0, 1) for line in
                 (run / f"samples_rank{rank}.jsonl").read_text().splitlines()]
     assert documents(runs["folder"]) == documents(runs["http"])
+    whole = [key for batch in documents(runs["folder"]) for row in batch for key in row if "@" not in key]
+    assert whole and len(whole) == len(set(whole))  # no document with latents came twice
