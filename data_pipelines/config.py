@@ -32,8 +32,8 @@ class DataConfig(Config):
     pack_buffer: int = knob(32, "documents held to choose from when filling a row (first fit)")
     caption_dropout: float = knob(0.1, "probability of dropping the caption of a generated latent (CFG)")
     max_bad_samples: int = knob(100, "corrupt samples skipped per reader before a DataError")
-    max_shard_bytes: int = knob(10**9, "largest remote shard a reader holds in memory (an error beyond); a reader "
-                                           "holds about shards_in_flight + 1 shards per dataset")
+    max_shard_bytes: int = knob(2 * 10**9, "largest remote shard a reader holds in memory (an error beyond); "
+                                               "a reader holds its group's shards + 1 per dataset")
     read_retries: int = knob(5, "retries of a failed or damaged remote read (backoff doubling), then a DataError")
     retry_backoff: float = knob(0.5, "seconds before the first retry of a remote read")
     shards_in_flight: int = knob(4, "shards each reader slot reads at once, interleaved in a seeded order (with fewer "

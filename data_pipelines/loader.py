@@ -70,6 +70,8 @@ class PackedLoader:
             if m.latent_channels != model_cfg.latent_channels:
                 raise DataError(f"{e.path}: latents have {m.latent_channels} channels, "
                                 f"model.latent_channels is {model_cfg.latent_channels}")
+            if m.num_samples == 0:
+                raise DataError(f"{e.path}: the shard set holds no sample")
             if m.vocab_size > model_cfg.vocab_size:
                 raise DataError(f"{e.path}: tokenizer has {m.vocab_size} pieces, "
                                 f"model.vocab_size is {model_cfg.vocab_size}")
@@ -87,10 +89,10 @@ class PackedLoader:
         want = self.num_slots * self.cfg.shards_in_flight
         for e, m in zip(self.entries, self.manifests):
             if len(m.shards) < want:
-                log.warning("%s: %d shards for %d slots x data.shards_in_flight=%d: each shard is cut into "
-                            "slices and fetched by about %d readers; write at least %d shards to read each once",
-                            e.path, len(m.shards), self.num_slots, self.cfg.shards_in_flight,
-                            -(-want // len(m.shards)), want)
+                log.warning("%s: %d shards for %d slots x data.shards_in_flight=%d: the epoch is cut into "
+                            "slices and each shard fetched by about %d readers; write at least %d shards to read "
+                            "each once", e.path, len(m.shards), self.num_slots, self.cfg.shards_in_flight,
+                            want // len(m.shards) + 1, want)
 
     # ---- slots ---------------------------------------------------------------------------
     def own_slots(self) -> list[int]:
@@ -148,11 +150,11 @@ class PackedLoader:
         return merged
 
     def load_state_dict(self, state: dict) -> None:
-        state = self._upgrade(state)
-        if state["fingerprints"] != self.fingerprints():
+        if state.get("fingerprints") != self.fingerprints():
             changed = [e.path for e, a, b in zip(self.entries, state["fingerprints"], self.fingerprints()) if a != b]
             raise DataError(f"loader state does not match the datasets: fingerprint differs for "
                             f"{', '.join(changed) or 'the dataset list'}")
+        state = self._upgrade(state)
         old = state["layout"]
         for key in ("seed", "shuffle", "num_epochs"):
             if old[key] != self.layout()[key]:

@@ -117,11 +117,21 @@ class DatasetOrder:
     def __init__(self, shard_sizes: list[int], seed: int, shuffle: bool = True, shards_in_use: int = 8):
         self.sizes = np.asarray(shard_sizes, dtype=np.int64)
         self.num_samples = int(self.sizes.sum())
-        self.seed, self.shuffle = seed, shuffle
-        # caches per instance (one on the class would be shared by every dataset): two epochs' shard
-        # orders, and the in-shard permutations of the shards a reader uses, in two epochs
+        self.seed, self.shuffle, self.shards_in_use = seed, shuffle, shards_in_use
+        self._caches()
+
+    def _caches(self) -> None:
+        # per instance (one on the class would be shared by every dataset): two epochs' shard orders,
+        # and the in-shard permutations of the shards a reader uses, in two epochs
         self.epoch = functools.lru_cache(maxsize=4)(self._epoch)
-        self.within = functools.lru_cache(maxsize=2 * shards_in_use)(self._within)
+        self.within = functools.lru_cache(maxsize=2 * self.shards_in_use)(self._within)
+
+    def __getstate__(self) -> dict:  # workers started by spawn/forkserver get the order pickled
+        return {k: v for k, v in self.__dict__.items() if k not in ("epoch", "within")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._caches()
 
     def _epoch(self, e: int) -> tuple[np.ndarray, np.ndarray]:
         """(shard permutation, start position of each permuted shard + total at the end)."""

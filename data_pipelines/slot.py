@@ -52,6 +52,7 @@ class ShardCursor:
         self._rest: Optional[tuple] = None
         self._cache: collections.OrderedDict[int, tuple[list, Optional[str]]] = collections.OrderedDict()
         self._capacity = ds.dealing.in_flight + 1
+        self._group_shards: set[int] = set()
 
     def pull(self) -> Optional[tuple[int, int]]:
         """Next (epoch, position) of this slot, or None when its epochs are done."""
@@ -60,7 +61,8 @@ class ShardCursor:
             if self._rest is None:
                 self._rest = dealing.remaining(self.slot, self.g, self.ds.base)
                 # the group's shards, and one more for a document of the packing buffer
-                self._capacity = len(dealing.group_shards(self.slot, self.g)) + 1
+                self._group_shards = dealing.group_shards(self.slot, self.g)
+                self._capacity = len(self._group_shards) + 1
             epochs, positions = self._rest
             if self.q < len(positions):
                 self.q += 1
@@ -75,8 +77,9 @@ class ShardCursor:
         if shard in self._cache:
             self._cache.move_to_end(shard)
         else:
-            while len(self._cache) >= self._capacity:
-                self._cache.popitem(last=False)  # the least recently used
+            while len(self._cache) >= self._capacity:  # least recently used out, shards outside the group first
+                drop = next((k for k in self._cache if k not in self._group_shards), next(iter(self._cache)))
+                del self._cache[drop]
             try:
                 self._cache[shard] = fetch_shard(self.ds.manifest, shard, self.cfg.max_shard_bytes,
                                                  self.cfg.read_retries, self.cfg.retry_backoff)

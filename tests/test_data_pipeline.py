@@ -292,6 +292,12 @@ def test_a_fingerprint_mismatch_is_refused(test_data, tmp_path):
         PackedLoader(cfg, model_config(), 2).load_state_dict(state)
 
 
+def test_a_shard_set_without_samples_is_a_clear_error(tmp_path):
+    ShardSetWriter(tmp_path / "empty", samples_per_shard=10).close(latent_channels=1)
+    with pytest.raises(DataError, match="empty: the shard set holds no sample"):
+        PackedLoader(data_config(tmp_path / "empty"), model_config(), 2)
+
+
 def test_latent_channels_mismatch_is_a_clear_error(test_data):
     with pytest.raises(DataError, match="latent_channels"):
         PackedLoader(data_config(test_data["digits"]), model_config(latent_channels=4), 2)

@@ -26,6 +26,13 @@ def test_order_is_a_permutation_per_epoch_and_differs_between_epochs():
     assert [order.locate(0, p) for p in range(12)] != [order.locate(1, p) for p in range(12)]
 
 
+def test_an_order_survives_pickling_for_spawned_workers():
+    import pickle
+    order = DatasetOrder([5, 3, 4], seed=1)
+    copy = pickle.loads(pickle.dumps(order))
+    assert [copy.locate(1, p) for p in range(12)] == [order.locate(1, p) for p in range(12)]
+
+
 def pull(dealing, slot, cursor, base, n):
     """Pull n positions for a slot from cursor (g, q); returns (epoch, position) pairs and the new cursor."""
     g, q = cursor
