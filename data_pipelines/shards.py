@@ -3,7 +3,7 @@
 A sample is `KEY.json` = {"segments": [{"text": str, "tokens": [ids]} | {"latent": "lat0.npy",
 "kind": "image"|"video", "shape": [C,(T,)h,w]}, ...]} plus one `KEY.latN.npy` per latent.
 `DIR/manifest.json` lists the shards with their sample counts and sha256, `num_samples`,
-the encoder and tokenizer, and a `fingerprint` of all of it. Shards are written under a
+the encoder and tokenizer, and a `fingerprint` of all of it but the `LOCATIONS`. Shards are written under a
 temporary name and renamed when complete; the manifest is written last. This module is the one
 owner of that format: others read a manifest as a `Manifest` (`load_manifest`).
 """
@@ -131,8 +131,20 @@ class ShardSetWriter:
         return Manifest.from_json(self.out, manifest)
 
 
-def fingerprint(manifest: dict) -> str:
+# Where the tokenizer, the VAE and the source files were when the shards were written: recorded, but
+# not fingerprinted (the same shards written from another checkout are the same data; their content
+# is covered by the shards' sha256 and the tokenizer's own fingerprint).
+LOCATIONS = (("tokenizer", "path"), ("encoder", "path"), ("source", "input"))
+
+
+def fingerprint(manifest: dict, with_locations: bool = False) -> str:
+    """A hash of the manifest without its fingerprint (and, unless `with_locations`, the LOCATIONS;
+    manifests written before 2026-11-30 hashed those too)."""
     body = {k: v for k, v in manifest.items() if k != "fingerprint"}
+    if not with_locations:
+        for part, key in LOCATIONS:
+            if isinstance(body.get(part), dict):
+                body[part] = {k: v for k, v in body[part].items() if k != key}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -150,7 +162,7 @@ def load_manifest(directory: str | Path, retries: int = 5, backoff: float = 0.5)
         raise ValueError(f"{path}: not JSON ({e})") from None
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: format {manifest.get('format')!r} is not {FORMAT}")
-    if manifest.get("fingerprint") != fingerprint(manifest):
+    if manifest.get("fingerprint") not in (fingerprint(manifest), fingerprint(manifest, with_locations=True)):
         raise ValueError(f"{path}: fingerprint does not match its contents (edited by hand?)")
     return Manifest.from_json(directory, manifest)
 

@@ -292,6 +292,29 @@ def test_a_fingerprint_mismatch_is_refused(test_data, tmp_path):
         PackedLoader(cfg, model_config(), 2).load_state_dict(state)
 
 
+def test_the_same_shards_written_from_another_checkout_have_the_same_fingerprint(test_data, tmp_path):
+    """Where the tokenizer and the text files were is recorded but not fingerprinted, so a checkpoint's
+    loader state resumes on the same data rebuilt elsewhere; a manifest hashed with them still loads."""
+    from data_pipelines.shards import MANIFEST, fingerprint
+    from data_pipelines.write_shards import write_shards
+    made = []
+    for where in ("a", "b"):
+        shutil.copy(test_data["tokenizer"], tmp_path / f"tok-{where}.model")
+        shutil.copytree(test_data["corpus"], tmp_path / f"corpus-{where}")
+        made.append(write_shards("text", str(tmp_path / where), str(tmp_path / f"tok-{where}.model"), num_samples=50,
+                                 input=[str(tmp_path / f"corpus-{where}")], max_chars=400, progress=False))
+    assert made[0].tokenizer_path != made[1].tokenizer_path and made[0].fingerprint == made[1].fingerprint
+    path = tmp_path / "a" / MANIFEST
+    raw = json.loads(path.read_text())
+    raw["fingerprint"] = fingerprint(raw, with_locations=True)  # as written before
+    path.write_text(json.dumps(raw))
+    assert load_manifest(tmp_path / "a").fingerprint == raw["fingerprint"]
+    raw["tokenizer"]["vocab_size"] += 1
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="fingerprint does not match its contents"):
+        load_manifest(tmp_path / "a")
+
+
 def test_a_shard_set_without_samples_is_a_clear_error(tmp_path):
     ShardSetWriter(tmp_path / "empty", samples_per_shard=10).close(latent_channels=1)
     with pytest.raises(DataError, match="empty: the shard set holds no sample"):
