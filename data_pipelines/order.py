@@ -197,18 +197,20 @@ class Dealing:
         """Positions [a, b) of units i..j-1 (default: unit i alone) of epoch e."""
         return self.unit_start(e, i), self.unit_start(e, i + 1 if j is None else j)
 
+    def group_ranges(self, slot: int, g: int) -> list[tuple[int, int, int]]:
+        """(epoch, a, b) of each unit of the slot's g-th group in an epoch still to read: positions [a, b)."""
+        return [(e, *self.unit_range(e, i)) for e, i in self.group(slot, g) if not self.exhausted(e)]
+
     def group_shards(self, slot: int, g: int) -> set[int]:
         """The shards the slot's g-th group reads."""
-        return {shard for e, i in self.group(slot, g) if not self.exhausted(e)
-                for shard in self.order.shards(e, *self.unit_range(e, i))}
+        return {shard for e, a, b in self.group_ranges(slot, g) for shard in self.order.shards(e, a, b)}
 
     def remaining(self, slot: int, g: int, base: dict[int, Intervals]) -> tuple[np.ndarray, np.ndarray]:
         """(epochs, positions) of the slot's g-th group not in the base, in the group's merge order."""
         runs = []
-        for e, i in self.group(slot, g):
-            if not self.exhausted(e):
-                p = np.arange(*self.unit_range(e, i), dtype=np.int64)
-                runs.append((e, p[~base[e].contains(p)] if e in base else p))
+        for e, a, b in self.group_ranges(slot, g):
+            p = np.arange(a, b, dtype=np.int64)
+            runs.append((e, p[~base[e].contains(p)] if e in base else p))
         if not runs:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
         label = np.repeat(np.arange(len(runs)), [len(p) for _, p in runs])
@@ -240,9 +242,8 @@ class Dealing:
             i0, i1 = max(lo, e * upe) - e * upe, min(hi, (e + 1) * upe) - e * upe
             out.setdefault(e, Intervals()).add(*self.unit_range(e, i0, i1))
         for slot, (g, q) in cursors.items():
-            for e, i in (u for gg in range(gmin, g) for u in self.group(slot, gg)):
-                if not self.exhausted(e):
-                    out.setdefault(e, Intervals()).add(*self.unit_range(e, i))
+            for e, a, b in (r for gg in range(gmin, g) for r in self.group_ranges(slot, gg)):
+                out.setdefault(e, Intervals()).add(a, b)
             epochs, positions = (a[:q] for a in self.remaining(slot, g, base))
             for e in np.unique(epochs):
                 out.setdefault(int(e), Intervals()).add_positions(positions[epochs == e])

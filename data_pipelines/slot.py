@@ -32,8 +32,8 @@ class DataError(RuntimeError):
 
 @dataclasses.dataclass
 class Dataset:
-    """A shard set as one slot sees it: where, its order, how it is dealt, what is consumed."""
-    root: str  # a folder, URL prefix or pipe: template
+    """A shard set as one slot sees it: its manifest (and where it is), its order, how it is dealt,
+    what is consumed."""
     manifest: Manifest
     role: str
     weight: float
@@ -51,8 +51,7 @@ class ShardCursor:
         self.g, self.q = cursor
         self._rest: Optional[tuple] = None
         self._cache: collections.OrderedDict[int, tuple[list, Optional[str]]] = collections.OrderedDict()
-        self._capacity = ds.dealing.in_flight + 1
-        self._group_shards: set[int] = set()
+        self._group_shards = ds.dealing.group_shards(slot, self.g)  # the cache keeps these, and one more
 
     def pull(self) -> Optional[tuple[int, int]]:
         """Next (epoch, position) of this slot, or None when its epochs are done."""
@@ -60,9 +59,7 @@ class ShardCursor:
         while not dealing.group_exhausted(self.slot, self.g):
             if self._rest is None:
                 self._rest = dealing.remaining(self.slot, self.g, self.ds.base)
-                # the group's shards, and one more for a document of the packing buffer
                 self._group_shards = dealing.group_shards(self.slot, self.g)
-                self._capacity = len(self._group_shards) + 1
             epochs, positions = self._rest
             if self.q < len(positions):
                 self.q += 1
@@ -77,7 +74,9 @@ class ShardCursor:
         if shard in self._cache:
             self._cache.move_to_end(shard)
         else:
-            while len(self._cache) >= self._capacity:  # least recently used out, shards outside the group first
+            # the group's shards and one more (for a document of the packing buffer) stay; least recently
+            # used out, shards outside the group first
+            while len(self._cache) > len(self._group_shards):
                 drop = next((k for k in self._cache if k not in self._group_shards), next(iter(self._cache)))
                 del self._cache[drop]
             try:
@@ -156,7 +155,7 @@ class Slot:
             if self.oversize_run > self.cfg.max_bad_samples:
                 raise DataError(f"{self.oversize_run} documents in a row do not fit data.seq_len="
                                 f"{self.cfg.seq_len} (last: {key}, {len(doc)} tokens with latents in "
-                                f"{ds.root}); raise data.seq_len")
+                                f"{ds.manifest.root}); raise data.seq_len")
             return None
         self.oversize_run = 0
         return key, doc
@@ -182,7 +181,7 @@ class Slot:
             got = self._document(d, e, p)
             if got is None or start >= max(1, len(got[1])):
                 raise DataError(f"cannot restore buffered document {(d, e, p, start)} of dataset "
-                                f"{self.datasets[d].root}: the shards changed since the checkpoint")
+                                f"{self.datasets[d].manifest.root}: the shards changed since the checkpoint")
             self.buffer.append(Entry(d, e, p, *got, start=start))
         self._restore = []
 
