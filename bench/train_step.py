@@ -26,7 +26,7 @@ from data_pipelines.config import DataConfig, DatasetConfig  # noqa: E402
 from data_pipelines.shards import ShardSetWriter  # noqa: E402
 from model.model_config import ModelConfig  # noqa: E402
 from pretrain.config import ExperimentConfig, RunConfig, TrainConfig, WandbConfig  # noqa: E402
-from pretrain.distributed import init_distributed  # noqa: E402
+from pretrain.distributed import close_distributed, init_distributed  # noqa: E402
 from pretrain.metrics import batch_flops, peak_flops  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
 
@@ -99,6 +99,7 @@ def main() -> None:
             print(f"{kind:11s} {batch.tokens.shape[1]:6d} {dt * 1e3:9.1f} {batch.tokens.numel() / dt:10.0f} "
                   f"{mfu:7.1%}", flush=True)
             del trainer
+    close_distributed()
 
 
 if __name__ == "__main__":

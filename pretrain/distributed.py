@@ -60,6 +60,15 @@ def init_distributed() -> DistInfo:
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, control)
 
 
+def close_distributed() -> None:
+    """Destroy the process groups once every rank has reached the end of the run. Left to interpreter
+    teardown, gloo's worker threads can outlive Python and abort the process ("terminate called without
+    an active exception", SIGABRT) after the work is done. Not for an error on one rank: the others may
+    be waiting in a collective."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def all_gather_objects(obj, group=None) -> list:
     """Every rank's `obj` (picklable), gathered over `group` (gloo: CPU tensors, no GPU sync)."""
     out = [None] * torch.distributed.get_world_size()

@@ -34,8 +34,8 @@ from model.transformer import Block, UnifiedTransformer, loss_token_counts
 from pretrain import checkpoint as ckpt
 from pretrain import job_history
 from pretrain.config import ExperimentConfig
-from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any_rank, init_distributed,
-                                  sum_over_ranks)
+from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any_rank, close_distributed,
+                                  init_distributed, sum_over_ranks)
 from pretrain.ema import ShardedEMA
 from pretrain.job_history import FINISHED
 from pretrain.engine import build_engine
@@ -361,10 +361,12 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS, early_signals=()) -> Outc
     try:
         trainer = Trainer(cfg, dist, args.resume, stop_signals, early)
         code = trainer.run()
+        close_distributed()
         return Outcome(code, trainer.signals_received, trainer.step)
     except RunDirBusy as e:  # the same on every rank: said once
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)
+        close_distributed()
         return Outcome(2)
     except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one line, no traceback
         print(f"error{f' (rank {dist.rank})' if dist.world_size > 1 else ''}: {e}", file=sys.stderr)

@@ -19,7 +19,7 @@ from model.diffusion import Diffusion, assign_timesteps
 from model.layout import LatentSegment, LayoutSpec, TextSegment, layout_document, pack_rows
 from model.packed_batch import PackedBatch
 from pretrain.config import ExperimentConfig
-from pretrain.distributed import init_distributed
+from pretrain.distributed import close_distributed, init_distributed
 from pretrain.train import Trainer
 
 
@@ -71,6 +71,7 @@ def main(config: str, *args: str) -> None:
     dist = init_distributed()
     for i, (out, *extra) in enumerate(groups):
         probe(load_config(ExperimentConfig, config, common + (extra if i else [])), dist, out)
+    close_distributed()
 
 
 def probe(cfg, dist, out: str) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from model.config_system import load_config
 from pretrain.config import ExperimentConfig
-from pretrain.distributed import init_distributed
+from pretrain.distributed import close_distributed, init_distributed
 from pretrain.ema import full_fp32_state
 from pretrain.train import Trainer
 
@@ -28,6 +28,7 @@ def main(argv=None) -> int:
     ema = trainer.ema.full_state(trainer.engine, keep=dist.is_main) if trainer.ema is not None else None
     if dist.is_main:
         torch.save({"weights": weights, "ema": ema}, Path(cfg.run.dir) / "live.pt")
+    close_distributed()
     return 0
 
 
