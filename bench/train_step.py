@@ -26,7 +26,7 @@ from data_pipelines.config import DataConfig, DatasetConfig  # noqa: E402
 from data_pipelines.shards import ShardSetWriter  # noqa: E402
 from model.model_config import ModelConfig  # noqa: E402
 from pretrain.config import ExperimentConfig, RunConfig, TrainConfig, WandbConfig  # noqa: E402
-from pretrain.distributed import close_distributed, init_distributed  # noqa: E402
+from pretrain.distributed import close_distributed, exit_process, init_distributed  # noqa: E402
 from pretrain.metrics import batch_flops, peak_flops  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
 
@@ -103,4 +103,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

@@ -35,7 +35,7 @@ from pretrain import checkpoint as ckpt
 from pretrain import job_history
 from pretrain.config import ExperimentConfig
 from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any_rank, close_distributed,
-                                  init_distributed, sum_over_ranks)
+                                  exit_process, init_distributed, sum_over_ranks)
 from pretrain.ema import ShardedEMA
 from pretrain.job_history import FINISHED
 from pretrain.engine import build_engine
@@ -374,4 +374,4 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS, early_signals=()) -> Outc
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -60,4 +60,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretrain.distributed import exit_process
+    exit_process(main())

@@ -19,7 +19,7 @@ from model.diffusion import Diffusion, assign_timesteps
 from model.layout import LatentSegment, LayoutSpec, TextSegment, layout_document, pack_rows
 from model.packed_batch import PackedBatch
 from pretrain.config import ExperimentConfig
-from pretrain.distributed import close_distributed, init_distributed
+from pretrain.distributed import close_distributed, exit_process, init_distributed
 from pretrain.train import Trainer
 
 
@@ -107,4 +107,4 @@ def accumulated_in(opt) -> torch.dtype:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    exit_process(main(*sys.argv[1:]))

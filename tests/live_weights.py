@@ -3,14 +3,13 @@ does, then save what the trainer holds at its end (rank 0): RUN_DIR/live.pt = {"
 master weights, "ema": the EMA (or None)}, gathered from the live engine (DeepSpeed's
 safe_get_full_fp32_param), not read from a checkpoint. The release tests compare against it."""
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 from model.config_system import load_config
 from pretrain.config import ExperimentConfig
-from pretrain.distributed import close_distributed, init_distributed
+from pretrain.distributed import close_distributed, exit_process, init_distributed
 from pretrain.ema import full_fp32_state
 from pretrain.train import Trainer
 
@@ -33,4 +32,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -1,4 +1,7 @@
-"""Trainer parts that need no process group: configs, schedules, activation checkpointing."""
+"""Trainer parts that need no process group: configs, schedules, activation checkpointing, how a rank
+process ends."""
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from pretrain.ema import decay_at
 from pretrain.engine import param_groups
 from pretrain.metrics import batch_flops, loss_record
 from pretrain.schedule import lr_factor
+from tests.launch import REPO, env
 from tests.test_model import packed_mixed_batch, randomize, tiny
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -98,3 +102,28 @@ def test_logged_losses_are_token_weighted_and_an_absent_modality_is_absent():
     assert record == {"eval/loss": pytest.approx(0.5 * 1.03 + 0.5), "eval/lm_loss": pytest.approx(1.03),
                       "eval/diffusion_loss": 0.5}
     assert loss_record([0.0, 0.0], [0, 0], cfg) == {}
+
+
+EXITING = """
+import atexit, sys, threading, time
+from pretrain.distributed import exit_process
+log = open(sys.argv[1], "a")
+atexit.register(lambda: log.write("atexit\\n"))
+threading.Thread(target=lambda: (time.sleep(0.5), log.write("thread\\n"))).start()
+print("buffered", end="")  # a pipe: block-buffered, lost unless flushed
+exit_process(eval(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("code,status", [("3", 3), ("None", 0), ("'error: bad input'", 1)])
+def test_a_rank_process_ends_as_sys_exit_would(tmp_path, code, status):
+    """exit_process skips the interpreter teardown (where gloo's threads can abort a finished rank) but
+    keeps what a normal exit does: the status, non-daemon threads joined, atexit handlers run (they
+    close wandb and logging), buffered output and files flushed."""
+    log = tmp_path / "log"
+    r = subprocess.run([sys.executable, "-c", EXITING, str(log), code], cwd=REPO, env=env(), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == status, r.stderr
+    assert r.stdout == "buffered"
+    assert log.read_text() == "thread\natexit\n"
+    assert r.stderr.strip() == ("error: bad input" if status == 1 else "")
