@@ -26,8 +26,9 @@ from data_pipelines.config import DataConfig, DatasetConfig  # noqa: E402
 from data_pipelines.shards import ShardSetWriter  # noqa: E402
 from model.model_config import ModelConfig  # noqa: E402
 from pretrain.config import ExperimentConfig, RunConfig, TrainConfig, WandbConfig  # noqa: E402
-from pretrain.distributed import close_distributed, exit_process, init_distributed  # noqa: E402
+from pretrain.distributed import init_distributed  # noqa: E402
 from pretrain.metrics import batch_flops, peak_flops  # noqa: E402
+from pretrain.process import run_and_exit  # noqa: E402
 from pretrain.train import Trainer  # noqa: E402
 
 PRESETS = {  # model, rows per micro-batch, tokens per (latent copy of a) row, acdit block
@@ -99,8 +100,7 @@ def main() -> None:
             print(f"{kind:11s} {batch.tokens.shape[1]:6d} {dt * 1e3:9.1f} {batch.tokens.numel() / dt:10.0f} "
                   f"{mfu:7.1%}", flush=True)
             del trainer
-    close_distributed()
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_and_exit(main)

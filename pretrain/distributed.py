@@ -2,15 +2,9 @@
 one task per GPU through slurm.submit / slurm/train.sbatch, or one task per node running torchrun)."""
 from __future__ import annotations
 
-import atexit
 import dataclasses
-import gc
-import io
 import os
 import socket
-import sys
-import threading
-from typing import NoReturn
 
 import torch
 
@@ -64,39 +58,6 @@ def init_distributed() -> DistInfo:
     # Host-side agreement (stop on a signal?) goes through gloo so that it never waits on the GPU stream.
     control = torch.distributed.new_group(backend="gloo") if cuda else None
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, control)
-
-
-def close_distributed() -> None:
-    """Destroy the process groups once every rank has reached the end of the run, as torch asks of a
-    program (then end the process with `exit_process`). Not after an error on one rank: the others
-    may be waiting in a collective."""
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
-
-def exit_process(code=0) -> NoReturn:
-    """End a rank's process as `sys.exit(code)` would, but without the interpreter's teardown:
-    non-daemon threads are joined, atexit handlers run (wandb, logging, DataLoader and compile
-    workers) and open files are flushed, as at a normal exit; then os._exit.
-    Why: a gloo worker thread releases a collective's tensors a moment after the collective returns,
-    which takes the GIL. If Python is finalizing by then, the thread is ended inside a noexcept
-    destructor and the finished rank aborts ("terminate called without an active exception",
-    SIGABRT; pytorch/pytorch#190489, torch 2.13), so the launcher reports a failed run. Seen on 2-3
-    CPU ranks under load, right after the last collective."""
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):  # sys.exit("message"): printed, status 1
-        print(code, file=sys.stderr)
-        code = 1
-    threading._shutdown()  # what interpreter exit does first: wait for non-daemon threads
-    atexit._run_exitfuncs()
-    writers = (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)  # open files: teardown flushes them
-    for f in [*(f for f in gc.get_objects() if issubclass(type(f), writers)), sys.stdout, sys.stderr]:
-        try:
-            f.flush()
-        except (OSError, ValueError):  # closed, not writable, or a pipe whose reader is gone
-            pass
-    os._exit(code)
 
 
 def all_gather_objects(obj, group=None) -> list:

@@ -34,10 +34,11 @@ from model.transformer import Block, UnifiedTransformer, loss_token_counts
 from pretrain import checkpoint as ckpt
 from pretrain import job_history
 from pretrain.config import ExperimentConfig
-from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any_rank, close_distributed,
-                                  exit_process, init_distributed, sum_over_ranks)
+from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any_rank, init_distributed,
+                                  sum_over_ranks)
 from pretrain.ema import ShardedEMA
 from pretrain.job_history import FINISHED
+from pretrain.process import run_and_exit
 from pretrain.engine import build_engine
 from pretrain.eval_samples import EvalSampler
 from pretrain.metrics import RunLogger, batch_flops, loss_record, peak_flops
@@ -361,12 +362,10 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS, early_signals=()) -> Outc
     try:
         trainer = Trainer(cfg, dist, args.resume, stop_signals, early)
         code = trainer.run()
-        close_distributed()
         return Outcome(code, trainer.signals_received, trainer.step)
     except RunDirBusy as e:  # the same on every rank: said once
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)
-        close_distributed()
         return Outcome(2)
     except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one line, no traceback
         print(f"error{f' (rank {dist.rank})' if dist.world_size > 1 else ''}: {e}", file=sys.stderr)
@@ -374,4 +373,4 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS, early_signals=()) -> Outc
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_and_exit(main)

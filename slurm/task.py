@@ -19,6 +19,7 @@ import signal
 import sys
 
 from model.config_system import ConfigError, load_config
+from pretrain.process import run_and_exit
 
 
 def export_distributed_environment() -> None:
@@ -60,5 +61,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from pretrain.distributed import exit_process
-    exit_process(main())
+    run_and_exit(main)

@@ -19,7 +19,8 @@ from model.diffusion import Diffusion, assign_timesteps
 from model.layout import LatentSegment, LayoutSpec, TextSegment, layout_document, pack_rows
 from model.packed_batch import PackedBatch
 from pretrain.config import ExperimentConfig
-from pretrain.distributed import close_distributed, exit_process, init_distributed
+from pretrain.distributed import init_distributed
+from pretrain.process import run_and_exit
 from pretrain.train import Trainer
 
 
@@ -71,7 +72,6 @@ def main(config: str, *args: str) -> None:
     dist = init_distributed()
     for i, (out, *extra) in enumerate(groups):
         probe(load_config(ExperimentConfig, config, common + (extra if i else [])), dist, out)
-    close_distributed()
 
 
 def probe(cfg, dist, out: str) -> None:
@@ -107,4 +107,4 @@ def accumulated_in(opt) -> torch.dtype:
 
 
 if __name__ == "__main__":
-    exit_process(main(*sys.argv[1:]))
+    run_and_exit(lambda: main(*sys.argv[1:]))

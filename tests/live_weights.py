@@ -9,8 +9,9 @@ import torch
 
 from model.config_system import load_config
 from pretrain.config import ExperimentConfig
-from pretrain.distributed import close_distributed, exit_process, init_distributed
+from pretrain.distributed import init_distributed
 from pretrain.ema import full_fp32_state
+from pretrain.process import run_and_exit
 from pretrain.train import Trainer
 
 
@@ -27,9 +28,8 @@ def main(argv=None) -> int:
     ema = trainer.ema.full_state(trainer.engine, keep=dist.is_main) if trainer.ema is not None else None
     if dist.is_main:
         torch.save({"weights": weights, "ema": ema}, Path(cfg.run.dir) / "live.pt")
-    close_distributed()
     return 0
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    run_and_exit(main)

@@ -1,5 +1,6 @@
 """Trainer parts that need no process group: configs, schedules, activation checkpointing, how a rank
 process ends."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -104,26 +105,48 @@ def test_logged_losses_are_token_weighted_and_an_absent_modality_is_absent():
     assert loss_record([0.0, 0.0], [0, 0], cfg) == {}
 
 
+
 EXITING = """
-import atexit, sys, threading, time
-from pretrain.distributed import exit_process
-log = open(sys.argv[1], "a")
+import atexit, ctypes, os, sys, threading, time
+
+class Teardown:
+    def __del__(self):
+        os.write(2, b"teardown")
+
+sys.modules["probe"] = type(sys)("probe")
+sys.modules["probe"].kept = Teardown()  # a module's global: deleted in the interpreter's teardown
+log = open(os.environ["EXIT_LOG"], "a")
 atexit.register(lambda: log.write("atexit\\n"))
-threading.Thread(target=lambda: (time.sleep(0.5), log.write("thread\\n"))).start()
-print("buffered", end="")  # a pipe: block-buffered, lost unless flushed
-exit_process(eval(sys.argv[2]))
+
+def main():
+    threading.Thread(target=lambda: (time.sleep(0.5), log.write("thread\\n"))).start()
+    print("py")  # to a pipe: block-buffered, lost unless flushed
+    ctypes.CDLL(None).printf(b"c\\n")  # C stdio: likewise
+    {body}
 """
 
 
-@pytest.mark.parametrize("code,status", [("3", 3), ("None", 0), ("'error: bad input'", 1)])
-def test_a_rank_process_ends_as_sys_exit_would(tmp_path, code, status):
-    """exit_process skips the interpreter teardown (where gloo's threads can abort a finished rank) but
-    keeps what a normal exit does: the status, non-daemon threads joined, atexit handlers run (they
-    close wandb and logging), buffered output and files flushed."""
-    log = tmp_path / "log"
-    r = subprocess.run([sys.executable, "-c", EXITING, str(log), code], cwd=REPO, env=env(), capture_output=True,
-                       text=True, timeout=60)
-    assert r.returncode == status, r.stderr
-    assert r.stdout == "buffered"
-    assert log.read_text() == "thread\natexit\n"
-    assert r.stderr.strip() == ("error: bad input" if status == 1 else "")
+@pytest.mark.parametrize("body,status,error", [("return 3", (3, 0), ""), ("sys.exit(-1)", (255, 255), ""),
+                                               ("sys.exit('error: bad input')", (1, 1), "error: bad input"),
+                                               ("raise RuntimeError('boom')", (1, 1), "RuntimeError: boom")])
+@pytest.mark.parametrize("launch", ["run_and_exit", "slurm.boot"])
+def test_a_rank_process_ends_as_a_normal_exit_would_without_the_teardown(tmp_path, launch, body, status, error):
+    """How pretrain.train, slurm.task and submitit tasks (through slurm.boot, which runs submitit's
+    module, whose requeue exits -1) end: the teardown, where gloo's threads can abort a finished rank,
+    is skipped; the status, traceback, joined threads, atexit handlers and flushed output are as with
+    a normal exit."""
+    code = EXITING.replace("{body}", body)
+    if launch == "run_and_exit":
+        cmd = [sys.executable, "-c", code + "from pretrain.process import run_and_exit\nrun_and_exit(main)\n"]
+    else:  # submitit's module raises or returns; slurm.boot ends the process
+        (tmp_path / "exiting.py").write_text(code + "main()\n")
+        cmd = [sys.executable, "-m", "slurm.boot", "-u", "-m", "exiting"]
+    e = env(EXIT_LOG=str(tmp_path / "log"))
+    e["PYTHONPATH"] += os.pathsep + str(tmp_path)
+    e.pop("PYTHONUNBUFFERED", None)
+    r = subprocess.run(cmd, cwd=REPO, env=e, capture_output=True, text=True, timeout=120)
+    assert r.returncode == status[launch == "slurm.boot"], r.stderr
+    assert sorted(r.stdout.splitlines()) == ["c", "py"]  # two buffers: either may be flushed first
+    assert (tmp_path / "log").read_text() == "thread\natexit\n"
+    assert "teardown" not in r.stderr
+    assert (r.stderr.strip().splitlines() or [""])[-1] == error
