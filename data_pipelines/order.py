@@ -69,9 +69,6 @@ class Intervals:
         self.add_ranges(zip(p[np.r_[0, cut]].tolist(), (p[np.r_[cut - 1, len(p) - 1]] + 1).tolist())
                         if len(p) else ())
 
-    def remove(self, p: int) -> None:
-        self.remove_positions([p])
-
     def remove_positions(self, positions: Iterable[int]) -> None:
         """Take out every listed position (one pass over the ranges)."""
         cuts = sorted(set(positions))
@@ -216,7 +213,8 @@ class Dealing:
         label = np.repeat(np.arange(len(runs)), [len(p) for _, p in runs])
         if self.order.shuffle:
             first = self.first_epoch * self.units_per_epoch + slot + g * self.in_flight * self.slots
-            label = np.random.default_rng([self.order.seed, MERGE, self.slots, self.in_flight, first]).permutation(label)
+            rng = np.random.default_rng([self.order.seed, MERGE, self.slots, self.in_flight, first])
+            label = rng.permutation(label)
         else:  # round robin
             rank = np.concatenate([np.arange(len(p)) for _, p in runs])
             label = label[np.lexsort((label, rank))]

@@ -59,12 +59,12 @@ class ShardCursor:
         while not dealing.group_exhausted(self.slot, self.g):
             if self._rest is None:
                 self._rest = dealing.remaining(self.slot, self.g, self.ds.base)
-                self._group_shards = dealing.group_shards(self.slot, self.g)
             epochs, positions = self._rest
             if self.q < len(positions):
                 self.q += 1
                 return int(epochs[self.q - 1]), int(positions[self.q - 1])
             self.g, self.q, self._rest = self.g + 1, 0, None
+            self._group_shards = dealing.group_shards(self.slot, self.g)
         return None
 
     def fetch(self, e: int, p: int) -> tuple[str, list[dict]]:

@@ -11,7 +11,7 @@ def test_intervals_add_remove_contains():
     for a, b in [(5, 7), (0, 2), (2, 5), (9, 10)]:
         iv.add(a, b)
     assert iv.to_list() == [[0, 7], [9, 10]]
-    iv.remove(3)
+    iv.remove_positions([3])
     assert iv.to_list() == [[0, 3], [4, 7], [9, 10]]
     assert 2 in iv and 3 not in iv and 9 in iv and 10 not in iv
     assert iv.count() == 7 and not iv.covers(10)

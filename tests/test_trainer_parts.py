@@ -105,7 +105,6 @@ def test_logged_losses_are_token_weighted_and_an_absent_modality_is_absent():
     assert loss_record([0.0, 0.0], [0, 0], cfg) == {}
 
 
-
 EXITING = """
 import atexit, ctypes, os, sys, threading, time
 
