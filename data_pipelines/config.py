@@ -10,7 +10,7 @@ from model.config_system import Config, ConfigError, knob
 @dataclasses.dataclass
 class DatasetConfig(Config):
     path: str = knob("", "shard set holding manifest.json (data_pipelines.write_shards): a folder, an http(s):// "
-                         "URL prefix, or a pipe: command with {shard} for the file name (data_pipelines.remote)")
+                         "URL prefix, or a pipe: command with {shard} for the file name (data_pipelines.transport)")
     weight: float = knob(1.0, "mixture weight (normalised over the datasets)")
     role: Literal["generate", "context", "both"] = knob(
         "generate", "layout of latents: generate (noised, diffusion loss), context (clean), both")
@@ -32,10 +32,18 @@ class DataConfig(Config):
     pack_buffer: int = knob(32, "documents held to choose from when filling a row (first fit)")
     caption_dropout: float = knob(0.1, "probability of dropping the caption of a generated latent (CFG)")
     max_bad_samples: int = knob(100, "corrupt samples skipped per reader before a DataError")
-    max_shard_bytes: int = knob(2 * 10**9, "largest remote shard a reader holds in memory (an error beyond); "
-                                               "a reader holds its group's shards + 1 per dataset")
-    read_retries: int = knob(5, "retries of a failed or damaged remote read (backoff doubling), then a DataError")
-    retry_backoff: float = knob(0.5, "seconds before the first retry of a remote read")
+    max_shard_bytes: int = knob(2 * 10**9, "largest remote shard a reader downloads (refused beyond, not retried); "
+                                               "it waits in a spill file on disk, not in memory")
+    spill_dir: str = knob("", "folder of the spill files of downloaded shards ('' = $TMPDIR or /tmp); each reader "
+                              "holds its group's shards + 1 per dataset there, unnamed, gone when it ends")
+    read_timeout: float = knob(60.0, "seconds a remote read may go without a byte (or below min_read_speed) "
+                                     "before it is aborted and retried")
+    min_read_speed: float = knob(65536.0, "bytes/s a remote transfer must keep over each read_timeout window "
+                                          "(0 = any byte is progress)")
+    retry_budget: float = knob(600.0, "seconds from a remote read's first failure until it gives up (a DataError); "
+                                      "keep it below the process-group timeout")
+    retry_backoff: float = knob(0.5, "seconds before the first retry of a remote read (doubling, jittered)")
+    retry_backoff_max: float = knob(30.0, "cap of the retry backoff, seconds")
     shards_in_flight: int = knob(4, "shards each reader slot reads at once, interleaved in a seeded order (with fewer "
                                     "than slots x this shards, the epoch is cut into slots x this slices instead)")
     num_epochs: int = knob(0, "passes over each dataset; 0 = endless")
@@ -47,5 +55,11 @@ class DataConfig(Config):
             raise ConfigError(f"seq_len: must be > 8, got {self.seq_len}")
         if self.shards_in_flight < 1:
             raise ConfigError(f"shards_in_flight: must be >= 1, got {self.shards_in_flight}")
+        for key in ("read_timeout", "retry_backoff", "retry_backoff_max"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key}: must be positive, got {getattr(self, key)}")
+        for key in ("retry_budget", "min_read_speed"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout: must be in [0, 1], got {self.caption_dropout}")

@@ -14,8 +14,13 @@ dataset fingerprints differ from the shards on disk is refused.
 """
 from __future__ import annotations
 
+import atexit
+import functools
 import logging
+import multiprocessing
+import os
 import signal
+import time
 from typing import Iterator, Optional
 
 import torch
@@ -24,22 +29,80 @@ from data_pipelines.config import DataConfig, DatasetConfig
 from data_pipelines.order import Dealing, DatasetOrder
 from data_pipelines.shards import load_manifest
 from data_pipelines.slot import DataError, Dataset, Slot, base_from_json, base_to_json, unstarted_state
+from data_pipelines.transport.policy import ReadPolicy, ReadStats
+from data_pipelines.transport.sources import die_with_parent
 from model.diffusion import Diffusion
 from model.layout import LayoutSpec
 
 STATE_VERSION = 2  # 2: cursors count groups of data.shards_in_flight units
+COUNTERS = ("bad", "oversize", *ReadStats.FIELDS)  # summed over slots by `counters()`
 log = logging.getLogger(__name__)
 
 
-def _ignore_stop_signals(_worker_id: int) -> None:
-    """DataLoader worker init: leave SIGTERM/SIGUSR1/SIGUSR2 to the rank, which checkpoints and then stops
-    the workers (Slurm signals every process of a job step, workers included)."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):  # USR2: submitit's time-limit signal
+class WorkerFailed:
+    """What a slot hands out instead of a batch when its data cannot be read: the DataError's one line
+    (raised again in the rank's main process, which then ends the workers)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _init_worker(stop, parent: int, _worker_id: int) -> None:
+    """DataLoader worker init. The worker dies with its rank (prctl), and leaves SIGUSR1/SIGUSR2 and
+    Slurm's SIGTERM to the rank, which checkpoints and then stops the workers (Slurm signals every
+    process of a job step, workers included); a SIGTERM of the loader's own shutdown (`stop` set) ends
+    it at once, even in the middle of a read."""
+    die_with_parent()
+    if os.getppid() != parent:  # the rank died before the line above
+        os._exit(1)
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):  # USR2: submitit's time-limit signal
         signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, functools.partial(_worker_sigterm, stop))
+
+
+def _worker_sigterm(stop, _signum, _frame) -> None:
+    if stop.is_set():
+        os._exit(0)
+
+
+_RUNNING: dict[int, tuple] = {}  # id -> (DataLoader iterator, stop event) of this process's live workers
+
+
+def _end_workers(iterator, stop, graceful: bool, grace_s: float = 5.0) -> None:
+    """End a DataLoader iterator's workers, however they are doing. graceful: torch's own shutdown first
+    (workers between batches finish and exit); else (an error, the process exiting) at once. Then
+    SIGTERM (which `stop` makes a worker obey) and, after `grace_s`, SIGKILL."""
+    _RUNNING.pop(id(iterator), None)
+    stop.set()
+    workers = list(getattr(iterator, "_workers", []))
+    if graceful:
+        iterator._shutdown_workers()
+    elif not getattr(iterator, "_shutdown", True):  # torch internals (torch pinned): what its shutdown does
+        iterator._shutdown = True
+        if iterator._worker_pids_set:
+            torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
+            iterator._worker_pids_set = False
+        for q in iterator._index_queues:
+            q.cancel_join_thread()
+    for w in workers:
+        if w.is_alive():
+            os.kill(w.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for w in workers:
+        w.join(max(0.0, deadline - time.monotonic()))
+        if w.is_alive():
+            os.kill(w.pid, signal.SIGKILL)
+            w.join()
+
+
+@atexit.register  # registered after torch's and multiprocessing's, so it runs before them: their exit
+def _end_all_workers() -> None:  # handlers skip or hang on workers that ignore SIGTERM
+    for iterator, stop in list(_RUNNING.values()):
+        _end_workers(iterator, stop, graceful=False)
 
 
 class _SlotStream(torch.utils.data.IterableDataset):
-    """Runs, in DataLoader worker w, the slot self.assignment[w]."""
+    """Runs, in DataLoader worker w, the slot self.assignment[w]; a DataError ends it with a WorkerFailed."""
 
     def __init__(self, loader: "PackedLoader", assignment: list[int]):
         self.loader, self.assignment = loader, assignment
@@ -49,7 +112,10 @@ class _SlotStream(torch.utils.data.IterableDataset):
         if info is not None:
             torch.set_num_threads(1)
         slot = self.assignment[info.id if info is not None else 0]
-        return iter(self.loader.make_slot(slot))
+        try:
+            yield from self.loader.make_slot(slot)
+        except DataError as e:
+            yield WorkerFailed(str(e))
 
 
 class PackedLoader:
@@ -65,7 +131,7 @@ class PackedLoader:
         self.entries = list(cfg.datasets if datasets is None else datasets)
         if not self.entries:
             raise DataError("data.datasets: no dataset configured")
-        self.manifests = [load_manifest(e.path, cfg.read_retries, cfg.retry_backoff) for e in self.entries]
+        self.manifests = [load_manifest(e.path, ReadPolicy.from_config(cfg)) for e in self.entries]
         for e, m in zip(self.entries, self.manifests):
             if m.latent_channels != model_cfg.latent_channels:
                 raise DataError(f"{e.path}: latents have {m.latent_channels} channels, "
@@ -107,21 +173,44 @@ class PackedLoader:
                     self.slot_states.get(slot))
 
     def __iter__(self) -> Iterator:
+        """Batches of this rank's slots (round robin over its workers). A DataError in a worker is raised
+        here, once its workers are ended; so is any other failure of the DataLoader."""
         # Workers are filled in round-robin order; give worker 0 the slot that is due next.
         slots = sorted(self.own_slots(), key=lambda j: (self.slot_states.get(j, {}).get("batches", 0), j))
         stream = _SlotStream(self, slots)
         if self.cfg.num_workers == 0:
-            items = iter(self.make_slot(slots[0]))
-        else:
-            items = iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.workers,
-                                                     prefetch_factor=2, persistent_workers=False,
-                                                     pin_memory=torch.cuda.is_available(),
-                                                     worker_init_fn=_ignore_stop_signals))
-        for batch, state, keys in items:
+            yield from self._hand_out(iter(stream))
+            return
+        context = multiprocessing.get_context()
+        stop = context.Event()
+        items = iter(torch.utils.data.DataLoader(
+            stream, batch_size=None, num_workers=self.workers, prefetch_factor=2, persistent_workers=False,
+            pin_memory=torch.cuda.is_available(), multiprocessing_context=context,
+            worker_init_fn=functools.partial(_init_worker, stop, os.getpid())))
+        _RUNNING[id(items)] = (items, stop)
+        graceful = False
+        try:
+            yield from self._hand_out(items)
+            graceful = True
+        except GeneratorExit:  # the consumer is done with the batches
+            graceful = True
+            raise
+        finally:
+            _end_workers(items, stop, graceful)
+
+    def _hand_out(self, items) -> Iterator:
+        for item in items:
+            if isinstance(item, WorkerFailed):
+                raise DataError(item.message)
+            batch, state, keys = item
             self.slot_states[state["slot"]] = state
             self.last_keys = keys
             self.last_position = (state["slot"], state["batches"] - 1)  # which slot, its how-many-th batch
             yield batch
+
+    def counters(self) -> dict[str, int]:
+        """Skipped samples and remote-read retries, stalls and resumes of this rank's slots so far."""
+        return {k: sum(int(s.get(k, 0)) for s in self.slot_states.values()) for k in COUNTERS}
 
     # ---- state ---------------------------------------------------------------------------
     def fingerprints(self) -> list[str]:

@@ -9,20 +9,22 @@ owner of that format: others read a manifest as a `Manifest` (`load_manifest`).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import os
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from data_pipelines import remote
+from data_pipelines.tar_index import TarShard
+from data_pipelines.transport.fetch import download, download_bytes, spill_file
+from data_pipelines.transport.locations import is_remote, location
+from data_pipelines.transport.policy import ReadPolicy, ReadStats, RemoteError
 
 MANIFEST = "manifest.json"
 FORMAT = "monofusion-shards/1"
@@ -68,8 +70,8 @@ class Manifest:
         return [s.samples for s in self.shards]
 
     def shard_path(self, index: int) -> str:
-        """Where shard `index` is: a local path, a URL or a pipe: command (data_pipelines.remote)."""
-        return remote.location(self.root, self.shards[index].name)
+        """Where shard `index` is: a local path, a URL or a pipe: command (data_pipelines.transport)."""
+        return location(self.root, self.shards[index].name)
 
 
 class BadSample(ValueError):
@@ -148,15 +150,20 @@ def fingerprint(manifest: dict, with_locations: bool = False) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def load_manifest(directory: str | Path, retries: int = 5, backoff: float = 0.5) -> Manifest:
-    """The manifest of a shard set (a folder, URL prefix or pipe: template, data_pipelines.remote),
+MANIFEST_MAX_BYTES = 1 << 30
+
+
+def load_manifest(directory: str | Path, policy: Optional[ReadPolicy] = None) -> Manifest:
+    """The manifest of a shard set (a folder, URL prefix or pipe: template, data_pipelines.transport),
     checked (format, fingerprint); one-line errors naming the file."""
-    path = remote.location(str(directory), MANIFEST)
-    if not remote.is_remote(str(directory)) and not Path(path).is_file():
+    path = location(str(directory), MANIFEST)
+    if not is_remote(str(directory)) and not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no shard manifest (write shards with data_pipelines.write_shards)")
+    policy = dataclasses.replace(policy or ReadPolicy(), max_bytes=MANIFEST_MAX_BYTES)
     try:
-        manifest = json.loads(remote.read_bytes(path, retries=retries, backoff=backoff))
-    except remote.RemoteError as e:
+        raw = download_bytes(path, policy) if is_remote(str(directory)) else Path(path).read_bytes()
+        manifest = json.loads(raw)
+    except RemoteError as e:
         raise FileNotFoundError(str(e)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
@@ -167,36 +174,23 @@ def load_manifest(directory: str | Path, retries: int = 5, backoff: float = 0.5)
     return Manifest.from_json(directory, manifest)
 
 
-def read_shard(path: str | Path, data: Optional[bytes] = None) -> tuple[list[tuple[str, dict]], Optional[str]]:
-    """All samples of a shard as (key, {extension: bytes}), in stored order, and the read
-    error that stopped reading early (truncated or corrupt tar), if any. `data`: the shard's
-    bytes, already read (remote.read_bytes), else the local file `path` is read."""
-    errors: list[str] = []
-
-    def handler(exn: Exception) -> bool:
-        errors.append(f"{type(exn).__name__}: {exn}")
-        return False
-
-    samples = []
-    try:
-        with (io.BytesIO(data) if data is not None else open(path, "rb")) as f:
-            files = (dict(item, __url__=str(path)) for item in tar_file_iterator(f, handler=handler))
-            for s in group_by_keys(files, handler=handler):
-                samples.append((s["__key__"], {k: v for k, v in s.items() if not k.startswith("__")}))
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-        errors.append(f"{type(e).__name__}: {e}")
-    return samples, (errors[0] if errors else None)
-
-
-def fetch_shard(manifest: Manifest, index: int, max_bytes: int = 0, retries: int = 5,
-                backoff: float = 0.5) -> tuple[list[tuple[str, dict]], Optional[str]]:
-    """read_shard of shard `index` wherever it is: a remote one is read whole (at most `max_bytes`),
-    retried when a read fails or its bytes do not match the manifest's sha256 (remote.read_bytes)."""
+def open_shard(manifest: Manifest, index: int, policy: Optional[ReadPolicy] = None,
+               stats: Optional[ReadStats] = None) -> TarShard:
+    """Shard `index` of a shard set, indexed (close it when done). A local shard is read in place; a
+    remote one is downloaded once into a spill file (data_pipelines.transport.fetch: retried, resumed,
+    checked against the manifest's sha256 — a mismatch is a ChecksumError, never a shard to read).
+    FileNotFoundError for a missing local shard, RemoteError, TooLarge."""
     where = manifest.shard_path(index)
-    if not remote.is_remote(manifest.root):
-        return read_shard(where)
-    data = remote.read_bytes(where, max_bytes, retries, backoff, sha256=manifest.shards[index].sha256 or None)
-    return read_shard(where, data)
+    if not is_remote(manifest.root):
+        return TarShard(open(where, "rb"), where)
+    policy = policy or ReadPolicy()
+    spill = spill_file(policy)
+    try:
+        download(where, spill, policy, stats, sha256=manifest.shards[index].sha256 or None)
+        return TarShard(spill, where)
+    except BaseException:
+        spill.close()
+        raise
 
 
 def decode_sample(key: str, files: dict, where: str) -> list[dict]:
@@ -230,9 +224,12 @@ def iter_shard_documents(directory: str | Path) -> Iterator[tuple[str, list[dict
     """(key, segments) of every sample of a shard set in stored order (for inspection/tests)."""
     manifest = load_manifest(directory)
     for i in range(len(manifest.shards)):
-        where = manifest.shard_path(i)
-        samples, error = fetch_shard(manifest, i)
-        if error:
-            raise BadSample(f"{where}: {error}")
-        for key, files in samples:
-            yield key, decode_sample(key, files, where)
+        shard = open_shard(manifest, i)
+        try:
+            if shard.error:
+                raise BadSample(f"{shard.name}: {shard.error}")
+            for j in range(len(shard)):
+                key, files = shard.sample(j)
+                yield key, decode_sample(key, files, shard.name)
+        finally:
+            shard.close()

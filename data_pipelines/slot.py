@@ -16,8 +16,9 @@ from typing import Iterator, Optional, Union
 from data_pipelines.config import DataConfig
 from data_pipelines.documents import best_fit, build_document, stateless_uniform, text_chunk, timestep_generator
 from data_pipelines.order import Dealing, DatasetOrder, Intervals
-from data_pipelines import remote
-from data_pipelines.shards import BadSample, Manifest, decode_sample, fetch_shard
+from data_pipelines.shards import BadSample, Manifest, decode_sample, open_shard
+from data_pipelines.tar_index import TarShard
+from data_pipelines.transport.policy import ReadPolicy, ReadStats, RemoteError, TooLarge
 from model.diffusion import Diffusion, assign_timesteps
 from model.layout import DocLayout, LayoutSpec, pack_rows
 
@@ -46,11 +47,12 @@ class Dataset:
 class ShardCursor:
     """Pulls a slot's positions of one dataset in order (group by group) and fetches their samples."""
 
-    def __init__(self, ds: Dataset, slot: int, cfg: DataConfig, cursor: tuple[int, int] = (0, 0)):
-        self.ds, self.slot, self.cfg = ds, slot, cfg
+    def __init__(self, ds: Dataset, slot: int, cfg: DataConfig, stats: ReadStats, cursor: tuple[int, int] = (0, 0)):
+        self.ds, self.slot, self.cfg, self.stats = ds, slot, cfg, stats
+        self.policy = ReadPolicy.from_config(cfg)
         self.g, self.q = cursor
         self._rest: Optional[tuple] = None
-        self._cache: collections.OrderedDict[int, tuple[list, Optional[str]]] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[int, TarShard] = collections.OrderedDict()
         self._group_shards = ds.dealing.group_shards(slot, self.g)  # the cache keeps these, and one more
 
     def pull(self) -> Optional[tuple[int, int]]:
@@ -68,9 +70,9 @@ class ShardCursor:
         return None
 
     def fetch(self, e: int, p: int) -> tuple[str, list[dict]]:
-        """(key, decoded segments) of position p of epoch e; BadSample names shard and key."""
+        """(key, decoded segments) of position p of epoch e; BadSample names shard and key; DataError
+        for a shard that cannot be read (missing, unreachable, too large, not matching its sha256)."""
         shard, index = self.ds.order.locate(e, p)
-        where = self.ds.manifest.shard_path(shard)
         if shard in self._cache:
             self._cache.move_to_end(shard)
         else:
@@ -78,17 +80,22 @@ class ShardCursor:
             # used out, shards outside the group first
             while len(self._cache) > len(self._group_shards):
                 drop = next((k for k in self._cache if k not in self._group_shards), next(iter(self._cache)))
-                del self._cache[drop]
+                self._cache.pop(drop).close()
             try:
-                self._cache[shard] = fetch_shard(self.ds.manifest, shard, self.cfg.max_shard_bytes,
-                                                 self.cfg.read_retries, self.cfg.retry_backoff)
-            except (remote.RemoteError, ValueError) as e:
-                raise DataError(str(e)) from None
-        samples, error = self._cache[shard]
-        if index >= len(samples):
-            raise BadSample(f"{where}: sample {index} unreadable ({error or 'missing'})")
-        key, files = samples[index]
-        return key, decode_sample(key, files, where)
+                self._cache[shard] = open_shard(self.ds.manifest, shard, self.policy, self.stats)
+            except (RemoteError, TooLarge) as err:
+                raise DataError(str(err)) from None
+            except OSError as err:
+                raise DataError(f"{self.ds.manifest.shard_path(shard)}: {err.strerror or err}") from None
+        tar = self._cache[shard]
+        if index >= len(tar):
+            raise BadSample(f"{tar.name}: sample {index} unreadable ({tar.error or 'missing'})")
+        key, files = tar.sample(index)
+        return key, decode_sample(key, files, tar.name)
+
+    def close(self) -> None:
+        while self._cache:
+            self._cache.popitem()[1].close()
 
 
 @dataclasses.dataclass
@@ -122,14 +129,15 @@ class Slot:
         self.oversize = state.get("oversize", 0)
         self.oversize_run = 0  # consecutive oversize skips: a dataset of nothing else must not spin forever
         self.done = list(state.get("done", [False] * len(datasets)))
+        self.reads = ReadStats.from_state(state)
         cursors = state.get("cursors", [[0, 0]] * len(datasets))
-        self.cursors = [ShardCursor(ds, slot, cfg, tuple(c)) for ds, c in zip(datasets, cursors)]
+        self.cursors = [ShardCursor(ds, slot, cfg, self.reads, tuple(c)) for ds, c in zip(datasets, cursors)]
         self.buffer: list[Entry] = []
         self._restore = state.get("buffer", [])
 
     def state(self) -> dict:
         return {"slot": self.slot, "batches": self.batches, "mix": self.mix, "bad": self.bad,
-                "oversize": self.oversize, "done": list(self.done),
+                "oversize": self.oversize, **self.reads.to_state(), "done": list(self.done),
                 "cursors": [[c.g, c.q] for c in self.cursors],
                 "buffer": [[x.dataset, x.epoch, x.position, x.start] for x in self.buffer]}
 
@@ -205,6 +213,13 @@ class Slot:
 
     def __iter__(self) -> Iterator[tuple]:
         """Yields (PackedBatch, slot state after it, keys of the documents in it)."""
+        try:
+            yield from self._batches()
+        finally:
+            for cursor in self.cursors:
+                cursor.close()
+
+    def _batches(self) -> Iterator[tuple]:
         self._restore_buffer()
         while True:
             rows, keys = [], []
@@ -227,7 +242,8 @@ class Slot:
 
 def unstarted_state(slot: int, num_datasets: int) -> dict:
     """The state of a slot that has handed out no batch: at the start of its share (cursors (0, 0))."""
-    return {"slot": slot, "batches": 0, "mix": 0, "bad": 0, "oversize": 0, "done": [False] * num_datasets,
+    return {"slot": slot, "batches": 0, "mix": 0, "bad": 0, "oversize": 0, **ReadStats().to_state(),
+            "done": [False] * num_datasets,
             "cursors": [[0, 0]] * num_datasets, "buffer": []}
 
 

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from data_pipelines.documents import stateless_uniform
-from data_pipelines.loader import PackedLoader
+from data_pipelines.loader import COUNTERS, PackedLoader
 from data_pipelines.slot import DataError
 from model.config_system import ConfigError, load_config
 from model.diffusion import row_noise
@@ -53,6 +53,10 @@ def noise_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(stateless_uniform(*keys) * 2 ** 62))
 
 
+class PeerFailed(DataError):
+    """Another rank could not read its data (it says why); this rank stops with it."""
+
+
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, dist: DistInfo, resume: str = "auto", stop_signals=STOP_SIGNALS,
                  early_signals: Optional[list] = None):
@@ -65,8 +69,13 @@ class Trainer:
         if self.resume_from is not None:
             ckpt.check_model_matches(*self.resume_from, cfg.model)
         universal = self.resume_from is not None and ckpt.is_universal(*self.resume_from)
-        # data and sampling inputs first: a missing file stops the run before the engine is built
-        self.loader = PackedLoader(cfg.data, cfg.model, t.micro_batch_size, dist.rank, dist.world_size)
+        # data and sampling inputs first: a missing file stops the run (every rank) before the engine is built
+        self.loader, error = None, None
+        try:
+            self.loader = PackedLoader(cfg.data, cfg.model, t.micro_batch_size, dist.rank, dist.world_size)
+        except (DataError, FileNotFoundError, ValueError) as e:
+            error = e
+        self.stop_if_any_failed(error)
         self.eval_sampler = EvalSampler(cfg, self.loader.manifests, dist.is_main)
         torch.manual_seed(cfg.run.seed)
         model = UnifiedTransformer(cfg.model)
@@ -141,10 +150,37 @@ class Trainer:
             self.stop_signal = signum
 
     # ---- steps ---------------------------------------------------------------------------
-    def step_token_counts(self, micro: list) -> list[int]:
-        """[ranks whose data ended, text targets, latent loss tokens] of this optimizer step, summed
-        over every micro-batch of every rank (one all-reduce on CPU tensors: no GPU sync)."""
-        local = [int(len(micro) < self.cfg.train.grad_accum)]
+    def stop_if_any_failed(self, error: Optional[BaseException], known: bool = False) -> None:
+        """Raise on every rank when any rank's `error` is not None: that rank's own error (a DataError is
+        its one line), PeerFailed naming the failed rank on the others. `known`: every rank already
+        knows that some rank failed (else one flag is all-reduced first)."""
+        if self.dist.world_size == 1 or not (known or any_rank(error is not None, self.dist.control_group)):
+            if error is not None:
+                raise error
+            return
+        said = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}",
+                                  self.dist.control_group)
+        if error is not None:
+            raise error
+        failed = [r for r, e in enumerate(said) if e is not None]
+        raise PeerFailed(f"stopping: rank {failed[0]} could not read its data" +
+                         (f" (and ranks {failed[1:]})" if len(failed) > 1 else "") + "; its error is in its log")
+
+    def next_batches(self, batches, n: int) -> tuple[list, Optional[BaseException]]:
+        """Up to n batches from `batches`, and the error that cut them short (the run stops on it)."""
+        out = []
+        try:
+            for batch in itertools.islice(batches, n):
+                out.append(batch)
+        except Exception as e:  # any loader failure stops every rank at the step's collective
+            return out, e
+        return out, None
+
+    def step_token_counts(self, micro: list, failed: bool = False) -> list[int]:
+        """[ranks whose data ended, ranks whose data failed, text targets, latent loss tokens] of this
+        optimizer step, summed over every micro-batch of every rank (one all-reduce on CPU tensors: no
+        GPU sync)."""
+        local = [int(len(micro) < self.cfg.train.grad_accum), int(failed)]
         local += sum((loss_token_counts(b) for b in micro), torch.zeros(2, dtype=torch.long)).tolist()
         if self.dist.world_size == 1:
             return local
@@ -185,13 +221,18 @@ class Trainer:
     def train_step(self, batches) -> tuple[dict, list[int]]:
         """One optimizer step over grad_accum micro-batches -> (this rank's loss sums, the step's
         global token counts). StopIteration on every rank when any rank's data ended."""
-        micro, keys = [], []
-        for batch in itertools.islice(batches, self.cfg.train.grad_accum):
+        micro, keys, error = [], [], None
+        for _ in range(self.cfg.train.grad_accum):
+            got, error = self.next_batches(batches, 1)
+            if not got:
+                break
             if self.cfg.train.log_samples:
                 self._log_samples(len(micro))
-            micro.append(batch)
-            keys.append(self.row_keys(self.loader, batch.shape[0]))
-        ended, *counts = self.step_token_counts(micro)
+            micro.append(got[0])
+            keys.append(self.row_keys(self.loader, got[0].shape[0]))
+        ended, failed, *counts = self.step_token_counts(micro, error is not None)
+        if failed:
+            self.stop_if_any_failed(error, known=True)
         if ended:
             raise StopIteration
         sums = self.accumulate(micro, counts, keys)
@@ -223,8 +264,12 @@ class Trainer:
         sums, counts = [0.0, 0.0], torch.zeros(2, dtype=torch.long)
         self.engine.eval()
         for _ in range(cfg.train.eval_batches) if cfg.train.eval_batches else itertools.count():
-            batch = next(batches, None)
-            if not any_rank(batch is not None, self.dist.control_group):
+            got, error = self.next_batches(batches, 1)
+            batch = got[0] if got else None
+            more, failed = sum_over_ranks([batch is not None, error is not None], group=self.dist.control_group)
+            if failed:
+                self.stop_if_any_failed(error, known=True)
+            if not more:
                 break
             batch = empty if batch is None else batch
             counts += loss_token_counts(batch)
@@ -274,7 +319,9 @@ class Trainer:
             metrics, first_record = first_record, {}
             if self.step % t.log_interval == 0 or self.step == last:
                 elapsed = time.time() - window_start
-                metrics.update(loss_record(sum_over_ranks(window_sums, self.dist.device), window_counts, cfg.model))
+                totals = sum_over_ranks([*window_sums, *self.loader.counters().values()], self.dist.device)
+                metrics.update(loss_record(totals[:2], window_counts, cfg.model))
+                metrics.update({f"data/{k}": int(v) for k, v in zip(COUNTERS, totals[2:])})
                 metrics.update(grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
                                lr=self.engine.get_lr()[0], tokens_per_s=(self.tokens - window_tokens) / elapsed,
                                tokens=self.tokens, text_tokens=self.loss_tokens[0],

@@ -82,7 +82,7 @@ def probe(cfg, dist, out: str) -> None:
     assert len(rows) == B * cfg.train.grad_accum * world, "the layout must hold the 4 global rows"
     places = [[(m * world + dist.rank) * B + b for b in range(B)] for m in range(cfg.train.grad_accum)]
     micro = [cat_rows([rows[g] for g in row_ids]) for row_ids in places]
-    _, *counts = trainer.step_token_counts(micro)
+    _, _, *counts = trainer.step_token_counts(micro)
     trainer.accumulate(micro, counts, [[(g,) for g in row_ids] for row_ids in places])  # noise keyed by row
     from deepspeed.utils import safe_get_full_grad
     grads = {n: safe_get_full_grad(p).detach().clone().cpu() for n, p in trainer.engine.module.named_parameters()}

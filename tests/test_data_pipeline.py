@@ -180,9 +180,9 @@ def test_a_version_1_state_resumes_as_one_shard_in_flight(test_data):
 
 def shards_of_first_batches(test_data, in_flight):
     """For each of 2 ranks, how many digit shards its first batch draws on."""
-    from data_pipelines.shards import read_shard
+    from data_pipelines.shards import open_shard
     manifest = load_manifest(test_data["digits"])
-    shard_of = {key: i for i in range(len(manifest.shards)) for key, _ in read_shard(manifest.shard_path(i))[0]}
+    shard_of = {key: i for i in range(len(manifest.shards)) for key, _ in open_shard(manifest, i).samples}
     cfg = data_config(test_data["digits"], num_workers=1, shards_in_flight=in_flight)
     counts = []
     for r in range(2):

@@ -1,34 +1,42 @@
-"""Shards read from an HTTP server (the standard library's, on 127.0.0.1) and through pipe: commands:
-the same batches as from the folder, retries through an outage, damaged shards counted as bad."""
+"""Shards read over HTTP (a fault-injecting server on 127.0.0.1, in a process of its own) and through
+pipe: commands: the same batches as from the folder through outages, stalls and cut connections
+(each retry seen by the server), and a clear DataError for what cannot be read or does not match."""
+import io
 import itertools
+import os
 import shutil
-import threading
+import time
 
 import pytest
 import torch
 
-from data_pipelines import remote
-from data_pipelines.remote import FolderServer
 from data_pipelines.loader import PackedLoader
+from data_pipelines.shards import load_manifest, open_shard
+from data_pipelines.slot import DataError
+from data_pipelines.transport.fault_server import FaultServer
+from data_pipelines.transport.fetch import download
+from data_pipelines.transport.policy import ReadPolicy, ReadStats, RemoteError, TooLarge
 from tests.data_fixtures import data_config, model_config
+
+FAST = dict(retry_backoff=0.05, retry_backoff_max=0.2)
 
 
 @pytest.fixture
-def served(test_data, tmp_path):
-    """The test digits and text shard folders, copied under one root and served."""
+def www(test_data, tmp_path):
+    """The test digits and text shard folders, copied under one root (to be served)."""
     for name in ("digits", "text"):
         shutil.copytree(test_data[name], tmp_path / "www" / name)
-    server = FolderServer(tmp_path / "www")
-    yield server
-    server.stop()
+    return tmp_path / "www"
 
 
-def batches(paths, n=6, rank=0, world_size=2, **kw):
-    loader = PackedLoader(data_config(*paths, weights=[0.5, 0.5], num_workers=0, **kw), model_config(), 2,
-                          rank=rank, world_size=world_size)
+def batches(paths, n=6, rank=0, world_size=2, loader_out=None, **kw):
+    cfg = data_config(*paths, weights=[0.5, 0.5][:len(paths)], **{"num_workers": 0, **kw})
+    loader = PackedLoader(cfg, model_config(), 2, rank=rank, world_size=world_size)
     out = []
     for batch in itertools.islice(loader, n):
         out.append((batch.tokens.clone(), batch.latents.clone(), [list(r) for r in loader.last_keys]))
+    if loader_out is not None:
+        loader_out.append(loader)
     return out
 
 
@@ -37,96 +45,145 @@ def same(a, b):
                                     for x, y in zip(a, b))
 
 
-def test_http_and_pipe_give_the_folder_batches(served, tmp_path):
-    www = tmp_path / "www"
+def first_shard(www, slot=0, slots=2, in_flight=4, dataset="digits"):
+    """The path (under the served root) of a shard that `slot` (of `slots`) reads in its first group."""
+    from data_pipelines.order import Dealing, DatasetOrder
+    m = load_manifest(www / dataset)
+    order = DatasetOrder(m.shard_sizes, 0, True, 2 * in_flight + 2)
+    shards = Dealing(order, slots, 0, 1, in_flight).group_shards(slot, 0)
+    return f"{dataset}/{m.shards[sorted(shards)[0]].name}"
+
+
+def test_http_and_pipe_give_the_folder_batches(www):
     local = batches([www / "digits", www / "text"])
-    assert same(batches([served.url("digits"), served.url("text")]), local)
+    with FaultServer(www) as server:
+        assert same(batches([server.url("digits"), server.url("text")]), local)
     pipes = [f"pipe:cat {www / name}/{{shard}}" for name in ("digits", "text")]
     assert same(batches(pipes), local)
 
 
-def test_an_outage_is_retried_and_the_run_goes_on_with_the_same_batches(served, tmp_path):
-    www = tmp_path / "www"
+@pytest.mark.parametrize("fault", [{"drop": True, "times": 2}, {"status": 503, "times": 2},
+                                   {"stall": None, "times": 1}])
+def test_a_shard_outage_or_stall_is_retried_and_gives_the_same_batches(www, fault):
+    """Every .tar request of the first 2 (1 for a stall) fails: each shard is asked for again, the slot
+    counts the retries (and stalls), and the batches equal the folder's."""
     local = batches([www / "digits", www / "text"], n=4)
-    served.stop()
-    threading.Timer(1.5, served.start).start()  # back on the same port after 1.5 s
-    before = remote.RETRIES["count"]
-    got = batches([served.url("digits"), served.url("text")], n=4, retry_backoff=0.5)
-    assert remote.RETRIES["count"] > before and same(got, local)
+    with FaultServer(www, {"*.tar": fault}) as server:
+        loaders = []
+        got = batches([server.url("digits"), server.url("text")], n=4, loader_out=loaders, read_timeout=1, **FAST)
+        tar_requests = [r for r in server.requests() if r["name"].endswith(".tar")]
+    assert same(got, local)
+    counts = loaders[0].counters()
+    failed = [r for r in tar_requests if r["fault"]]
+    assert failed and counts["retries"] == len(failed)
+    assert counts["stalls"] == (len(failed) if "stall" in fault else 0)
+    for r in failed:  # each failed request was followed by another for the same shard, served
+        assert any(s["name"] == r["name"] and s["fault"] is None and s["t"] > r["t"] for s in tar_requests)
 
 
-def test_a_server_that_stays_down_is_an_error_naming_the_url(test_data, tmp_path):
-    server = FolderServer(tmp_path)
-    url = server.url("digits")
-    server.stop()
-    with pytest.raises(FileNotFoundError, match=f"{url}/manifest.json: unreadable after 1 retries \\(exit status 7\\)"):
-        batches([url, url], read_retries=1, retry_backoff=0.01)
+@pytest.mark.parametrize("ranges", [True, False])
+def test_a_cut_connection_resumes_where_it_broke_off_or_skips_what_it_holds(www, ranges):
+    """The connection of a shard is cut at byte 100000 once. A server that honours Range is asked for
+    the rest from that byte (a resume); one that does not sends the whole file again and the bytes
+    already held are skipped: either way exactly one retry and the folder's batches."""
+    local = batches([www / "digits", www / "text"], n=3, world_size=1)
+    name = first_shard(www, slots=1)
+    with FaultServer(www, {name: {"cut": 100000, "times": 1}}, ranges=ranges) as server:
+        loaders = []
+        got = batches([server.url("digits"), server.url("text")], n=3, world_size=1, loader_out=loaders, **FAST)
+        starts = [r["start"] for r in server.requests(name)]
+    assert same(got, local)
+    assert starts == ([0, 100000] if ranges else [0, 0])
+    assert loaders[0].counters()["retries"] == 1 and loaders[0].counters()["resumes"] == int(ranges)
 
 
-def test_a_shard_cut_short_on_the_server_is_retried_then_its_samples_are_counted_bad(served, tmp_path, caplog):
-    from data_pipelines.shards import load_manifest
-    m = load_manifest(tmp_path / "www" / "digits")
-    tar = tmp_path / "www" / "digits" / m.shards[0].name
-    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
-    loader = PackedLoader(data_config(served.url("digits"), num_workers=0, read_retries=1, retry_backoff=0.01,
-                                      max_bad_samples=10**6), model_config(), 2)
-    list(loader)  # the whole epoch (data_config: one)
-    assert loader.state_dict()["slots"]["0"]["bad"] > 0
-    assert any("sha256 mismatch" in r.message and m.shards[0].name in r.message for r in caplog.records)
-
-
-def test_read_bytes_resumes_after_a_broken_read_without_repeating_bytes(tmp_path):
+def test_a_pipe_that_breaks_off_is_read_again_without_repeating_bytes(tmp_path):
     """A command that dies half-way the first time: the retry skips the bytes already held."""
-    data = bytes(range(256)) * 1000
+    data = os.urandom(300000)
     (tmp_path / "f").write_bytes(data)
     flag = tmp_path / "failed-once"
     cmd = (f"pipe:if [ -e {flag} ]; then cat {tmp_path / 'f'}; else touch {flag}; "
-           f"head -c 100000 {tmp_path / 'f'}; exit 3; fi")
-    assert remote.read_bytes(cmd, retries=2, backoff=0, sleep=lambda s: None) == data
-    with pytest.raises(ValueError, match="max_shard_bytes=1000"):
-        remote.read_bytes(str(tmp_path / "f"), max_bytes=1000)
+           f"head -c 100000 {tmp_path / 'f'}; echo broken >&2; exit 3; fi")
+    out, stats = io.BytesIO(), ReadStats()
+    download(cmd, out, ReadPolicy(backoff=0.01), stats, sleep=lambda s: None)
+    assert out.getvalue() == data and stats.retries == 1
+
+
+def test_a_stalled_pipe_is_aborted_and_its_command_killed(tmp_path):
+    marker = f"{time.time_ns() % 10**6}.5"
+    with pytest.raises(RemoteError, match=r"pipe:sleep .*no byte for 1 s.*data.retry_budget=1\)"):
+        download(f"pipe:sleep {marker}", io.BytesIO(), ReadPolicy(read_timeout=1, retry_budget=1, backoff=0.01))
+    leftover = [p for p in os.listdir("/proc") if p.isdigit() and marker in _cmdline(p)]
+    assert leftover == []
+
+
+def _cmdline(pid: str) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_missing_shard_is_a_data_error_after_one_check(www):
+    name = first_shard(www)
+    with FaultServer(www, {name: {"status": 404}}) as server:
+        url = server.url(name)
+        with pytest.raises(DataError, match=f"^{url}: HTTP 404, after a second check$"):
+            batches([server.url("digits")], n=50, **FAST)
+        assert len(server.requests(name)) == 2
+
+
+def test_a_shard_with_another_shards_bytes_is_never_read(www):
+    """Its sha256 differs from the manifest's: a DataError naming it, after one re-read; no batch
+    holds a sample of either shard's bytes twice or of the swapped shard."""
+    m = load_manifest(www / "digits")
+    name = first_shard(www, slots=1, in_flight=1)
+    other = next(s.name for s in m.shards if f"digits/{s.name}" != name)
+    with FaultServer(www, {name: {"swap": other}}) as server:
+        loader = PackedLoader(data_config(server.url("digits"), num_workers=0, shards_in_flight=1, **FAST),
+                              model_config(), 2)
+        keys = []
+        with pytest.raises(DataError, match=f"^{server.url(name)}: sha256 .* the manifest says "):
+            for _ in loader:
+                keys += [k for row in loader.last_keys for k in row]
+        assert len(server.requests(name)) == 2
+    swapped = {k for k, _ in open_shard(m, [f"digits/{s.name}" for s in m.shards].index(name)).samples}
+    assert not swapped & set(keys) and len(keys) == len(set(keys))
 
 
 def test_a_file_over_max_shard_bytes_over_http_is_refused_at_once(tmp_path):
     (tmp_path / "f").write_bytes(bytes(5 << 20))
-    server = FolderServer(tmp_path)
-    before = remote.RETRIES["count"]
-    try:
-        with pytest.raises(ValueError, match=f"{server.url('f')}: larger than data.max_shard_bytes=1048576"):
-            remote.read_bytes(server.url("f"), max_bytes=1 << 20, retries=2, backoff=0)
-    finally:
-        server.stop()
-    assert remote.RETRIES["count"] == before  # too big is not a read error to retry
+    stats = ReadStats()
+    with FaultServer(tmp_path) as server:
+        with pytest.raises(TooLarge, match=f"{server.url('f')}: 5242880 bytes, larger than data.max_shard_bytes="):
+            download(server.url("f"), io.BytesIO(), ReadPolicy(max_bytes=1 << 20), stats)
+        assert len(server.requests("f")) == 1 and stats.retries == 0
 
 
-@pytest.mark.distributed
-@pytest.mark.slow
-def test_two_ranks_train_over_http_through_an_outage_like_from_the_folder(tiny_config, test_data, tmp_path):
-    """2-rank runs read the same documents in the same batches (train.log_samples) and log the same
-    losses from the folder and over HTTP, the server down for 3 s after its 4th shard request: the
-    readers retry (logged with the URL) and no document is repeated or skipped."""
-    import json
-    from tests.launch import metrics, torchrun
-    for name in ("digits", "text"):
-        shutil.copytree(test_data[name], tmp_path / "www" / name)
-    server = FolderServer(tmp_path / "www", outage=(4, 3.0))
-    common = ["--config", str(tiny_config), "wandb.mode=disabled", "train.max_steps=6", "train.log_interval=1",
-              "data.num_workers=1", "train.log_samples=true", "data.retry_backoff=1"]
-    runs = {}
-    for where, paths in (("folder", [tmp_path / "www" / "digits", tmp_path / "www" / "text"]),
-                         ("http", [server.url("digits"), server.url("text")])):
-        runs[where] = tmp_path / where
-        r = torchrun(2, [*common, f"run.dir={runs[where]}", f"data.datasets.0.path={paths[0]}",
-                         f"data.datasets.1.path={paths[1]}"])
-        assert r.returncode == 0, r.stderr[-3000:]
+def test_a_server_that_stays_down_is_an_error_naming_the_url_within_the_budget(tmp_path):
+    server = FaultServer(tmp_path)
+    url = server.url("digits")
     server.stop()
-    assert server.tar_requests > 4 and "retry 1 of 5" in r.stderr and server.url("") in r.stderr
-    a, b = metrics(runs["folder"]), metrics(runs["http"])
-    assert all(a[s]["loss"] == b[s]["loss"] for s in range(1, 7))
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError, match=f"{url}/manifest.json: .*Connection refused.*data.retry_budget=2\\)"):
+        batches([url], retry_budget=2, **FAST)
+    assert time.monotonic() - start < 10
 
-    def documents(run):
-        return [json.loads(line)["docs"] for rank in (0, 1) for line in
-                (run / f"samples_rank{rank}.jsonl").read_text().splitlines()]
-    assert documents(runs["folder"]) == documents(runs["http"])
-    whole = [key for batch in documents(runs["folder"]) for row in batch for key in row if "@" not in key]
-    assert whole and len(whole) == len(set(whole))  # no document with latents came twice
+
+def test_a_worker_error_stops_the_loader_and_ends_every_worker(www):
+    """2 workers: one slot's first shard is missing, the other's stalls forever. The rank gets one
+    DataError line (no worker traceback) and every worker is gone right after."""
+    import multiprocessing
+    missing, stalled = first_shard(www, slot=0), first_shard(www, slot=1)
+    rules = {missing: {"status": 404}, stalled: {"stall": None}}
+    with FaultServer(www, rules) as server:
+        loader = PackedLoader(data_config(server.url("digits"), num_workers=2, **FAST), model_config(), 2,
+                              world_size=1)
+        start = time.monotonic()
+        with pytest.raises(DataError) as err:
+            for _ in loader:
+                pass
+        assert str(err.value).startswith(server.url(missing) + ": HTTP 404")
+        assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+        assert multiprocessing.active_children() == [] and time.monotonic() - start < 30
