@@ -373,6 +373,12 @@ class Outcome:
     step: int = 0
 
 
+def say_error(line: str) -> None:
+    """One line on stderr in one write: ranks sharing a launcher's stderr do not interleave it."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv=None) -> int:
     return run_training(argv).code
 
@@ -391,7 +397,7 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS, early_signals=()) -> Outc
             raise ConfigError(f"unknown argument(s): {' '.join(unknown)}")
         cfg = load_config(ExperimentConfig, args.config, args.overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say_error(f"error: {e}")
         return Outcome(2)
     # DeepSpeed 0.19 calls this deprecated torch API on every step; the warning is not ours to fix.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
@@ -404,7 +410,7 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS, early_signals=()) -> Outc
     try:
         dist = init_distributed()
     except LaunchError as e:
-        print(f"error: {e}", file=sys.stderr)
+        say_error(f"error: {e}")
         return Outcome(2)
     try:
         trainer = Trainer(cfg, dist, args.resume, stop_signals, early)
@@ -412,10 +418,10 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS, early_signals=()) -> Outc
         return Outcome(code, trainer.signals_received, trainer.step)
     except RunDirBusy as e:  # the same on every rank: said once
         if dist.is_main:
-            print(f"error: {e}", file=sys.stderr)
+            say_error(f"error: {e}")
         return Outcome(2)
     except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one line, no traceback
-        print(f"error{f' (rank {dist.rank})' if dist.world_size > 1 else ''}: {e}", file=sys.stderr)
+        say_error(f"error{f' (rank {dist.rank})' if dist.world_size > 1 else ''}: {e}")
         return Outcome(2)
 
 
