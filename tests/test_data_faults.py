@@ -153,3 +153,41 @@ def test_two_ranks_train_over_http_through_an_outage_like_from_the_folder(tiny_c
     assert documents(runs["folder"]) == documents(runs["http"])
     whole = [key for batch in documents(runs["folder"]) for row in batch for key in row if "@" not in key]
     assert whole and len(whole) == len(set(whole))  # no document with latents came twice
+
+
+def test_a_killed_launcher_leaves_no_process_even_with_a_worker_stalled_in_a_read(tiny_config, www, tmp_path):
+    """SIGKILL torchrun while a worker waits on a stalled shard: the ranks exit (they watch their
+    launcher), their workers die with them (prctl), and nothing of the run remains."""
+    import signal
+    import subprocess
+    import sys
+    from pretrain.distributed import free_port
+    from tests.launch import REPO, env
+    name = first_shard(www, slot=1, slots=4, in_flight=1)
+    marker = f"MONOFUSION_TEST_RUN={uuid.uuid4().hex}"
+    with FaultServer(www, {name: {"stall": None}}) as server:
+        args = ["--config", str(tiny_config), "wandb.mode=disabled", f"run.dir={tmp_path / 'run'}",
+                "data.num_workers=2", "data.shards_in_flight=1", f"data.datasets.0.path={server.url('digits')}",
+                f"data.datasets.1.path={server.url('text')}", "train.max_steps=40"]
+        launcher = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                                     "--master-port", str(free_port()), "-m", "pretrain.train", *args], cwd=REPO,
+                                    env=env(**dict([marker.split("=")])), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(240):
+                if server.requests(name):
+                    break
+                time.sleep(0.25)
+            assert server.requests(name), "the run never asked for the stalled shard"
+            time.sleep(1)
+            assert len(processes_with(marker)) >= 6  # torchrun, 2 ranks, 2 x 2 workers
+            launcher.send_signal(signal.SIGKILL)
+            launcher.wait()
+            for _ in range(60):
+                if not processes_with(marker):
+                    break
+                time.sleep(0.25)
+            assert processes_with(marker) == []
+        finally:
+            for pid in processes_with(marker):
+                os.kill(pid, signal.SIGKILL)

@@ -115,3 +115,20 @@ def test_every_slot_pulls_each_position_of_an_epoch_once_across_epochs():
     dealing = Dealing(order, slots=3, num_epochs=2, in_flight=2)
     got = [x for s in range(3) for x in pull(dealing, s, (0, 0), {}, 10 ** 6)[0]]
     assert sorted(got) == [(e, p) for e in range(2) for p in range(18)]
+
+
+def test_the_samples_of_a_shard_come_in_a_seeded_permutation():
+    """Inside a shard the order is a permutation of the stored samples that depends on seed and epoch
+    (shuffle: false keeps the stored order)."""
+    def inside(seed, e, shuffle=True):
+        order = DatasetOrder([50, 60, 70], seed, shuffle)
+        perm, starts = order.epoch(e)
+        located = [order.locate(e, p) for p in range(starts[0], starts[1])]
+        assert {s for s, _ in located} == {int(perm[0])}
+        return int(perm[0]), [i for _, i in located]
+
+    shard, first = inside(0, 0)
+    assert sorted(first) == list(range(len(first))) and first != sorted(first)
+    assert inside(1, 0)[1] != first or inside(1, 0)[0] != shard
+    assert all(inside(0, e) != (shard, first) for e in (1, 2, 3))
+    assert inside(0, 0, shuffle=False)[1] == list(range(50))
