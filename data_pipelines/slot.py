@@ -16,8 +16,10 @@ from typing import Iterator, Optional, Union
 from data_pipelines.config import DataConfig
 from data_pipelines.documents import best_fit, build_document, stateless_uniform, text_chunk, timestep_generator
 from data_pipelines.order import Dealing, DatasetOrder, Intervals
+from data_pipelines.prefetch import ShardPrefetcher
 from data_pipelines.shards import BadSample, Manifest, decode_sample, open_shard
 from data_pipelines.tar_index import TarShard
+from data_pipelines.transport.locations import is_remote
 from data_pipelines.transport.policy import ReadPolicy, ReadStats, RemoteError, TooLarge
 from model.diffusion import Diffusion, assign_timesteps
 from model.layout import DocLayout, LayoutSpec, pack_rows
@@ -54,6 +56,15 @@ class ShardCursor:
         self._rest: Optional[tuple] = None
         self._cache: collections.OrderedDict[int, TarShard] = collections.OrderedDict()
         self._group_shards = ds.dealing.group_shards(slot, self.g)  # the cache keeps these, and one more
+        self.prefetch = ShardPrefetcher(ds.manifest, self.policy) if is_remote(ds.manifest.root) else None
+        self._ahead()
+
+    def _ahead(self) -> None:
+        """Have the prefetcher download the group's shards not yet here, then the next group's."""
+        if self.prefetch is not None:
+            ahead = self.ds.dealing.group_shards(self.slot, self.g + 1)
+            self.prefetch.want([s for s in sorted(self._group_shards) if s not in self._cache] +
+                               [s for s in sorted(ahead) if s not in self._group_shards])
 
     def pull(self) -> Optional[tuple[int, int]]:
         """Next (epoch, position) of this slot, or None when its epochs are done."""
@@ -67,6 +78,7 @@ class ShardCursor:
                 return int(epochs[self.q - 1]), int(positions[self.q - 1])
             self.g, self.q, self._rest = self.g + 1, 0, None
             self._group_shards = dealing.group_shards(self.slot, self.g)
+            self._ahead()
         return None
 
     def fetch(self, e: int, p: int) -> tuple[str, list[dict]]:
@@ -82,7 +94,8 @@ class ShardCursor:
                 drop = next((k for k in self._cache if k not in self._group_shards), next(iter(self._cache)))
                 self._cache.pop(drop).close()
             try:
-                self._cache[shard] = open_shard(self.ds.manifest, shard, self.policy, self.stats)
+                got = self.prefetch.take(shard) if self.prefetch is not None else None
+                self._cache[shard] = got or open_shard(self.ds.manifest, shard, self.policy, self.stats)
             except (RemoteError, TooLarge) as err:
                 raise DataError(str(err)) from None
             except OSError as err:
@@ -94,6 +107,8 @@ class ShardCursor:
         return key, decode_sample(key, files, tar.name)
 
     def close(self) -> None:
+        if self.prefetch is not None:
+            self.prefetch.close()
         while self._cache:
             self._cache.popitem()[1].close()
 
@@ -136,8 +151,12 @@ class Slot:
         self._restore = state.get("buffer", [])
 
     def state(self) -> dict:
+        reads = self.reads.to_state()
+        for c in self.cursors:  # and what the prefetch threads counted
+            for k, v in (c.prefetch.stats.to_state().items() if c.prefetch is not None else ()):
+                reads[k] += v
         return {"slot": self.slot, "batches": self.batches, "mix": self.mix, "bad": self.bad,
-                "oversize": self.oversize, **self.reads.to_state(), "done": list(self.done),
+                "oversize": self.oversize, **reads, "done": list(self.done),
                 "cursors": [[c.g, c.q] for c in self.cursors],
                 "buffer": [[x.dataset, x.epoch, x.position, x.start] for x in self.buffer]}
 

@@ -65,12 +65,13 @@ def test_http_and_pipe_give_the_folder_batches(www):
 @pytest.mark.parametrize("fault", [{"drop": True, "times": 2}, {"status": 503, "times": 2},
                                    {"stall": None, "times": 1}])
 def test_a_shard_outage_or_stall_is_retried_and_gives_the_same_batches(www, fault):
-    """Every .tar request of the first 2 (1 for a stall) fails: each shard is asked for again, the slot
-    counts the retries (and stalls), and the batches equal the folder's."""
-    local = batches([www / "digits", www / "text"], n=4)
+    """The first 2 requests (1 for a stall) of every shard fail: each shard is asked for again, the slot
+    counts the retries (and stalls), and the batches of the rank's whole epoch equal the folder's."""
+    local = batches([www / "digits", www / "text"], n=None)
     with FaultServer(www, {"*.tar": fault}) as server:
         loaders = []
-        got = batches([server.url("digits"), server.url("text")], n=4, loader_out=loaders, read_timeout=1, **FAST)
+        got = batches([server.url("digits"), server.url("text")], n=None, loader_out=loaders, read_timeout=1,
+                      **FAST)
         tar_requests = [r for r in server.requests() if r["name"].endswith(".tar")]
     assert same(got, local)
     counts = loaders[0].counters()
@@ -187,3 +188,34 @@ def test_a_worker_error_stops_the_loader_and_ends_every_worker(www):
         assert str(err.value).startswith(server.url(missing) + ": HTTP 404")
         assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
         assert multiprocessing.active_children() == [] and time.monotonic() - start < 30
+
+
+def test_the_next_group_s_shard_is_downloaded_before_the_reader_needs_it(www):
+    """One slot, one shard in flight: while the reader still draws on its first shard, the prefetch
+    thread asks for the second; its samples then come from the download already made (no second
+    request), and the batches equal the folder's."""
+    from data_pipelines.order import DatasetOrder
+    m = load_manifest(www / "digits")
+    order = DatasetOrder(m.shard_sizes, 0, True, 4)
+    first, second = (f"digits/{m.shards[int(s)].name}" for s in order.epoch(0)[0][:2])
+    local = batches([www / "digits"], n=2, world_size=1, shards_in_flight=1)
+    with FaultServer(www, {"*.tar": {"rate": 2e6}}) as server:
+        loader = PackedLoader(data_config(server.url("digits"), num_workers=0, shards_in_flight=1), model_config(),
+                              2)
+        it = iter(loader)
+        got = [next(it)]
+        keys = {k for row in loader.last_keys for k in row}
+        for _ in range(100):
+            if server.requests(second):
+                break
+            time.sleep(0.1)
+        asked = server.requests(second)
+        first_keys = {k for k, _ in open_shard(m, [f"digits/{s.name}" for s in m.shards].index(first)).samples}
+        assert asked and keys <= first_keys  # asked for while only the first shard had been read
+        for batch in it:  # on through the second shard
+            got.append(batch)
+            if len(got) == 2 * 200 // 8:
+                break
+        assert len(server.requests(second)) == 1
+        it.close()
+    assert all(torch.equal(a.tokens, b[0]) for a, b in zip(got[:2], local))

@@ -14,8 +14,8 @@ import http.client
 import os
 import re
 import select
+import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -27,6 +27,7 @@ from data_pipelines.transport.policy import PERMANENT_HTTP, AttemptFailed, Stall
 
 CHUNK = 1 << 20
 PR_SET_PDEATHSIG = 1
+SETPRIV = shutil.which("setpriv")  # util-linux: sets the death signal, then execs (no Python between fork and exec)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -86,8 +87,10 @@ class HttpSource:
 class PipeSource:
     def __init__(self, command: str, timeout: float):
         self.timeout, self.start, self.total, self.stderr = timeout, 0, None, b""
-        self.process = subprocess.Popen(["/bin/sh", "-c", command], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, process_group=0, preexec_fn=die_with_parent)
+        argv = ["/bin/sh", "-c", command]
+        self.process = subprocess.Popen([SETPRIV, "--pdeathsig", "KILL", "--", *argv] if SETPRIV else argv,
+                                        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        process_group=0, preexec_fn=None if SETPRIV else die_with_parent)
         self.open = {self.process.stdout.fileno(), self.process.stderr.fileno()}
 
     def _wait(self, deadline: float) -> Optional[int]:
