@@ -35,7 +35,8 @@ class DataConfig(Config):
     max_shard_bytes: int = knob(2 * 10**9, "largest remote shard a reader downloads (refused beyond, not retried); "
                                                "it waits in a spill file on disk, not in memory")
     spill_dir: str = knob("", "folder of the spill files of downloaded shards ('' = $TMPDIR or /tmp); each reader "
-                              "holds its group's shards + 1 per dataset there, unnamed, gone when it ends")
+                              "holds up to 2 x shards_in_flight + 1 shards per dataset there (its group's, one "
+                              "more, the next group's), unnamed, gone when it ends")
     read_timeout: float = knob(60.0, "seconds a remote read may go without a byte (or below min_read_speed) "
                                      "before it is aborted and retried")
     min_read_speed: float = knob(65536.0, "bytes/s a remote transfer must keep over each read_timeout window "
