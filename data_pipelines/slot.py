@@ -95,7 +95,9 @@ class ShardCursor:
                 self._cache.pop(drop).close()
             try:
                 got = self.prefetch.take(shard) if self.prefetch is not None else None
-                self._cache[shard] = got or open_shard(self.ds.manifest, shard, self.policy, self.stats)
+                if got is None:  # (not `or`: a shard of no readable sample is empty, and so false)
+                    got = open_shard(self.ds.manifest, shard, self.policy, self.stats)
+                self._cache[shard] = got
             except (RemoteError, TooLarge) as err:
                 raise DataError(str(err)) from None
             except OSError as err:

@@ -219,3 +219,25 @@ def test_the_next_group_s_shard_is_downloaded_before_the_reader_needs_it(www):
         assert len(server.requests(second)) == 1
         it.close()
     assert all(torch.equal(a.tokens, b[0]) for a, b in zip(got[:2], local))
+
+
+def test_a_served_shard_that_holds_no_readable_sample_counts_its_samples_bad_and_is_fetched_once(www):
+    """A shard whose bytes are garbage, but the manifest's own (written so): its samples are counted
+    bad, every other document arrives, and each shard is downloaded once (prefetched or not)."""
+    import hashlib
+    import json
+    from data_pipelines.shards import MANIFEST, fingerprint
+    raw = json.loads((www / "digits" / MANIFEST).read_text())
+    bad = raw["shards"][3]
+    garbage = os.urandom(50000)
+    (www / "digits" / bad["name"]).write_bytes(garbage)
+    bad["sha256"] = hashlib.sha256(garbage).hexdigest()
+    raw["fingerprint"] = fingerprint(raw)
+    (www / "digits" / MANIFEST).write_text(json.dumps(raw))
+    with FaultServer(www) as server:
+        loader = PackedLoader(data_config(server.url("digits"), num_workers=0, max_bad_samples=10**6), model_config(),
+                              2)
+        keys = [k for _ in loader for row in loader.last_keys for k in row]
+        tars = [r["name"] for r in server.requests() if r["name"].endswith(".tar")]
+    assert loader.counters()["bad"] == bad["samples"] and len(keys) == len(set(keys)) == 1797 - bad["samples"]
+    assert sorted(tars) == sorted(f"digits/{s['name']}" for s in raw["shards"])
