@@ -35,14 +35,15 @@ class DataConfig(Config):
     max_shard_bytes: int = knob(2 * 10**9, "largest remote shard a reader downloads (refused beyond, not retried); "
                                                "it waits in a spill file on disk, not in memory")
     spill_dir: str = knob("", "folder of the spill files of downloaded shards ('' = $TMPDIR or /tmp); each reader "
-                              "holds up to 2 x shards_in_flight + 1 shards per dataset there (its group's, one "
-                              "more, the next group's), unnamed, gone when it ends")
+                              "holds about 2 x shards_in_flight + 2 shards per remote dataset there (its group's, "
+                              "one more, the next group's, one downloading), unnamed, gone when it ends")
     read_timeout: float = knob(60.0, "seconds a remote read may go without a byte (or below min_read_speed) "
                                      "before it is aborted and retried")
     min_read_speed: float = knob(65536.0, "bytes/s a remote transfer must keep over each read_timeout window "
                                           "(0 = any byte is progress)")
-    retry_budget: float = knob(600.0, "seconds from a remote read's first failure until it gives up (a DataError); "
-                                      "keep it below the process-group timeout")
+    retry_budget: float = knob(300.0, "seconds from a remote read's first failure until it gives up (a DataError); "
+                                      "with read_timeout and retry_backoff_max, at most half the 30-min "
+                                      "process-group timeout (checked)")
     retry_backoff: float = knob(0.5, "seconds before the first retry of a remote read (doubling, jittered)")
     retry_backoff_max: float = knob(30.0, "cap of the retry backoff, seconds")
     shards_in_flight: int = knob(4, "shards each reader slot reads at once, interleaved in a seeded order (with fewer "

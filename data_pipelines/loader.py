@@ -61,7 +61,7 @@ def _init_worker(stop, parent: int, _worker_id: int) -> None:
 
 
 def _worker_sigterm(stop, _signum, _frame) -> None:
-    if stop.is_set():
+    if stop.value:
         os._exit(0)
 
 
@@ -73,7 +73,7 @@ def _end_workers(iterator, stop, graceful: bool, grace_s: float = 5.0) -> None:
     (workers between batches finish and exit); else (an error, the process exiting) at once. Then
     SIGTERM (which `stop` makes a worker obey) and, after `grace_s`, SIGKILL."""
     _RUNNING.pop(id(iterator), None)
-    stop.set()
+    stop.value = 1
     workers = list(getattr(iterator, "_workers", []))
     if graceful:
         iterator._shutdown_workers()
@@ -131,7 +131,10 @@ class PackedLoader:
         self.entries = list(cfg.datasets if datasets is None else datasets)
         if not self.entries:
             raise DataError("data.datasets: no dataset configured")
-        self.manifests = [load_manifest(e.path, ReadPolicy.from_config(cfg)) for e in self.entries]
+        try:
+            self.manifests = [load_manifest(e.path, ReadPolicy.from_config(cfg)) for e in self.entries]
+        except ValueError as e:  # not JSON, another format, edited by hand, too large, a malformed URL
+            raise DataError(str(e)) from None
         for e, m in zip(self.entries, self.manifests):
             if m.latent_channels != model_cfg.latent_channels:
                 raise DataError(f"{e.path}: latents have {m.latent_channels} channels, "
@@ -182,7 +185,7 @@ class PackedLoader:
             yield from self._hand_out(iter(stream))
             return
         context = multiprocessing.get_context()
-        stop = context.Event()
+        stop = context.RawValue("b", 0)  # 1: the loader ends its workers (no lock: read in a signal handler)
         items = iter(torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=self.workers, prefetch_factor=2, persistent_workers=False,
             pin_memory=torch.cuda.is_available(), multiprocessing_context=context,

@@ -98,6 +98,11 @@ class Intervals:
         i = np.searchsorted(starts, positions, side="right") - 1
         return (i >= 0) & (positions < ends[np.maximum(i, 0)])
 
+    def covers_range(self, a: int, b: int) -> bool:
+        """Whether every position in [a, b) is in the set."""
+        i = bisect.bisect_right(self.starts, a) - 1
+        return b <= a or (i >= 0 and self.ends[i] >= b)
+
     def covers(self, n: int) -> bool:
         return n == 0 or (len(self.starts) == 1 and self.starts[0] <= 0 and self.ends[0] >= n)
 
@@ -201,6 +206,18 @@ class Dealing:
     def group_shards(self, slot: int, g: int) -> set[int]:
         """The shards the slot's g-th group reads."""
         return {shard for e, a, b in self.group_ranges(slot, g) for shard in self.order.shards(e, a, b)}
+
+    def open_group_shards(self, slot: int, g: int, base: dict[int, Intervals]) -> list[int]:
+        """The shards the slot's g-th group still reads something of (positions not in the base), in order."""
+        out = []
+        for e, a, b in self.group_ranges(slot, g):
+            perm, starts = self.order.epoch(e)
+            i, j = np.searchsorted(starts, [a, b - 1], side="right") - 1 if b > a else (0, -1)
+            for k in range(int(i), int(j) + 1):
+                lo, hi = max(a, int(starts[k])), min(b, int(starts[k + 1]))
+                if e not in base or not base[e].covers_range(lo, hi):
+                    out.append(int(perm[k]))
+        return list(dict.fromkeys(out))
 
     def remaining(self, slot: int, g: int, base: dict[int, Intervals]) -> tuple[np.ndarray, np.ndarray]:
         """(epochs, positions) of the slot's g-th group not in the base, in the group's merge order."""

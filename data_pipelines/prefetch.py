@@ -30,8 +30,14 @@ class ShardPrefetcher:
         self.thread: Optional[threading.Thread] = None
 
     def want(self, shards) -> None:
-        """Download these shards next (in this order), instead of any queued before."""
+        """Download these shards next (in this order), instead of any queued before; downloaded shards
+        no longer wanted are dropped."""
+        shards = list(shards)
         with self.cond:
+            for s in [s for s in self.ready if s not in shards]:
+                got = self.ready.pop(s)
+                if isinstance(got, TarShard):
+                    got.close()
             self.queue = [s for s in shards if s not in self.ready and s != self.busy]
             if self.queue and self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="shard-prefetch", daemon=True)

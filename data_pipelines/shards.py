@@ -182,7 +182,12 @@ def open_shard(manifest: Manifest, index: int, policy: Optional[ReadPolicy] = No
     FileNotFoundError for a missing local shard, RemoteError, TooLarge."""
     where = manifest.shard_path(index)
     if not is_remote(manifest.root):
-        return TarShard(open(where, "rb"), where)
+        file = open(where, "rb")
+        try:
+            return TarShard(file, where)
+        except BaseException:
+            file.close()
+            raise
     policy = policy or ReadPolicy()
     spill = spill_file(policy)
     try:

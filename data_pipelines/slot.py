@@ -60,11 +60,12 @@ class ShardCursor:
         self._ahead()
 
     def _ahead(self) -> None:
-        """Have the prefetcher download the group's shards not yet here, then the next group's."""
+        """Have the prefetcher download the group's shards not yet here, then the next group's (only those
+        with positions left to read: after a resume on another layout, some are consumed whole)."""
         if self.prefetch is not None:
-            ahead = self.ds.dealing.group_shards(self.slot, self.g + 1)
-            self.prefetch.want([s for s in sorted(self._group_shards) if s not in self._cache] +
-                               [s for s in sorted(ahead) if s not in self._group_shards])
+            dealing, base = self.ds.dealing, self.ds.base
+            now, ahead = (dealing.open_group_shards(self.slot, g, base) for g in (self.g, self.g + 1))
+            self.prefetch.want([s for s in now if s not in self._cache] + [s for s in ahead if s not in now])
 
     def pull(self) -> Optional[tuple[int, int]]:
         """Next (epoch, position) of this slot, or None when its epochs are done."""
@@ -100,6 +101,8 @@ class ShardCursor:
                 self._cache[shard] = got
             except (RemoteError, TooLarge) as err:
                 raise DataError(str(err)) from None
+            except ValueError as err:  # e.g. a URL urllib refuses
+                raise DataError(f"{self.ds.manifest.shard_path(shard)}: {type(err).__name__}: {err}") from None
             except OSError as err:
                 raise DataError(f"{self.ds.manifest.shard_path(shard)}: {err.strerror or err}") from None
         tar = self._cache[shard]

@@ -41,6 +41,7 @@ class TarShard:
 def index_tar(file: BinaryIO, name: str) -> tuple[list[tuple[str, dict]], Optional[str]]:
     """[(key, {extension: (offset, size)})] of the tar in `file`, in stored order, and the error that
     ended the index early (None for an intact tar)."""
+    file.flush()  # (a file just written may hold its end in its buffer)
     size = os.fstat(file.fileno()).st_size
     errors: list[str] = []
 

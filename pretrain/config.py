@@ -104,3 +104,12 @@ class ExperimentConfig(Config):
     train: TrainConfig = knob(TrainConfig(), "optimisation")
     checkpoint: CheckpointConfig = knob(CheckpointConfig(), "checkpointing")
     wandb: WandbConfig = knob(WandbConfig(), "Weights & Biases logging")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from pretrain.distributed import PROCESS_GROUP_TIMEOUT
+        d, limit = self.data, PROCESS_GROUP_TIMEOUT.total_seconds() / 2
+        if d.retry_budget + d.read_timeout + d.retry_backoff_max > limit:
+            raise ConfigError(f"data.retry_budget + data.read_timeout + data.retry_backoff_max = "
+                              f"{d.retry_budget + d.read_timeout + d.retry_backoff_max:g} s: must stay within {limit:g} s, "
+                              "half the process-group timeout (the other ranks wait for a rank that retries)")

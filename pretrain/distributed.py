@@ -3,10 +3,16 @@ one task per GPU through slurm.submit / slurm/train.sbatch, or one task per node
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import os
 import socket
 
 import torch
+
+
+# How long a collective may wait for a rank (every group: DeepSpeed's own default is 10 min, torch's 30).
+# A rank retrying a remote read holds the others in the step's collective: data.retry_budget fits in it.
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 class LaunchError(RuntimeError):
@@ -53,10 +59,10 @@ def init_distributed() -> DistInfo:
     if cuda:  # a site that binds one GPU per task shows each task only its own (device 0)
         local_rank %= torch.cuda.device_count()
         torch.cuda.set_device(local_rank)
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False, timeout=PROCESS_GROUP_TIMEOUT)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     # Host-side agreement (stop on a signal?) goes through gloo so that it never waits on the GPU stream.
-    control = torch.distributed.new_group(backend="gloo") if cuda else None
+    control = torch.distributed.new_group(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT) if cuda else None
     return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, control)
 
 

@@ -73,7 +73,7 @@ class Trainer:
         self.loader, error = None, None
         try:
             self.loader = PackedLoader(cfg.data, cfg.model, t.micro_batch_size, dist.rank, dist.world_size)
-        except (DataError, FileNotFoundError, ValueError) as e:
+        except (DataError, FileNotFoundError) as e:
             error = e
         self.stop_if_any_failed(error)
         self.eval_sampler = EvalSampler(cfg, self.loader.manifests, dist.is_main)
@@ -257,8 +257,13 @@ class Trainer:
         the same number of forwards (ZeRO-3 gathers parameters in each): a rank whose share of the
         held-out data ran out feeds an all-padding batch, which adds no token."""
         cfg = self.cfg
-        loader = PackedLoader(cfg.data.replace(num_workers=0), cfg.model, cfg.train.micro_batch_size,
-                              self.dist.rank, self.dist.world_size, datasets=cfg.data.eval_datasets, num_epochs=1)
+        loader, error = None, None
+        try:  # a manifest unreadable on one rank stops every rank, with its line
+            loader = PackedLoader(cfg.data.replace(num_workers=0), cfg.model, cfg.train.micro_batch_size,
+                                  self.dist.rank, self.dist.world_size, datasets=cfg.data.eval_datasets, num_epochs=1)
+        except (DataError, FileNotFoundError) as e:
+            error = e
+        self.stop_if_any_failed(error)
         batches = iter(loader)
         empty = pack_rows([[] for _ in range(cfg.train.micro_batch_size)], cfg.data.seq_len)
         sums, counts = [0.0, 0.0], torch.zeros(2, dtype=torch.long)

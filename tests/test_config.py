@@ -77,3 +77,11 @@ def test_experiment_values_out_of_range_name_their_key(override, key):
     from pretrain.config import ExperimentConfig
     with pytest.raises(ConfigError, match=key):
         load_config(ExperimentConfig, None, ["train.max_steps=5", override])
+
+
+def test_a_retry_budget_longer_than_the_ranks_wait_is_refused():
+    """A rank retrying a read holds the others in a collective: the budget must fit in the timeout."""
+    from pretrain.config import ExperimentConfig
+    assert load_config(ExperimentConfig, None, ["data.retry_budget=600"]).data.retry_budget == 600
+    with pytest.raises(ConfigError, match=r"data.retry_budget \+ data.read_timeout \+ data.retry_backoff_max = 930 s"):
+        load_config(ExperimentConfig, None, ["data.retry_budget=840"])

@@ -25,12 +25,14 @@ import http.server
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import urllib.parse
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -141,6 +143,7 @@ class FaultServer:
 
     def __init__(self, root, rules: Optional[dict] = None, ranges: bool = True):
         self.dir = Path(tempfile.mkdtemp(prefix="fault-server-"))
+        weakref.finalize(self, shutil.rmtree, self.dir, True)  # its log stays readable after stop()
         self.log_path, port_file = self.dir / "requests.jsonl", self.dir / "port"
         cmd = [sys.executable, "-m", "data_pipelines.transport.fault_server", str(root), "--port-file", str(port_file),
                "--rules", json.dumps(rules or {}), "--log", str(self.log_path)] + ([] if ranges else ["--no-ranges"])

@@ -87,6 +87,7 @@ def download(where: str, out: BinaryIO, policy: ReadPolicy, stats: Optional[Read
             finally:
                 source.close()
             if sha256 is None or digest.hexdigest() == sha256:
+                out.flush()  # the last chunks may wait in the file's buffer: readers of its fd must see them
                 return attempt.held
             failure = AttemptFailed(f"sha256 {digest.hexdigest()[:16]}... of {attempt.held} bytes, the manifest "
                                     f"says {sha256[:16]}...", permanent=True)

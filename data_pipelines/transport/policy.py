@@ -2,7 +2,7 @@
 
 A read that fails is retried after a backoff that doubles from `backoff` up to `backoff_max`, each
 delay drawn in [d/2, d] (jitter: a thousand readers that failed together do not retry together),
-until `retry_budget` seconds have passed since the read began. A permanent failure (HTTP 404, 403,
+until `retry_budget` seconds have passed since the read's first failure. A permanent failure (HTTP 404, 403,
 401, 410; a file whose bytes do not match its sha256) is checked once more, then final.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ PERMANENT_HTTP = (401, 403, 404, 410)
 class ReadPolicy:
     read_timeout: float = 60.0      # seconds without a byte (or below min_speed) before a read is aborted
     min_speed: float = 0.0          # bytes/s a transfer must keep up over each read_timeout window (0: any byte)
-    retry_budget: float = 600.0     # seconds a file may take from its first attempt to its last retry
+    retry_budget: float = 300.0     # seconds from a read's first failure until it gives up
     backoff: float = 0.5            # seconds before the first retry
     backoff_max: float = 30.0       # cap of the doubling backoff
     max_bytes: int = 0              # a larger file is refused at once (0: no limit)

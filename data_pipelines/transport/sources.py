@@ -4,12 +4,13 @@ HTTP(S) goes through urllib (proxies from the environment, redirects, TLS): a so
 `timeout` seconds bounds every wait (connect, headers, each read), a `Range: bytes=N-` header asks
 for the rest of a broken transfer, and the status code says whether a failure is permanent. A
 `pipe:` command runs in a process group of its own that dies with this process; its stdout is read
-with select(), so it too never blocks longer than `timeout`, and an aborted attempt kills the group.
+with poll(), so it too never blocks longer than `timeout`, and an aborted attempt kills the group.
 A source's body starts at `start` (the offset asked for when the server honoured it, else 0).
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import http.client
 import os
 import re
@@ -31,10 +32,10 @@ SETPRIV = shutil.which("setpriv")  # util-linux: sets the death signal, then exe
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def die_with_parent() -> None:
-    """Have the kernel SIGKILL this process when the thread that started it exits (Linux prctl),
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send `sig` to this process when the thread that started it exits (Linux prctl),
     so that nothing this process started outlives a killed rank."""
-    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
 
 
 class HttpSource:
@@ -87,20 +88,27 @@ class HttpSource:
 class PipeSource:
     def __init__(self, command: str, timeout: float):
         self.timeout, self.start, self.total, self.stderr = timeout, 0, None, b""
-        argv = ["/bin/sh", "-c", command]
-        self.process = subprocess.Popen([SETPRIV, "--pdeathsig", "KILL", "--", *argv] if SETPRIV else argv,
+        # The outer shell gets the death signal (TERM) and passes it to the whole process group as KILL:
+        # the command, its pipeline and its children (setpriv marks only the process it starts).
+        argv = ["/bin/sh", "-c", 'trap "kill -KILL 0" TERM; /bin/sh -c "$1" & wait $!', "sh", command]
+        self.process = subprocess.Popen([SETPRIV, "--pdeathsig", "TERM", "--", *argv] if SETPRIV else argv,
                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        process_group=0, preexec_fn=None if SETPRIV else die_with_parent)
+                                        process_group=0,
+                                        preexec_fn=None if SETPRIV else functools.partial(die_with_parent, signal.SIGTERM))
         self.open = {self.process.stdout.fileno(), self.process.stderr.fileno()}
 
     def _wait(self, deadline: float) -> Optional[int]:
-        """Read stderr until stdout is ready or at its end; the fd that became ready, None at the deadline."""
+        """Read stderr until stdout is ready or at its end; the fd that became ready, None at the deadline.
+        (poll, not select: a rank of a large job may hold more than select's 1024 descriptors.)"""
         out, err = self.process.stdout.fileno(), self.process.stderr.fileno()
         while self.open:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            ready, _, _ = select.select(sorted(self.open), [], [], left)
+            poller = select.poll()
+            for fd in self.open:
+                poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+            ready = {fd for fd, _ in poller.poll(left * 1000)}
             if err in ready:
                 data = os.read(err, 65536)
                 self.stderr = (self.stderr + data)[-4096:]
