@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import signal
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +39,7 @@ from pretrain.ema import ShardedEMA
 from pretrain.job_history import FINISHED
 from pretrain.process import run_and_exit
 from pretrain.engine import build_engine
+from pretrain.failures import next_batch, say_error, stop_if_any_failed
 from pretrain.eval_samples import EvalSampler
 from pretrain.metrics import RunLogger, batch_flops, loss_record, peak_flops
 from pretrain.release import init_from_release
@@ -51,10 +51,6 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # checkpoint at the end of the 
 
 def noise_generator(*keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(stateless_uniform(*keys) * 2 ** 62))
-
-
-class PeerFailed(DataError):
-    """Another rank could not read its data (it says why); this rank stops with it."""
 
 
 class Trainer:
@@ -75,7 +71,7 @@ class Trainer:
             self.loader = PackedLoader(cfg.data, cfg.model, t.micro_batch_size, dist.rank, dist.world_size)
         except (DataError, FileNotFoundError) as e:
             error = e
-        self.stop_if_any_failed(error)
+        stop_if_any_failed(self.dist, error)
         self.eval_sampler = EvalSampler(cfg, self.loader.manifests, dist.is_main)
         torch.manual_seed(cfg.run.seed)
         model = UnifiedTransformer(cfg.model)
@@ -150,32 +146,6 @@ class Trainer:
             self.stop_signal = signum
 
     # ---- steps ---------------------------------------------------------------------------
-    def stop_if_any_failed(self, error: Optional[BaseException], known: bool = False) -> None:
-        """Raise on every rank when any rank's `error` is not None: that rank's own error (a DataError is
-        its one line), PeerFailed naming the failed rank on the others. `known`: every rank already
-        knows that some rank failed (else one flag is all-reduced first)."""
-        if self.dist.world_size == 1 or not (known or any_rank(error is not None, self.dist.control_group)):
-            if error is not None:
-                raise error
-            return
-        said = all_gather_objects(None if error is None else f"{type(error).__name__}: {error}",
-                                  self.dist.control_group)
-        if error is not None:
-            raise error
-        failed = [r for r, e in enumerate(said) if e is not None]
-        raise PeerFailed(f"stopping: rank {failed[0]} could not read its data" +
-                         (f" (and ranks {failed[1:]})" if len(failed) > 1 else "") + "; its error is in its log")
-
-    def next_batches(self, batches, n: int) -> tuple[list, Optional[BaseException]]:
-        """Up to n batches from `batches`, and the error that cut them short (the run stops on it)."""
-        out = []
-        try:
-            for batch in itertools.islice(batches, n):
-                out.append(batch)
-        except Exception as e:  # any loader failure stops every rank at the step's collective
-            return out, e
-        return out, None
-
     def step_token_counts(self, micro: list, failed: bool = False) -> list[int]:
         """[ranks whose data ended, ranks whose data failed, text targets, latent loss tokens] of this
         optimizer step, summed over every micro-batch of every rank (one all-reduce on CPU tensors: no
@@ -223,16 +193,16 @@ class Trainer:
         global token counts). StopIteration on every rank when any rank's data ended."""
         micro, keys, error = [], [], None
         for _ in range(self.cfg.train.grad_accum):
-            got, error = self.next_batches(batches, 1)
-            if not got:
+            batch, error = next_batch(batches)
+            if batch is None:
                 break
             if self.cfg.train.log_samples:
                 self._log_samples(len(micro))
-            micro.append(got[0])
-            keys.append(self.row_keys(self.loader, got[0].shape[0]))
+            micro.append(batch)
+            keys.append(self.row_keys(self.loader, batch.shape[0]))
         ended, failed, *counts = self.step_token_counts(micro, error is not None)
         if failed:
-            self.stop_if_any_failed(error, known=True)
+            stop_if_any_failed(self.dist, error, known=True)
         if ended:
             raise StopIteration
         sums = self.accumulate(micro, counts, keys)
@@ -263,17 +233,16 @@ class Trainer:
                                   self.dist.rank, self.dist.world_size, datasets=cfg.data.eval_datasets, num_epochs=1)
         except (DataError, FileNotFoundError) as e:
             error = e
-        self.stop_if_any_failed(error)
+        stop_if_any_failed(self.dist, error)
         batches = iter(loader)
         empty = pack_rows([[] for _ in range(cfg.train.micro_batch_size)], cfg.data.seq_len)
         sums, counts = [0.0, 0.0], torch.zeros(2, dtype=torch.long)
         self.engine.eval()
         for _ in range(cfg.train.eval_batches) if cfg.train.eval_batches else itertools.count():
-            got, error = self.next_batches(batches, 1)
-            batch = got[0] if got else None
+            batch, error = next_batch(batches)
             more, failed = sum_over_ranks([batch is not None, error is not None], group=self.dist.control_group)
             if failed:
-                self.stop_if_any_failed(error, known=True)
+                stop_if_any_failed(self.dist, error, known=True)
             if not more:
                 break
             batch = empty if batch is None else batch
@@ -376,12 +345,6 @@ class Outcome:
     code: int  # the exit code: 0 = finished or stopped by a signal (checkpointed), 2 = bad input
     stop_signals: tuple = ()  # the signals (received by any rank) that stopped the run before its end
     step: int = 0
-
-
-def say_error(line: str) -> None:
-    """One line on stderr in one write: ranks sharing a launcher's stderr do not interleave it."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
 
 
 def main(argv=None) -> int:
