@@ -146,12 +146,6 @@ class DatasetOrder:
         perm = np.random.default_rng([self.seed, e, shard, 1]).permutation(n) if self.shuffle else np.arange(n)
         return perm.astype(np.int32) if n < 2 ** 31 else perm
 
-    def shards(self, e: int, a: int, b: int) -> list[int]:
-        """The shards holding positions [a, b) of epoch e."""
-        perm, starts = self.epoch(e)
-        i, j = np.searchsorted(starts, [a, b - 1], side="right") - 1
-        return perm[i:j + 1].tolist() if b > a else []
-
     def locate(self, e: int, p: int) -> tuple[int, int]:
         """Position p of epoch e -> (shard index, sample index inside the shard's stored order)."""
         perm, starts = self.epoch(e)
@@ -203,19 +197,16 @@ class Dealing:
         """(epoch, a, b) of each unit of the slot's g-th group in an epoch still to read: positions [a, b)."""
         return [(e, *self.unit_range(e, i)) for e, i in self.group(slot, g) if not self.exhausted(e)]
 
-    def group_shards(self, slot: int, g: int) -> set[int]:
-        """The shards the slot's g-th group reads."""
-        return {shard for e, a, b in self.group_ranges(slot, g) for shard in self.order.shards(e, a, b)}
-
-    def open_group_shards(self, slot: int, g: int, base: dict[int, Intervals]) -> list[int]:
-        """The shards the slot's g-th group still reads something of (positions not in the base), in order."""
+    def group_shards(self, slot: int, g: int, base: Optional[dict[int, Intervals]] = None) -> list[int]:
+        """The shards the slot's g-th group reads, in order; with `base`, only those it still reads
+        something of (positions not in the base)."""
         out = []
         for e, a, b in self.group_ranges(slot, g):
             perm, starts = self.order.epoch(e)
             i, j = np.searchsorted(starts, [a, b - 1], side="right") - 1 if b > a else (0, -1)
             for k in range(int(i), int(j) + 1):
                 lo, hi = max(a, int(starts[k])), min(b, int(starts[k + 1]))
-                if e not in base or not base[e].covers_range(lo, hi):
+                if not base or e not in base or not base[e].covers_range(lo, hi):
                     out.append(int(perm[k]))
         return list(dict.fromkeys(out))
 

@@ -64,7 +64,7 @@ class ShardCursor:
         with positions left to read: after a resume on another layout, some are consumed whole)."""
         if self.prefetch is not None:
             dealing, base = self.ds.dealing, self.ds.base
-            now, ahead = (dealing.open_group_shards(self.slot, g, base) for g in (self.g, self.g + 1))
+            now, ahead = (dealing.group_shards(self.slot, g, base) for g in (self.g, self.g + 1))
             self.prefetch.want([s for s in now if s not in self._cache] + [s for s in ahead if s not in now])
 
     def pull(self) -> Optional[tuple[int, int]]:
@@ -99,12 +99,11 @@ class ShardCursor:
                 if got is None:  # (not `or`: a shard of no readable sample is empty, and so false)
                     got = open_shard(self.ds.manifest, shard, self.policy, self.stats)
                 self._cache[shard] = got
-            except (RemoteError, TooLarge) as err:
+            except (RemoteError, TooLarge) as err:  # their message names the shard
                 raise DataError(str(err)) from None
-            except ValueError as err:  # e.g. a URL urllib refuses
-                raise DataError(f"{self.ds.manifest.shard_path(shard)}: {type(err).__name__}: {err}") from None
-            except OSError as err:
-                raise DataError(f"{self.ds.manifest.shard_path(shard)}: {err.strerror or err}") from None
+            except (OSError, ValueError) as err:  # a missing local file, a URL urllib refuses, ...
+                why = getattr(err, "strerror", None) or f"{type(err).__name__}: {err}"
+                raise DataError(f"{self.ds.manifest.shard_path(shard)}: {why}") from None
         tar = self._cache[shard]
         if index >= len(tar):
             raise BadSample(f"{tar.name}: sample {index} unreadable ({tar.error or 'missing'})")

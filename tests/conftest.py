@@ -23,6 +23,15 @@ def test_data(tmp_path_factory):
     return build_test_data(tmp_path_factory.mktemp("data"))
 
 
+@pytest.fixture
+def www(test_data, tmp_path):
+    """The test digits and text shard folders, copied under one root (to be served over HTTP)."""
+    import shutil
+    for name in ("digits", "text"):
+        shutil.copytree(test_data[name], tmp_path / "www" / name)
+    return tmp_path / "www"
+
+
 @pytest.fixture(scope="module")
 def tiny_config(test_data, tmp_path_factory):
     """configs/tiny-cpu.yaml pointed at the test shards, with the tokenizer's vocabulary."""

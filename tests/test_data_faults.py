@@ -4,7 +4,6 @@ with one line naming it, and leaves no process behind; a stall that clears is re
 metrics, and the run finishes; an outage leaves the batches as they were from the folder."""
 import json
 import os
-import shutil
 import time
 import uuid
 
@@ -16,13 +15,6 @@ from tests.test_remote import first_shard, intruder_tar
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 FAST = ["data.retry_backoff=0.2", "data.retry_backoff_max=1", "data.min_read_speed=0"]
-
-
-@pytest.fixture
-def www(test_data, tmp_path):
-    for name in ("digits", "text"):
-        shutil.copytree(test_data[name], tmp_path / "www" / name)
-    return tmp_path / "www"
 
 
 def processes_with(marker: str) -> list[int]:

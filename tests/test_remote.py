@@ -5,7 +5,6 @@ import io
 import itertools
 import os
 import re
-import shutil
 import time
 
 import pytest
@@ -20,14 +19,6 @@ from data_pipelines.transport.policy import ReadPolicy, ReadStats, RemoteError, 
 from tests.data_fixtures import data_config, model_config
 
 FAST = dict(retry_backoff=0.05, retry_backoff_max=0.2, min_read_speed=0)  # a loaded machine is slow
-
-
-@pytest.fixture
-def www(test_data, tmp_path):
-    """The test digits and text shard folders, copied under one root (to be served)."""
-    for name in ("digits", "text"):
-        shutil.copytree(test_data[name], tmp_path / "www" / name)
-    return tmp_path / "www"
 
 
 def batches(paths, n=6, rank=0, world_size=2, loader_out=None, **kw):
