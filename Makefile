@@ -42,7 +42,14 @@ demo: data
 	$(PY) -m pretrain.sample --model $(DEMO_DIR)/run --kind text --prompt "The Python tutorial" \
 		--max-new-tokens 40 --temperature 0.8 --top-p 0.9
 
-test: install
+# img2dataset, the tests' source of real webdataset shards, in a venv of its own (it pins webdataset<0.3)
+IMG2DATASET_VENV ?= .venv-img2dataset
+$(IMG2DATASET_VENV)/.installed:
+	test -x $(IMG2DATASET_VENV)/bin/python || python3 -m venv $(IMG2DATASET_VENV)
+	$(IMG2DATASET_VENV)/bin/pip install -q img2dataset==1.47.0
+	touch $@
+
+test: install $(IMG2DATASET_VENV)/.installed
 	$(PY) -m pytest -q
 
 test-fast: install
@@ -57,4 +64,4 @@ slurm-down: install
 	$(PY) -m slurm.local_cluster down --dir $(SLURM_DIR)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(IMG2DATASET_VENV) .pytest_cache

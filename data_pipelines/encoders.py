@@ -103,13 +103,14 @@ def encode_video(encoder, video: np.ndarray) -> np.ndarray:
     return encoder.encode_images(video).transpose(1, 0, 2, 3)
 
 
-def build_encoder(name: str, vae: str | None = None, channels: int = 3):
+def build_encoder(name: str, vae: str | None = None, channels: int = 3, device: str | None = None):
+    """An encoder by name; a VAE runs on `device` (default: the GPU when there is one)."""
     if name == "pixels":
         return PixelEncoder(channels)
     if name == "vae":
         if not vae:
             raise ValueError("encoder: 'vae' needs --vae DIR (a diffusers AutoencoderKL folder)")
-        return VAEEncoder(vae)
+        return VAEEncoder(vae, device)
     raise ValueError(f"encoder: {name!r} is not one of {'|'.join(ENCODERS)}")
 
 

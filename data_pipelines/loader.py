@@ -136,7 +136,7 @@ class PackedLoader:
         except ValueError as e:  # not JSON, another format, edited by hand, too large, a malformed URL
             raise DataError(str(e)) from None
         for e, m in zip(self.entries, self.manifests):
-            if m.latent_channels != model_cfg.latent_channels:
+            if m.latent_shapes and m.latent_channels != model_cfg.latent_channels:  # (a text-only set has none)
                 raise DataError(f"{e.path}: latents have {m.latent_channels} channels, "
                                 f"model.latent_channels is {model_cfg.latent_channels}")
             if m.num_samples == 0:

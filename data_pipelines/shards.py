@@ -50,12 +50,16 @@ class Manifest:
     latent_shapes: dict = field(default_factory=dict)  # kind -> the most common [C,(T,)H,W]
     tokenizer: dict = field(default_factory=dict)      # {fingerprint, vocab_size, path}
     source: dict = field(default_factory=dict)         # the source's name and options
+    resolution: dict = field(default_factory=dict)     # data_pipelines.ingest.resolution: how images were sized
+    skipped: dict = field(default_factory=dict)        # reason -> samples of the source not written
+    shape_counts: dict = field(default_factory=dict)   # kind -> {"CxHxW": documents} (ingest sources)
 
     @classmethod
     def from_json(cls, root: str | Path, raw: dict) -> "Manifest":
         return cls(str(root), tuple(ShardInfo(**s) for s in raw["shards"]), raw["num_samples"], raw["fingerprint"],
                    raw.get("encoder"), raw.get("latent_channels", 0), dict(raw.get("latent_shapes", {})),
-                   dict(raw.get("tokenizer", {})), dict(raw.get("source", {})))
+                   dict(raw.get("tokenizer", {})), dict(raw.get("source", {})), dict(raw.get("resolution", {})),
+                   dict(raw.get("skipped", {})), dict(raw.get("shape_counts", {})))
 
     @property
     def tokenizer_path(self) -> Optional[str]:
@@ -78,6 +82,49 @@ class BadSample(ValueError):
     """A sample that cannot be decoded; the message names the shard and key."""
 
 
+class ShardFile:
+    """One tar shard being written: under `NAME.tmp` until `finish()` hashes it and renames it, so a
+    killed writer never leaves a shard that looks complete."""
+
+    def __init__(self, out_dir: str | Path, name: str):
+        self.out, self.name = Path(out_dir), name
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.out / (name + ".tmp"), "wb")
+        self._tar = wds.TarWriter(self._file, mtime=0.0)
+        self.samples = 0
+
+    def write(self, key: str, doc: dict, arrays: dict[str, np.ndarray]) -> None:
+        """Add sample `key`: its JSON document and one `.npy` entry per array."""
+        sample = {"__key__": key, "json": json.dumps(doc, separators=(",", ":")).encode()}
+        for name, arr in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, arr, allow_pickle=False)
+            sample[name] = buf.getvalue()
+        self._tar.write(sample)
+        self.samples += 1
+
+    def finish(self) -> dict:
+        """Close, hash and rename the shard; its manifest entry {name, samples, sha256}."""
+        self._tar.close()
+        self._file.close()
+        tmp = self.out / (self.name + ".tmp")
+        entry = {"name": self.name, "samples": self.samples, "sha256": file_sha256(tmp)}
+        os.replace(tmp, self.out / self.name)
+        return entry
+
+    def abandon(self) -> None:
+        self._file.close()
+        (self.out / (self.name + ".tmp")).unlink(missing_ok=True)
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class ShardSetWriter:
     """Write samples into numbered tar shards of `samples_per_shard` samples each."""
 
@@ -88,49 +135,38 @@ class ShardSetWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         self.per_shard, self.prefix = samples_per_shard, prefix
         self.shards: list[dict] = []
-        self._tar: Optional[wds.TarWriter] = None
-        self._file = None
-        self._count = 0
-
-    def _open(self) -> None:
-        name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._file = open(self.out / (name + ".tmp"), "wb")
-        self._tar = wds.TarWriter(self._file, mtime=0.0)
-        self.shards.append({"name": name, "samples": 0})
-
-    def _finish(self) -> None:
-        self._tar.close()
-        self._file.close()
-        entry = self.shards[-1]
-        tmp = self.out / (entry["name"] + ".tmp")
-        entry["sha256"] = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        os.replace(tmp, self.out / entry["name"])
-        self._tar = None
+        self._shard: Optional[ShardFile] = None
 
     def write(self, key: str, doc: dict, arrays: dict[str, np.ndarray]) -> None:
-        if self._tar is None:
-            self._open()
-        sample = {"__key__": key, "json": json.dumps(doc, separators=(",", ":")).encode()}
-        for name, arr in arrays.items():
-            buf = io.BytesIO()
-            np.save(buf, arr, allow_pickle=False)
-            sample[name] = buf.getvalue()
-        self._tar.write(sample)
-        self.shards[-1]["samples"] += 1
-        if self.shards[-1]["samples"] == self.per_shard:
-            self._finish()
+        if self._shard is None:
+            self._shard = ShardFile(self.out, shard_name(len(self.shards), self.prefix))
+        self._shard.write(key, doc, arrays)
+        if self._shard.samples == self.per_shard:
+            self.shards.append(self._shard.finish())
+            self._shard = None
 
     def close(self, **info) -> Manifest:
         """Finish the last shard and write the manifest (with `info`: encoder, tokenizer, ...)."""
-        if self._tar is not None:
-            self._finish()
-        manifest = {"format": FORMAT, "shards": self.shards,
-                    "num_samples": sum(s["samples"] for s in self.shards), **info}
-        manifest["fingerprint"] = fingerprint(manifest)
-        tmp = self.out / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-        os.replace(tmp, self.out / MANIFEST)
-        return Manifest.from_json(self.out, manifest)
+        if self._shard is not None:
+            self.shards.append(self._shard.finish())
+            self._shard = None
+        return write_manifest(self.out, self.shards, **info)
+
+
+def shard_name(index: int, prefix: str = "shard") -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def write_manifest(out_dir: str | Path, shards: list[dict], **info) -> Manifest:
+    """Write `out_dir/manifest.json` (atomically) for `shards` ({name, samples, sha256}, in order),
+    with `info` (encoder, tokenizer, source, skipped, ...); returns it as a Manifest."""
+    out = Path(out_dir)
+    manifest = {"format": FORMAT, "shards": shards, "num_samples": sum(s["samples"] for s in shards), **info}
+    manifest["fingerprint"] = fingerprint(manifest)
+    tmp = out / f"{MANIFEST}.{os.getpid()}.tmp"  # tasks that finish together may both write it
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out / MANIFEST)
+    return Manifest.from_json(out, manifest)
 
 
 # Where the tokenizer, the VAE and the source files were when the shards were written: recorded, but

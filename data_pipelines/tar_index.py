@@ -3,7 +3,8 @@ with pread, so a shard's bytes stay in the file (or the page cache), not in the 
 
 Samples are grouped by key as webdataset groups them (its `group_by_keys`: KEY.EXT members in a
 row, extensions lower-cased, `__meta__` members skipped). A truncated or corrupt tar keeps the
-samples before the damage and reports the damage as `error`.
+samples before the damage and reports the damage as `error` (a tar cut between two members too: it
+lacks the end-of-archive marker).
 """
 from __future__ import annotations
 
@@ -61,6 +62,12 @@ def index_tar(file: BinaryIO, name: str) -> tuple[list[tuple[str, dict]], Option
                         errors.append(f"truncated: {info.name} ends at byte {info.offset_data + info.size} of {size}")
                         return
                     yield {"fname": info.name, "data": (info.offset_data, info.size), "__url__": name}
+                # tarfile ends quietly at end of file, so a tar cut between two members looks whole but
+                # for its end-of-archive marker: two zero blocks
+                file.seek(tar.offset)
+                marker = file.read(1024)
+                if len(marker) < 1024 or marker.count(0) < 1024:
+                    errors.append(f"truncated: no end-of-archive marker after byte {tar.offset} of {size}")
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
             errors.append(f"{type(e).__name__}: {e}")
 

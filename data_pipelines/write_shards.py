@@ -3,24 +3,37 @@
     python -m data_pipelines.write_shards --source digits --encoder pixels \\
         --tokenizer tok.model --out shards/digits --samples-per-shard 256
     python -m data_pipelines.write_shards --source jsonl --input docs.jsonl --encoder vae --vae my_vae/ ...
+    python -m data_pipelines.write_shards --source webdataset --input laion/ --encoder vae --vae my_vae/ \
+        --tokenizer tok.model --out shards/laion --max-pixels 65536 --seq-len 1024 --tasks 64 --task 3
 
-Text is stored as token ids, images and videos as latents (`.npy`, float16).
+Text is stored as token ids, images and videos as latents (`.npy`, float16). The webdataset and
+parquet sources (data_pipelines.ingest) are split over tasks (--tasks/--task, or Slurm's or
+torchrun's rank variables), write one output shard per input unit, resume after a kill, and merge
+the manifest when the last task finishes (or by `python -m data_pipelines.merge_shards OUT`).
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from itertools import islice
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 from tqdm import tqdm
 
 from data_pipelines.encoders import ENCODERS, build_encoder, encode_video
+from data_pipelines.ingest.extract import ExtractError, Preparation, extract
+from data_pipelines.ingest.inputs import INGEST_SOURCES, ReadOptions, list_units
+from data_pipelines.ingest.parts import units_digest
+from data_pipelines.ingest.resolution import ResolutionPolicy
+from data_pipelines.ingest.tasks import task_device, task_split
 from data_pipelines.shards import Manifest, ShardSetWriter
 from data_pipelines.sources import SOURCES, get_source
 from data_pipelines.tokenizer import Tokenizer
+from model.layout import LayoutSpec
 
 
 def _chunks(it: Iterable, n: int) -> Iterator[list]:
@@ -80,14 +93,56 @@ def write_shards(source: str, out: str, tokenizer: str, encoder: str = "pixels",
     return writer.close(source={"name": source, **{k: v for k, v in source_options.items() if v is not None}},
                         encoder=enc.describe(), latent_channels=enc.channels,
                         latent_shapes={k: list(c.most_common(1)[0][0]) for k, c in shapes.items() if c},
-                        tokenizer={"fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size,
-                                   "path": str(tok.path.resolve())})
+                        tokenizer=_describe_tokenizer(tok))
 
 
-def main(argv=None) -> int:
+def _describe_tokenizer(tok: Tokenizer) -> dict:
+    return {"fingerprint": tok.fingerprint(), "vocab_size": tok.vocab_size, "path": str(tok.path.resolve())}
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """How images are sized and which documents fit (the ingest sources' flags)."""
+    image_size: Optional[int] = None
+    max_pixels: Optional[int] = None
+    min_size: int = 0
+    patch_size: int = 2
+    layout: str = "monoformer"
+    seq_len: int = 1024
+    max_tokens: Optional[int] = None  # default: seq_len
+
+
+def write_image_shards(source: str, out: str, tokenizer: str, inputs: list[str], encoder: str = "vae",
+                       vae: Optional[str] = None, channels: int = 3, sizing: Sizing = Sizing(),
+                       read: ReadOptions = ReadOptions(), tasks: Optional[int] = None, task: Optional[int] = None,
+                       batch: int = 32, workers: int = 2, max_bad_fraction: float = 0.01,
+                       progress: bool = True) -> dict:
+    """Extract this task's share of an img2dataset/webdataset or parquet source (data_pipelines.ingest)."""
+    task, tasks = task_split(tasks, task)
+    tok = Tokenizer(tokenizer)
+    enc = build_encoder(encoder, vae, channels, device=task_device())
+    policy = ResolutionPolicy(sizing.image_size, sizing.max_pixels, sizing.min_size,
+                              enc.spatial_factor * sizing.patch_size)
+    max_tokens = sizing.max_tokens or sizing.seq_len
+    spec = LayoutSpec(mode=sizing.layout, patch_size=sizing.patch_size)
+    units = list_units(source, inputs)
+    read_options = {k: v for k, v in vars(read).items() if v is not None and
+                    (source == "parquet") == k.endswith("_column")}
+    recipe = {"source": {"name": source, "input": list(inputs), **read_options}, "encoder": enc.describe(),
+              "latent_channels": enc.channels, "tokenizer": _describe_tokenizer(tok),
+              "resolution": {**policy.describe(), "patch_size": sizing.patch_size, "layout": sizing.layout,
+                             "max_tokens": max_tokens}}
+    prep = Preparation(policy, read, str(tok.path), enc.spatial_factor, spec, max_tokens)
+    return extract(out, units, prep, enc, recipe, task, tasks, units_digest(units), batch, workers,
+                   max_bad_fraction, progress)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", required=True, choices=sorted(SOURCES))
-    p.add_argument("--input", nargs="*", default=None, help="files/folders (text, jsonl sources)")
+    p.add_argument("--source", required=True, choices=sorted(SOURCES) + list(INGEST_SOURCES))
+    p.add_argument("--input", nargs="*", default=None,
+                   help="files/folders (text, jsonl); shards as a folder, files, {a..b} list, http(s) folder or "
+                        "pipe: list (webdataset); tables (parquet)")
     p.add_argument("--num-samples", type=int, default=None, help="documents to write (default: source's)")
     p.add_argument("--crop", type=int, default=None, help="photos: crop size in pixels")
     p.add_argument("--frames", type=int, default=None, help="moving_digits: frames per video")
@@ -100,18 +155,67 @@ def main(argv=None) -> int:
     p.add_argument("--channels", type=int, default=3, help="pixels: 1 (grey) or 3 (RGB)")
     p.add_argument("--tokenizer", required=True, help="tokenizer .model (data_pipelines.train_tokenizer)")
     p.add_argument("--out", required=True)
-    p.add_argument("--samples-per-shard", type=int, default=256)
+    p.add_argument("--samples-per-shard", type=int, default=None,
+                   help="built-in sources (default 256); webdataset/parquet write one shard per input unit")
     p.add_argument("--no-progress", action="store_true")
-    a = p.parse_args(argv)
-    options = {k: v for k, v in dict(input=a.input, num_samples=a.num_samples, crop=a.crop, frames=a.frames,
-                                     max_chars=a.max_chars, skip=a.skip, seed=a.seed).items() if v is not None}
+    g = p.add_argument_group("webdataset and parquet sources")
+    g.add_argument("--caption-key", default=None, help="webdataset: caption from this field of KEY.json "
+                                                        "(default: KEY.txt)")
+    g.add_argument("--image-column", default="jpg", help="parquet: column of image bytes")
+    g.add_argument("--caption-column", default="caption", help="parquet: column of captions")
+    g.add_argument("--image-size", type=int, default=None, help="shorter side to S, center crop S x S")
+    g.add_argument("--max-pixels", type=int, default=None,
+                   help="keep the aspect ratio, scale down to at most N pixels, sides multiples of the encoder's "
+                        "spatial factor x --patch-size")
+    g.add_argument("--min-size", type=int, default=0, help="skip images whose shorter side is smaller")
+    g.add_argument("--patch-size", type=int, default=2, help="the model's patch_size")
+    g.add_argument("--layout", default="monoformer", choices=("monoformer", "acdit"),
+                   help="the model's mode (acdit lays out each latent twice)")
+    g.add_argument("--seq-len", type=int, default=1024, help="the training data.seq_len")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help="skip documents longer than this as laid out for training (default: --seq-len)")
+    g.add_argument("--tasks", type=int, default=None, help="split the input units over N tasks "
+                                                            "(default: Slurm's or torchrun's, else 1)")
+    g.add_argument("--task", type=int, default=None, help="this task, 0..N-1")
+    g.add_argument("--workers", type=int, default=2, help="DataLoader workers decoding and resizing")
+    g.add_argument("--batch", type=int, default=32, help="images per encoder batch")
+    g.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="stop with an error when more of the samples are skipped")
+    return p
+
+
+def main(argv=None) -> int:
+    a = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        m = write_shards(a.source, a.out, a.tokenizer, a.encoder, a.vae, a.channels, a.samples_per_shard,
+        if a.source in INGEST_SOURCES:
+            return _main_ingest(a)
+        options = {k: v for k, v in dict(input=a.input, num_samples=a.num_samples, crop=a.crop, frames=a.frames,
+                                         max_chars=a.max_chars, skip=a.skip, seed=a.seed).items() if v is not None}
+        m = write_shards(a.source, a.out, a.tokenizer, a.encoder, a.vae, a.channels, a.samples_per_shard or 256,
                          progress=not a.no_progress, **options)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, ExtractError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {m.num_samples} samples in {len(m.shards)} shards to {a.out} (fingerprint {m.fingerprint})")
+    return 0
+
+
+def _main_ingest(a) -> int:
+    if a.samples_per_shard is not None:
+        raise ValueError(f"--samples-per-shard: the {a.source} source writes one output shard per input unit")
+    sizing = Sizing(a.image_size, a.max_pixels, a.min_size, a.patch_size, a.layout, a.seq_len, a.max_tokens)
+    read = ReadOptions(a.caption_key, a.image_column, a.caption_column)
+    r = write_image_shards(a.source, a.out, a.tokenizer, a.input or [], a.encoder, a.vae, a.channels, sizing,
+                           read, a.tasks, a.task, a.batch, a.workers, a.max_bad_fraction, not a.no_progress)
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(r["skipped"].items())) or "none"
+    print(f"task done: {r['written']} samples written, skipped: {skipped} ({r['kept']} finished shards kept, "
+          f"{r['redone']} written now)")
+    m = r["manifest"]
+    if m is None:
+        print(f"other tasks are unfinished; when they are done: python -m data_pipelines.merge_shards {a.out}")
+    else:
+        print(f"wrote {m.num_samples} samples in {len(m.shards)} shards to {a.out} (fingerprint {m.fingerprint})")
     return 0
 
 

@@ -53,9 +53,10 @@ def data_info(data_cfg: dict) -> tuple[dict, Optional[Path]]:
 
 
 def info_from_manifests(manifests: list) -> tuple[dict, Optional[Path]]:
-    """({encoder, latent_shapes}, tokenizer path) of a list of shard manifests: the first of each."""
+    """({encoder, latent_shapes}, tokenizer path) of a list of shard manifests: the first of each (the
+    encoder of the first set with latents: a text-only set's encoder encoded nothing)."""
     info, tokenizer = {"encoder": None, "latent_shapes": {}}, None
-    for m in manifests:
+    for m in sorted(manifests, key=lambda m: not m.latent_shapes):
         info["encoder"] = info["encoder"] or m.encoder
         for kind, shape in m.latent_shapes.items():
             info["latent_shapes"].setdefault(kind, shape)

@@ -52,6 +52,19 @@ def tiny_config(test_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+    """A randomly initialised diffusers AutoencoderKL saved to a local folder (factor-2 downsampling)."""
+    from diffusers import AutoencoderKL
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=0.5)
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A real two-node Slurm (slurm.local_cluster): nodes mfnode1 and mfnode2, each slurmd in a
     network and UTS namespace of its own. Started once per test session. Where it cannot be

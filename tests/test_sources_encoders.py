@@ -11,19 +11,6 @@ from data_pipelines.sources import moving_digits, photos, split_paragraphs, text
 from data_pipelines.write_shards import write_shards
 
 
-@pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    """A randomly initialised diffusers AutoencoderKL saved to a local folder (factor-2 downsampling)."""
-    from diffusers import AutoencoderKL
-    torch.manual_seed(0)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        layers_per_block=1, norm_num_groups=4, sample_size=16, scaling_factor=0.5)
-    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    vae.save_pretrained(path)
-    return path
-
-
 def test_moving_digits_make_bouncing_videos_with_captions():
     docs = list(moving_digits(num_samples=4, frames=6, canvas=16, seed=1))
     for doc in docs:

@@ -1,0 +1,180 @@
+"""Latent extraction of image-caption data as a cluster job: one task's share of the input units,
+decoded and resized in DataLoader workers, encoded in full batches in the main process (on the
+task's GPU when there is one) while the workers decode the next images.
+
+Each input unit becomes one output shard, written by a `UnitWriter`: its images are grouped by
+shape and encoded a batch at a time as a group fills, so what the shard holds, in which order,
+depends only on the unit itself, never on how the workers' items interleave; a rerun after a kill
+writes the same bytes. Finished units are recorded in the task's part (data_pipelines.ingest.parts).
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from data_pipelines.documents import build_document
+from data_pipelines.ingest.inputs import InputUnit, ReadOptions, read_unit
+from data_pipelines.ingest.parts import Part, merge_parts, output_name, read_parts, unfinished
+from data_pipelines.ingest.resolution import ResolutionPolicy, Skip
+from data_pipelines.shards import ShardFile
+from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.transport.policy import ReadPolicy, RemoteError
+from model.layout import LayoutSpec
+
+log = logging.getLogger(__name__)
+
+
+class ExtractError(RuntimeError):
+    """Extraction cannot go on (one line: the unit and the reason); finished units stay recorded."""
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What a DataLoader worker does to a source sample before the encoder sees it."""
+    resolution: ResolutionPolicy
+    read: ReadOptions
+    tokenizer: str            # a sentencepiece .model path
+    spatial_factor: int       # pixels per latent cell, per side
+    spec: LayoutSpec          # how training lays a document out (for its length)
+    max_tokens: int           # a longer document is skipped ("too_long")
+    transport: ReadPolicy = field(default_factory=ReadPolicy)
+
+    def document_length(self, tokens: list[int], height: int, width: int) -> int:
+        """Tokens of the document as the training loader lays it out (<bos> caption image <eos>)."""
+        latent = np.zeros((1, height // self.spatial_factor, width // self.spatial_factor), np.float32)
+        return len(build_document([{"tokens": tokens}, {"latent": latent}], self.spec, "generate", False, True))
+
+
+class UnitSamples(IterableDataset):
+    """Items of the units (index, InputUnit) a worker owns, a unit at a time and in stored order:
+    ("doc", u, key, caption, tokens, H,W,3 uint8) | ("skip", u, reason, detail) | ("end", u) |
+    ("error", u, message)."""
+
+    def __init__(self, units: list[tuple[int, InputUnit]], prep: Preparation):
+        self.units, self.prep = units, prep
+
+    def __iter__(self):
+        info = get_worker_info()
+        mine = self.units[info.id::info.num_workers] if info else self.units
+        tok = Tokenizer(self.prep.tokenizer)
+        for u, unit in mine:
+            try:
+                for rec in read_unit(unit, self.prep.read, self.prep.transport):
+                    yield self._prepare(u, unit, rec, tok)
+            except (RemoteError, OSError, ValueError) as e:
+                yield ("error", u, f"{unit.where}: {e}")
+                return
+            yield ("end", u)
+
+    def _prepare(self, u: int, unit: InputUnit, rec, tok: Tokenizer) -> tuple:
+        if isinstance(rec, Skip):
+            return ("skip", u, rec.reason, f"{unit.where}: {rec}")
+        try:
+            image = self.prep.resolution.apply(rec.image)
+            tokens = tok.encode(rec.caption)
+            n = self.prep.document_length(tokens, *image.shape[:2])
+            if n > self.prep.max_tokens:
+                raise Skip("too_long", f"{image.shape[1]}x{image.shape[0]} makes {n} tokens, more than "
+                                       f"--max-tokens {self.prep.max_tokens}")
+        except Skip as s:
+            return ("skip", u, s.reason, f"{unit.where}:{rec.key}: {s}")
+        return ("doc", u, rec.key, rec.caption, tokens, image)
+
+
+class UnitWriter:
+    """The output shard of one input unit: documents grouped by image shape, each group encoded a
+    batch at a time; the shard is renamed into place when the unit ends."""
+
+    def __init__(self, out, unit: int, encoder, batch: int):
+        self.unit, self.encoder, self.batch = unit, encoder, batch
+        self.shard = ShardFile(out, output_name(unit))
+        self.groups: dict[tuple, list] = {}  # shape -> pending (key, caption, tokens, image), first seen first
+        self.skipped, self.shapes = Counter(), Counter()
+
+    def add(self, key: str, caption: str, tokens: list[int], image: np.ndarray) -> None:
+        group = self.groups.setdefault(tuple(image.shape), [])
+        group.append((key, caption, tokens, image))
+        if len(group) == self.batch:
+            self._encode(tuple(image.shape))
+
+    def _encode(self, shape: tuple) -> None:
+        group = self.groups.pop(shape)
+        latents = self.encoder.encode_images(np.stack([g[3] for g in group]).astype(np.float32) / 255.0)
+        for (key, caption, tokens, _), lat in zip(group, latents):
+            doc = {"segments": [{"text": caption, "tokens": tokens},
+                                {"latent": "lat0.npy", "kind": "image", "shape": list(lat.shape)}]}
+            self.shard.write(key, doc, {"lat0.npy": lat})
+            self.shapes[tuple(lat.shape)] += 1
+
+    def finish(self) -> Optional[dict]:
+        """Encode what is pending; the shard's manifest entry (None when every sample was skipped)."""
+        for shape in list(self.groups):
+            self._encode(shape)
+        if not self.shard.samples:
+            self.shard.abandon()
+            return None
+        return self.shard.finish()
+
+
+def _quiet_worker(_):
+    torch.set_num_threads(1)  # decoding is the workers' job; the cores' threads are the encoder's
+
+
+def extract(out, units: list[InputUnit], prep: Preparation, encoder, recipe: dict, task: int, tasks: int,
+            digest: str, batch: int = 32, workers: int = 2, max_bad_fraction: float = 0.01,
+            progress: bool = False) -> dict:
+    """Extract task `task`'s share of `units` into `out`; merge the manifest when every task is done.
+    Returns {"written", "skipped", "kept", "redone", "manifest"}."""
+    part = Part(out, task, tasks, len(units), digest, recipe)
+    todo = [u for u in part.mine() if not part.finished(u)]
+    log.info("task %d of %d: %d input units, %d finished before, %d to do", task, tasks, len(part.mine()),
+             len(part.kept), len(todo))
+    loader = DataLoader(UnitSamples([(u, units[u]) for u in todo], prep), batch_size=None, num_workers=workers,
+                        worker_init_fn=_quiet_worker if workers else None)
+    writers: dict[int, UnitWriter] = {}
+    from tqdm import tqdm
+    bar = tqdm(total=len(todo), desc=f"task {task}/{tasks}", unit="shard", disable=not progress)
+    try:
+        for item in loader:
+            kind, u = item[0], item[1]
+            if kind == "error":
+                raise ExtractError(item[2])
+            w = writers.get(u) or writers.setdefault(u, UnitWriter(out, u, encoder, batch))
+            if kind == "doc":
+                w.add(item[2], item[3], list(item[4]), np.asarray(item[5]))
+            elif kind == "skip":
+                w.skipped[item[2]] += 1
+                log.warning("skipped %s", item[3])
+            else:  # end of the unit
+                part.record(u, writers.pop(u).finish(), w.skipped, w.shapes)
+                bar.update(1)
+                _check_bad_fraction(part, max_bad_fraction, final=False)
+    finally:
+        bar.close()
+        for w in writers.values():
+            w.shard.abandon()
+    _check_bad_fraction(part, max_bad_fraction, final=True)
+    written, skipped = part.totals()
+    result = {"written": written, "skipped": dict(skipped), "kept": len(part.kept), "redone": len(todo),
+              "manifest": None}
+    if not unfinished(read_parts(out)):
+        result["manifest"] = merge_parts(out)
+    return result
+
+
+JUDGED_AFTER = 1000  # samples: a fraction of fewer is judged only when the task ends
+
+
+def _check_bad_fraction(part: Part, limit: float, final: bool) -> None:
+    written, skipped = part.totals()
+    bad = sum(skipped.values())
+    if (final or written + bad >= JUDGED_AFTER) and bad > limit * (written + bad):
+        reasons = ", ".join(f"{r} {n}" for r, n in skipped.most_common())
+        raise ExtractError(f"{bad} of {written + bad} samples skipped ({reasons}), more than --max-bad-fraction "
+                           f"{limit:g}; the finished shards are kept: check the input, or raise the limit and rerun")

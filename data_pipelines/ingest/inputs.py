@@ -1,0 +1,197 @@
+"""Image-caption data as the ecosystem writes it, cut into input units (each becomes one output shard).
+
+* `webdataset`: tar shards as img2dataset writes them (`KEY.jpg|jpeg|png|webp`, `KEY.txt`,
+  `KEY.json`), given as a folder, files, a brace-expanded list (`DIR/{00000..00099}.tar`, also for
+  URLs), an `http(s)://` folder whose index page links them, or a `pipe:` template with `{shard}`
+  (`pipe:aws s3 cp s3://b/{shard} -` and a list of names). A unit is one tar; a remote tar is read
+  through data_pipelines.transport (retried, resumed, spilled to disk) like a training shard.
+* `parquet`: tables of image bytes + captions (pyarrow); a unit is one row group. An image cell is
+  bytes or a struct with a `bytes` field (as Hugging Face datasets store images).
+
+`read_unit` yields `Record`s in stored order and `Skip`s for samples that cannot be used.
+"""
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urljoin
+from typing import Iterator, Optional, Union
+
+from data_pipelines.ingest.resolution import Skip
+from data_pipelines.tar_index import TarShard
+from data_pipelines.transport.fetch import download, spill_file
+from data_pipelines.transport.locations import is_http, is_remote
+from data_pipelines.transport.policy import ReadPolicy
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+INGEST_SOURCES = ("webdataset", "parquet")
+
+
+@dataclass(frozen=True)
+class InputUnit:
+    where: str                    # a path, URL or pipe: command
+    row_group: Optional[int] = None  # parquet
+
+
+@dataclass
+class Record:
+    key: str
+    caption: str
+    image: bytes
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    caption_key: Optional[str] = None  # webdataset: caption from this field of KEY.json (else KEY.txt)
+    image_column: str = "jpg"          # parquet
+    caption_column: str = "caption"    # parquet
+
+
+def list_units(source: str, inputs: list[str], policy: Optional[ReadPolicy] = None) -> list[InputUnit]:
+    """The input units of `inputs`, in a deterministic order (files sorted within a folder)."""
+    if not inputs:
+        raise ValueError(f"--input: the {source} source needs shards or tables to read")
+    if source == "webdataset":
+        return [InputUnit(w) for item in inputs for w in _expand(item, ".tar", policy)]
+    if source == "parquet":
+        import pyarrow.parquet as pq
+        units = []
+        for path in (w for item in inputs for w in _expand(item, ".parquet", policy)):
+            if is_remote(path):
+                raise ValueError(f"{path}: parquet tables are read from local files")
+            try:
+                groups = pq.ParquetFile(path).num_row_groups
+            except Exception as e:  # pyarrow's ArrowInvalid for a file that is not parquet
+                raise ValueError(f"{path}: not a parquet table ({e})") from None
+            units += [InputUnit(path, g) for g in range(groups)]
+        return units
+    raise ValueError(f"source: {source!r} is not one of {'|'.join(INGEST_SOURCES)}")
+
+
+def _expand(item: str, suffix: str, policy: Optional[ReadPolicy]) -> list[str]:
+    import braceexpand
+    names = list(braceexpand.braceexpand(item))
+    if len(names) > 1:
+        return names
+    if item.startswith("pipe:"):
+        raise ValueError(f"{item}: name the shards of a pipe: source with braces, e.g. {{00000..00099}}{suffix}")
+    if is_http(item):
+        return [item] if item.endswith(suffix) else _linked(item, suffix, policy)
+    path = Path(item)
+    if path.is_dir():
+        found = sorted(str(p) for p in path.iterdir() if p.name.endswith(suffix))
+        if not found:
+            raise FileNotFoundError(f"{path}: no *{suffix} files")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    return [str(path)]
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.hrefs: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "a":
+            self.hrefs += [v for k, v in attrs if k == "href" and v]
+
+
+def _linked(url: str, suffix: str, policy: Optional[ReadPolicy]) -> list[str]:
+    """The `*suffix` files an HTTP folder's index page links to (a plain file server's listing)."""
+    base = url.rstrip("/") + "/"
+    timeout = (policy or ReadPolicy()).read_timeout
+    try:
+        with urllib.request.urlopen(base, timeout=timeout) as r:
+            page = r.read(1 << 24).decode("utf-8", "replace")
+    except OSError as e:
+        raise FileNotFoundError(f"{base}: cannot list it ({e}); name the shards: {base}{{00000..00099}}{suffix}") \
+            from None
+    links = _Links()
+    links.feed(page)
+    urls = {urljoin(base, h) for h in links.hrefs}
+    found = sorted(u for u in urls if u.startswith(base) and u.endswith(suffix) and "/" not in u[len(base):])
+    if not found:
+        raise FileNotFoundError(f"{base}: its index page links no *{suffix} file; name the shards: "
+                                f"{base}{{00000..00099}}{suffix}")
+    return found
+
+
+def read_unit(unit: InputUnit, options: ReadOptions, policy: Optional[ReadPolicy] = None) \
+        -> Iterator[Union[Record, Skip]]:
+    """The unit's samples in stored order: a Record, or a Skip naming why a sample is unusable."""
+    if unit.row_group is not None:
+        yield from _parquet_rows(unit, options)
+    else:
+        yield from _tar_samples(unit, options, policy or ReadPolicy())
+
+
+def _tar_samples(unit: InputUnit, options: ReadOptions, policy: ReadPolicy) -> Iterator[Union[Record, Skip]]:
+    if is_remote(unit.where):
+        file = spill_file(policy)
+        try:
+            download(unit.where, file, policy)
+        except BaseException:
+            file.close()
+            raise
+    else:
+        file = open(unit.where, "rb")
+    shard = TarShard(file, unit.where)
+    try:
+        # the damage of a truncated tar may have cut its last sample short: that one is not used
+        for i in range(len(shard) - bool(shard.error)):
+            key, files = shard.sample(i)
+            yield _record(key, files, options)
+        if shard.error:
+            yield Skip("truncated_tar", f"{unit.where}: {shard.error} (the samples before it are kept)")
+    finally:
+        shard.close()
+
+
+def _record(key: str, files: dict[str, bytes], options: ReadOptions) -> Union[Record, Skip]:
+    image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
+    if image is None:
+        return Skip("no_image", f"{key}: none of {'|'.join(IMAGE_EXTENSIONS)} in {sorted(files)}")
+    if options.caption_key:
+        try:
+            caption = json.loads(files["json"])[options.caption_key]
+        except (KeyError, ValueError, TypeError):
+            caption = None
+    else:
+        caption = files["txt"].decode("utf-8", "replace") if "txt" in files else None
+    if not isinstance(caption, str) or not caption.strip():
+        where = f"field {options.caption_key!r} of {key}.json" if options.caption_key else f"{key}.txt"
+        return Skip("no_caption", f"{key}: no caption ({where})")
+    return Record(_safe_key(key), caption.strip(), image)
+
+
+def _safe_key(key: str) -> str:
+    """A key usable as a WebDataset key (no dots, no slashes)."""
+    return re.sub(r"[./]", "_", key)
+
+
+def _parquet_rows(unit: InputUnit, options: ReadOptions) -> Iterator[Union[Record, Skip]]:
+    import pyarrow.parquet as pq
+    table = pq.ParquetFile(unit.where)
+    missing = {options.image_column, options.caption_column} - set(table.schema_arrow.names)
+    if missing:
+        raise ValueError(f"{unit.where}: no column {', '.join(sorted(missing))} (columns: "
+                         f"{', '.join(table.schema_arrow.names)}; set --image-column/--caption-column)")
+    rows = table.read_row_group(unit.row_group, columns=[options.image_column, options.caption_column])
+    stem = _safe_key(Path(unit.where).stem)
+    images, captions = rows.column(0).to_pylist(), rows.column(1).to_pylist()
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        key = f"{stem}-{unit.row_group:05d}-{i:07d}"
+        if isinstance(image, dict):
+            image = image.get("bytes")
+        if not isinstance(image, (bytes, bytearray)) or not image:
+            yield Skip("no_image", f"{key}: column {options.image_column!r} holds no bytes")
+        elif not isinstance(caption, str) or not caption.strip():
+            yield Skip("no_caption", f"{key}: column {options.caption_column!r} is empty")
+        else:
+            yield Record(key, caption.strip(), bytes(image))
