@@ -251,6 +251,15 @@ def test_bad_samples_are_skipped_counted_and_logged_and_a_flood_is_one_line_erro
     assert len(part["done"]) == 5 and (tmp_path / "strict" / "shard-000000.tar").is_file()  # judged at the end
 
 
+def test_a_missing_input_shard_is_one_line_naming_it(laion, test_data, tmp_path):
+    shards, _ = laion
+    with FaultServer(shards, {"00001.tar": {"status": 404}}) as fault:
+        r = write(extract_args(fault.url("{00000..00002}.tar"), tmp_path / "o", test_data))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: {fault.url('00001.tar')}: HTTP 404")
+    assert "Traceback" not in r.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--image-size", "31"], "--image-size 31: must be a positive multiple of 2"),
     (["--image-size", "32", "--max-pixels", "100"], "--image-size or --max-pixels, not both"),
@@ -326,3 +335,20 @@ def test_input_units_from_folders_braces_and_row_groups(laion, tmp_path):
     assert all(r.caption.startswith("a photo of") for r in records) and len(records) == 7  # + 1 undecodable URL
     by_json = list(read_unit(list_units("webdataset", [tars[0]])[0], ReadOptions(caption_key="caption")))
     assert [r.caption for r in by_json] == [r.caption for r in records]
+
+
+def test_a_unit_of_many_shapes_holds_back_a_bounded_number_of_images_and_writes_the_same_bytes(tmp_path):
+    from data_pipelines.encoders import PixelEncoder
+    from data_pipelines.ingest.extract import PENDING_BATCHES, UnitWriter
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (4 + 2 * (i % 12), 6, 3), dtype=np.uint8) for i in range(120)]  # 12 shapes
+    entries = []
+    for run in ("a", "b"):
+        w = UnitWriter(tmp_path / run, 0, PixelEncoder(3), batch=8)
+        held = 0
+        for i, image in enumerate(images):
+            w.add(f"k{i:03d}", "a caption", [20, 21], image)
+            held = max(held, sum(map(len, w.groups.values())))
+        assert held <= PENDING_BATCHES * 8
+        entries.append(w.finish())
+    assert entries[0]["samples"] == 120 and entries[0] == entries[1]

@@ -117,3 +117,13 @@ def test_a_shape_mismatch_names_the_parameter(broken, tmp_path, capsys):
     config["model"]["ffn_dim"] = 64  # the checkpoint's weights are another size
     (broken / "config.json").write_text(json.dumps(config))
     assert_fails_naming(broken, tmp_path / "out", "blocks.0.ffn.w1.weight: shape", capsys)
+
+
+def test_the_encoder_recorded_is_that_of_the_first_set_with_latents():
+    from data_pipelines.shards import Manifest
+    from pretrain.release import info_from_manifests
+    text = Manifest("t", (), 1, "", {"type": "pixels", "channels": 1}, 1, {}, {"path": "tok.model"})
+    photos = Manifest("p", (), 1, "", {"type": "vae", "path": "vae"}, 4, {"image": [4, 8, 8]}, {"path": "tok.model"})
+    info, tokenizer = info_from_manifests([text, photos])
+    assert info["encoder"]["type"] == "vae" and info["latent_shapes"] == {"image": [4, 8, 8]}
+    assert str(tokenizer) == "tok.model"

@@ -68,7 +68,7 @@ class UnitSamples(IterableDataset):
                 for rec in read_unit(unit, self.prep.read, self.prep.transport):
                     yield self._prepare(u, unit, rec, tok)
             except (RemoteError, OSError, ValueError) as e:
-                yield ("error", u, f"{unit.where}: {e}")
+                yield ("error", u, str(e) if unit.where in str(e) else f"{unit.where}: {e}")
                 return
             yield ("end", u)
 
@@ -87,6 +87,9 @@ class UnitSamples(IterableDataset):
         return ("doc", u, rec.key, rec.caption, tokens, image)
 
 
+PENDING_BATCHES = 4  # images a unit may hold back, waiting for others of their shape, in batches
+
+
 class UnitWriter:
     """The output shard of one input unit: documents grouped by image shape, each group encoded a
     batch at a time; the shard is renamed into place when the unit ends."""
@@ -102,6 +105,9 @@ class UnitWriter:
         group.append((key, caption, tokens, image))
         if len(group) == self.batch:
             self._encode(tuple(image.shape))
+        elif sum(map(len, self.groups.values())) > PENDING_BATCHES * self.batch:
+            # many shapes, each short of a batch: memory stays bounded; the largest group goes first
+            self._encode(max(self.groups, key=lambda shape: len(self.groups[shape])))
 
     def _encode(self, shape: tuple) -> None:
         group = self.groups.pop(shape)
