@@ -179,6 +179,39 @@ def test_max_pixels_keeps_aspect_ratios_and_documents_of_several_shapes_share_a_
     assert mixed > 0
 
 
+def test_no_document_is_written_that_the_loader_would_skip(laion, test_data, tmp_path):
+    """--seq-len 156: the larger photos make documents of more tokens, skipped at write time; the
+    loader, at data.seq_len=156, then skips none and packs every document written."""
+    from data_pipelines.loader import PackedLoader
+    from tests.data_fixtures import data_config, model_config
+    shards, _ = laion
+    out = tmp_path / "short"
+    r = write(extract_args(shards, out, test_data, None, "--seq-len", 156, "--max-bad-fraction", 1))
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = load_manifest(out)
+    assert m.skipped["too_long"] > 0 and m.num_samples > 0 and "makes" in r.stderr
+    loader = PackedLoader(data_config(out, seq_len=156, num_workers=0), model_config(latent_channels=3), 2,
+                          rank=0, world_size=1)
+    documents = sum(len(set(row[row >= 0].tolist())) for batch in loader for row in batch.doc)  # ids per row
+    assert loader.counters()["oversize"] == 0 and documents >= m.num_samples
+
+
+def test_a_finished_shard_that_changed_on_disk_is_written_again(laion, test_data, tmp_path):
+    shards, _ = laion
+    out = tmp_path / "o"
+    assert write(extract_args(shards, out, test_data)).returncode == 0
+    before = shard_bytes(out)
+    kept = (out / "shard-000000.tar").stat().st_mtime_ns
+    with open(out / "shard-000003.tar", "r+b") as f:  # one flipped byte
+        f.seek(700)
+        byte = f.read(1)
+        f.seek(700)
+        f.write(bytes([byte[0] ^ 1]))
+    r = write(extract_args(shards, out, test_data))
+    assert r.returncode == 0 and "4 finished shards kept, 1 written now" in r.stdout, r.stdout + r.stderr[-2000:]
+    assert shard_bytes(out) == before and (out / "shard-000000.tar").stat().st_mtime_ns == kept
+
+
 def test_a_parquet_table_of_image_bytes_gives_the_latents_of_the_same_images(laion, test_data, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -213,7 +246,7 @@ def test_a_parquet_table_of_image_bytes_gives_the_latents_of_the_same_images(lai
 
 def _damaged_copy(shards: Path, to: Path) -> Path:
     """img2dataset's shards, with: an undecodable image and a sample without caption added to shard 0,
-    shard 2 cut in its middle (a truncated tar)."""
+    shard 2 cut in its middle, between two members (a truncated tar)."""
     import io
     import tarfile
     shutil.copytree(shards, to)
@@ -223,8 +256,10 @@ def _damaged_copy(shards: Path, to: Path) -> Path:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+    with tarfile.open(to / "00002.tar") as tar:  # cut between two members: only the missing end marker tells
+        boundary = [m.offset for m in tar.getmembers()][len(tar.getmembers()) // 2]
     raw = (to / "00002.tar").read_bytes()
-    (to / "00002.tar").write_bytes(raw[:len(raw) // 2])
+    (to / "00002.tar").write_bytes(raw[:boundary])
     return to
 
 
