@@ -76,16 +76,19 @@ def bare_loop(vae_dir: Path, shards: Path, size: int, batch: int) -> tuple[float
     from diffusers import AutoencoderKL
     from data_pipelines.ingest.inputs import ReadOptions, list_units, read_unit
     from data_pipelines.ingest.resolution import ResolutionPolicy
+    from data_pipelines.ingest.tasks import task_device
     policy = ResolutionPolicy(image_size=size, multiple=8)
     images = [policy.apply(r.image) for u in list_units("webdataset", [str(shards)])
               for r in read_unit(u, ReadOptions())]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    device = task_device() or "cpu"  # where write_shards encodes
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).to(device).eval()
+    x = x.to(device)
     with torch.no_grad():
         vae.encode(x[:2]).latent_dist.mode()  # warm-up
         start = time.perf_counter()
         for i in range(0, len(x), batch):
-            vae.encode(x[i:i + batch]).latent_dist.mode()
+            vae.encode(x[i:i + batch]).latent_dist.mode().cpu()  # (the copy back, as write_shards does)
         return len(x) / (time.perf_counter() - start), len(x)
 
 

@@ -139,6 +139,9 @@ class PackedLoader:
             if m.latent_shapes and m.latent_channels != model_cfg.latent_channels:  # (a text-only set has none)
                 raise DataError(f"{e.path}: latents have {m.latent_channels} channels, "
                                 f"model.latent_channels is {model_cfg.latent_channels}")
+            if m.resolution.get("patch_size", model_cfg.patch_size) != model_cfg.patch_size:
+                raise DataError(f"{e.path}: images were sized for patch_size {m.resolution['patch_size']}, "
+                                f"model.patch_size is {model_cfg.patch_size}")
             if m.num_samples == 0:
                 raise DataError(f"{e.path}: the shard set holds no sample")
             if m.vocab_size > model_cfg.vocab_size:

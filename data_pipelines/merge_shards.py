@@ -2,8 +2,10 @@
 
     python -m data_pipelines.merge_shards OUT
 
-OUT is the --out of every task of `data_pipelines.write_shards --source webdataset|parquet`. Each
-task merges by itself when it finishes last; this is for a merge as a separate (Slurm) step.
+OUT is the --out of every task of `data_pipelines.write_shards --source webdataset|parquet`. A task
+that finds every input unit finished when it ends merges by itself; on a shared file system whose
+listings lag (NFS), two tasks ending together may each miss the other's part, so a Slurm extraction
+ends with this as a step of its own (slurm/write_shards.sbatch).
 """
 from __future__ import annotations
 
@@ -16,9 +18,11 @@ from data_pipelines.ingest.parts import merge_parts
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="the extraction's --out folder")
+    p.add_argument("--max-bad-fraction", type=float, default=0.01,
+                   help="refuse when more of all the tasks' samples were skipped")
     a = p.parse_args(argv)
     try:
-        m = merge_parts(a.out)
+        m = merge_parts(a.out, a.max_bad_fraction)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -83,13 +84,15 @@ class BadSample(ValueError):
 
 
 class ShardFile:
-    """One tar shard being written: under `NAME.tmp` until `finish()` hashes it and renames it, so a
-    killed writer never leaves a shard that looks complete."""
+    """One tar shard being written: under a temporary name of this process until `finish()` hashes
+    it and renames it, so a killed writer never leaves a shard that looks complete, and two writers
+    of the same shard never write into one file."""
 
     def __init__(self, out_dir: str | Path, name: str):
         self.out, self.name = Path(out_dir), name
         self.out.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.out / (name + ".tmp"), "wb")
+        self.tmp = temporary_path(self.out / name)
+        self._file = open(self.tmp, "wb")
         self._tar = wds.TarWriter(self._file, mtime=0.0)
         self.samples = 0
 
@@ -107,14 +110,19 @@ class ShardFile:
         """Close, hash and rename the shard; its manifest entry {name, samples, sha256}."""
         self._tar.close()
         self._file.close()
-        tmp = self.out / (self.name + ".tmp")
-        entry = {"name": self.name, "samples": self.samples, "sha256": file_sha256(tmp)}
-        os.replace(tmp, self.out / self.name)
+        entry = {"name": self.name, "samples": self.samples, "sha256": file_sha256(self.tmp)}
+        os.replace(self.tmp, self.out / self.name)
         return entry
 
     def abandon(self) -> None:
         self._file.close()
-        (self.out / (self.name + ".tmp")).unlink(missing_ok=True)
+        self.tmp.unlink(missing_ok=True)
+
+
+def temporary_path(path: Path) -> Path:
+    """Where this process writes `path` before renaming it into place (host and pid in the name: tasks
+    on several nodes may write the same file at once)."""
+    return path.with_name(f"{path.name}.{socket.gethostname()}-{os.getpid()}.tmp")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -163,7 +171,7 @@ def write_manifest(out_dir: str | Path, shards: list[dict], **info) -> Manifest:
     out = Path(out_dir)
     manifest = {"format": FORMAT, "shards": shards, "num_samples": sum(s["samples"] for s in shards), **info}
     manifest["fingerprint"] = fingerprint(manifest)
-    tmp = out / f"{MANIFEST}.{os.getpid()}.tmp"  # tasks that finish together may both write it
+    tmp = temporary_path(out / MANIFEST)  # tasks that finish together may both write it
     tmp.write_text(json.dumps(manifest, indent=1) + "\n")
     os.replace(tmp, out / MANIFEST)
     return Manifest.from_json(out, manifest)

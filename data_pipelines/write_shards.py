@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -108,6 +109,7 @@ class Sizing:
     min_size: int = 0
     patch_size: int = 2
     layout: str = "monoformer"
+    block_size: int = 0               # acdit: latent tokens per block (sides become multiples of its side)
     seq_len: int = 1024
     max_tokens: Optional[int] = None  # default: seq_len
 
@@ -121,17 +123,21 @@ def write_image_shards(source: str, out: str, tokenizer: str, inputs: list[str],
     task, tasks = task_split(tasks, task)
     tok = Tokenizer(tokenizer)
     enc = build_encoder(encoder, vae, channels, device=task_device())
+    block_side = math.isqrt(sizing.block_size) if sizing.layout == "acdit" and sizing.block_size else 1
+    if block_side ** 2 != max(sizing.block_size, 1) and sizing.layout == "acdit":
+        raise ValueError(f"--block-size {sizing.block_size}: an image block is a square s*s of latent tokens")
     policy = ResolutionPolicy(sizing.image_size, sizing.max_pixels, sizing.min_size,
-                              enc.spatial_factor * sizing.patch_size)
+                              enc.spatial_factor * sizing.patch_size * block_side)
     max_tokens = sizing.max_tokens or sizing.seq_len
-    spec = LayoutSpec(mode=sizing.layout, patch_size=sizing.patch_size)
+    spec = LayoutSpec(mode=sizing.layout, patch_size=sizing.patch_size, block_size=sizing.block_size)
     units = list_units(source, inputs)
     read_options = {k: v for k, v in vars(read).items() if v is not None and
                     (source == "parquet") == k.endswith("_column")}
     recipe = {"source": {"name": source, "input": list(inputs), **read_options}, "encoder": enc.describe(),
               "latent_channels": enc.channels, "tokenizer": _describe_tokenizer(tok),
               "resolution": {**policy.describe(), "patch_size": sizing.patch_size, "layout": sizing.layout,
-                             "max_tokens": max_tokens}}
+                             "block_size": sizing.block_size, "max_tokens": max_tokens},
+              "encoding": {"batch": batch}}  # a VAE's numbers may depend on the batch: a rerun must keep it
     prep = Preparation(policy, read, str(tok.path), enc.spatial_factor, spec, max_tokens)
     return extract(out, units, prep, enc, recipe, task, tasks, units_digest(units), batch, workers,
                    max_bad_fraction, progress)
@@ -171,6 +177,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--patch-size", type=int, default=2, help="the model's patch_size")
     g.add_argument("--layout", default="monoformer", choices=("monoformer", "acdit"),
                    help="the model's mode (acdit lays out each latent twice)")
+    g.add_argument("--block-size", type=int, default=0,
+                   help="acdit: the model's block_size (s*s tokens; sides become multiples of s patches)")
     g.add_argument("--seq-len", type=int, default=1024, help="the training data.seq_len")
     g.add_argument("--max-tokens", type=int, default=None,
                    help="skip documents longer than this as laid out for training (default: --seq-len)")
@@ -204,7 +212,8 @@ def main(argv=None) -> int:
 def _main_ingest(a) -> int:
     if a.samples_per_shard is not None:
         raise ValueError(f"--samples-per-shard: the {a.source} source writes one output shard per input unit")
-    sizing = Sizing(a.image_size, a.max_pixels, a.min_size, a.patch_size, a.layout, a.seq_len, a.max_tokens)
+    sizing = Sizing(a.image_size, a.max_pixels, a.min_size, a.patch_size, a.layout, a.block_size, a.seq_len,
+                    a.max_tokens)
     read = ReadOptions(a.caption_key, a.image_column, a.caption_column)
     r = write_image_shards(a.source, a.out, a.tokenizer, a.input or [], a.encoder, a.vae, a.channels, sizing,
                            read, a.tasks, a.task, a.batch, a.workers, a.max_bad_fraction, not a.no_progress)

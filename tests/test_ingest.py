@@ -73,8 +73,10 @@ def test_img2dataset_shards_split_over_two_tasks_merge_and_train_two_ranks_under
     # `merge_shards` joins the parts into the same manifest the last task wrote
     merged = (out / "manifest.json").read_bytes()
     (out / "manifest.json").unlink()
-    r = subprocess.run([sys.executable, "-m", "data_pipelines.merge_shards", str(out)], cwd=REPO, env=env(),
-                       capture_output=True, text=True)
+    merge = [sys.executable, "-m", "data_pipelines.merge_shards", str(out)]
+    r = subprocess.run(merge, cwd=REPO, env=env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "more than --max-bad-fraction 0.01" in r.stderr  # judged over every task
+    r = subprocess.run([*merge, "--max-bad-fraction", "0.2"], cwd=REPO, env=env(), capture_output=True, text=True)
     assert r.returncode == 0 and (out / "manifest.json").read_bytes() == merged, r.stderr
     # one task writes the same shard set
     one = tmp_path / "one-task"
@@ -122,14 +124,12 @@ def test_the_same_shards_over_http_give_the_manifest_of_the_folder(laion, test_d
 def test_a_killed_task_reruns_to_byte_identical_output_without_rewriting_finished_shards(
         laion, test_data, tiny_vae, tmp_path):
     """Task 1 of 2 owns input shards 1 and 3; the server stalls shard 3's first request, the task is
-    SIGKILLed (workers and all) once shard 1 is recorded, and the same command is run again."""
+    SIGKILLed (workers and all) once shard 1 is recorded, and the same command is run again; then an
+    uninterrupted extraction from the same URLs, to compare."""
     shards, _ = laion
     with FaultServer(shards, {"00003.tar": {"stall": None, "times": 1}}) as fault:
         last = len(list(shards.glob("*.tar"))) - 1
         source = fault.url(f"{{00000..{last:05d}}}.tar")
-        whole = tmp_path / "whole"
-        for task in (0, 1):
-            assert write(extract_args(source, whole, test_data, tiny_vae, "--tasks", 2, "--task", task)).returncode == 0
         killed = tmp_path / "killed"
         args = extract_args(source, killed, test_data, tiny_vae, "--tasks", 2, "--task", 1)
         proc = subprocess.Popen([sys.executable, "-m", "data_pipelines.write_shards", "--no-progress", *map(str, args)],
@@ -137,12 +137,10 @@ def test_a_killed_task_reruns_to_byte_identical_output_without_rewriting_finishe
                                 start_new_session=True)
         part = killed / "parts" / "part-00001-of-00002.json"
         deadline = time.monotonic() + 120
-        while not (part.is_file() and "1" in json.loads(part.read_text())["done"]):
+        while not (part.is_file() and "1" in json.loads(part.read_text())["done"] and fault.requests("00003.tar")):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.1)
-        while not fault.requests("00003.tar"):  # the stalled shard is being read
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # shard 1 recorded, shard 3 stalled in its download
         proc.wait()
         assert not (killed / "shard-000003.tar").exists() and (killed / "shard-000001.tar").exists()
         before = (killed / "shard-000001.tar").stat().st_mtime_ns
@@ -151,6 +149,10 @@ def test_a_killed_task_reruns_to_byte_identical_output_without_rewriting_finishe
         assert r.returncode == 0, r.stderr[-3000:]
         assert "1 finished shards kept" in r.stdout
         assert write(extract_args(source, killed, test_data, tiny_vae, "--tasks", 2, "--task", 0)).returncode == 0
+        whole = tmp_path / "whole"
+        for task in (0, 1):
+            assert write(extract_args(source, whole, test_data, tiny_vae, "--tasks", 2, "--task", task)).returncode == 0
+        assert [q["fault"] for q in fault.requests("00003.tar")].count("stall") == 1
     assert (killed / "shard-000001.tar").stat().st_mtime_ns == before
     assert shard_bytes(killed) == shard_bytes(whole) and len(shard_bytes(whole)) == last + 1
     assert (killed / "manifest.json").read_bytes() == (whole / "manifest.json").read_bytes()
@@ -194,6 +196,38 @@ def test_no_document_is_written_that_the_loader_would_skip(laion, test_data, tmp
                           rank=0, world_size=1)
     documents = sum(len(set(row[row >= 0].tolist())) for batch in loader for row in batch.doc)  # ids per row
     assert loader.counters()["oversize"] == 0 and documents >= m.num_samples
+
+
+def test_tasks_without_units_and_a_rerun_with_another_number_of_tasks(laion, test_data, tmp_path):
+    """5 input shards: task 7 of 8 owns none, ends at once and waits for the others; task 0 of 2 then
+    writes shards 0, 2, 4, and a rerun as one task keeps them, writes 1 and 3, and merges every part."""
+    shards, _ = laion
+    out = tmp_path / "o"
+    r = write(extract_args(shards, out, test_data, None, "--tasks", 8, "--task", 7))
+    assert r.returncode == 0 and "other tasks are unfinished" in r.stdout, r.stderr[-2000:]
+    assert write(extract_args(shards, out, test_data, None, "--tasks", 2, "--task", 0)).returncode == 0
+    r = write(extract_args(shards, out, test_data))
+    assert r.returncode == 0 and "3 finished shards kept, 2 written now" in r.stdout, r.stdout + r.stderr[-2000:]
+    alone = tmp_path / "alone"
+    assert write(extract_args(shards, alone, test_data)).returncode == 0
+    assert (out / "manifest.json").read_bytes() == (alone / "manifest.json").read_bytes()
+    assert len(list((out / "parts").glob("*.json"))) == 3 and not list(out.glob("*.tmp"))
+
+
+def test_acdit_blocks_tile_every_image_and_the_loader_takes_them(laion, test_data, tmp_path):
+    from data_pipelines.loader import DataError, PackedLoader
+    from tests.data_fixtures import data_config, model_config
+    shards, _ = laion
+    out = tmp_path / "acdit"
+    r = write(extract_args(shards, out, test_data, None, "--layout", "acdit", "--block-size", 4, "--seq-len", 512))
+    assert r.returncode == 0, r.stderr[-2000:]
+    shapes = [tuple(map(int, k.split("x"))) for k in load_manifest(out).shape_counts["image"]]
+    assert len(shapes) > 2 and all(h % 4 == 0 and w % 4 == 0 for _, h, w in shapes)  # 2x2 blocks of 2x2 patches
+    acdit = model_config(latent_channels=3, mode="acdit", block_size=4)
+    loader = PackedLoader(data_config(out, seq_len=512, num_workers=0), acdit, 2, rank=0, world_size=1)
+    assert sum(1 for _ in loader) > 0 and loader.counters()["oversize"] == 0
+    with pytest.raises(DataError, match="sized for patch_size 2, model.patch_size is 4"):
+        PackedLoader(data_config(out, num_workers=0), model_config(latent_channels=3, patch_size=4), 2)
 
 
 def test_a_finished_shard_that_changed_on_disk_is_written_again(laion, test_data, tmp_path):
@@ -339,6 +373,11 @@ def test_resolution_policy_on_image_bytes():
     assert ResolutionPolicy(image_size=32, multiple=4).apply(data).shape == (32, 32, 3)
     assert ResolutionPolicy(max_pixels=1024, multiple=4).apply(data).shape == (24, 40, 3)
     assert ResolutionPolicy(max_pixels=10 ** 6, multiple=4).apply(data).shape == (88, 160, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned: a viewer shows it 90 x 160
+    buf = io.BytesIO()
+    Image.fromarray(np.full((90, 160, 3), 200, np.uint8)).save(buf, format="JPEG", exif=exif.tobytes())
+    assert ResolutionPolicy(max_pixels=10 ** 6, multiple=4).apply(buf.getvalue()).shape == (160, 88, 3)
     with pytest.raises(Skip) as e:
         ResolutionPolicy(min_size=100).apply(data)
     assert e.value.reason == "too_small"
@@ -347,15 +386,21 @@ def test_resolution_policy_on_image_bytes():
     assert e.value.reason == "undecodable"
 
 
-@pytest.mark.parametrize("environ, expected", [
-    ({}, (0, 1)),
-    ({"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_COUNT": "4", "SLURM_ARRAY_TASK_MIN": "4"}, (3, 4)),
-    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "8"}, (1, 8)),
-    ({"RANK": "5", "WORLD_SIZE": "6"}, (5, 6)),
+@pytest.mark.parametrize("environ, tasks, expected", [
+    ({}, None, (0, 1)),
+    ({"SLURM_ARRAY_TASK_ID": "42", "SLURM_ARRAY_TASK_COUNT": "2", "SLURM_ARRAY_TASK_MIN": "17"}, 64, (42, 64)),
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "8"}, None, (1, 8)),
+    ({"RANK": "5", "WORLD_SIZE": "6"}, None, (5, 6)),
 ])
-def test_the_task_comes_from_the_launcher(environ, expected):
-    assert task_split(environ=environ) == expected
+def test_the_task_comes_from_the_launcher(environ, tasks, expected):
+    """A job array resubmitted for indices 17 and 42 of 64 keeps the split of the whole extraction."""
+    assert task_split(tasks, environ=environ) == expected
     assert task_split(3, 1, environ=environ) == (1, 3)
+
+
+def test_a_job_array_without_tasks_is_refused():
+    with pytest.raises(ValueError, match="give --tasks N"):
+        task_split(environ={"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "4"})
 
 
 def test_input_units_from_folders_braces_and_row_groups(laion, tmp_path):

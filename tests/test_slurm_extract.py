@@ -16,7 +16,7 @@ def test_a_job_array_of_two_extracts_and_merges_like_one_process(slurm_cluster, 
     out = tmp_path / "array"
     r = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--partition", "debug", "--mem", "1G",
                         f"--output={tmp_path}/extract-%a.out", "slurm/write_shards.sbatch",
-                        *map(str, extract_args(shards, out, test_data))],
+                        *map(str, extract_args(shards, out, test_data, None, "--tasks", 2))],
                        cwd=REPO, env=client_env(slurm_cluster), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip().split(";")[0]

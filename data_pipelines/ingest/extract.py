@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.documents import build_document
 from data_pipelines.ingest.inputs import InputUnit, ReadOptions, read_unit
-from data_pipelines.ingest.parts import Part, merge_parts, output_name, read_parts, unfinished
+from data_pipelines.ingest.parts import Part, skip_summary, merge_parts, output_name, unfinished
 from data_pipelines.ingest.resolution import ResolutionPolicy, Skip
 from data_pipelines.shards import ShardFile
 from data_pipelines.tokenizer import Tokenizer
@@ -138,11 +139,18 @@ def extract(out, units: list[InputUnit], prep: Preparation, encoder, recipe: dic
     """Extract task `task`'s share of `units` into `out`; merge the manifest when every task is done.
     Returns {"written", "skipped", "kept", "redone", "manifest"}."""
     part = Part(out, task, tasks, len(units), digest, recipe)
-    todo = [u for u in part.mine() if not part.finished(u)]
+    todo = part.scan()
     log.info("task %d of %d: %d input units, %d finished before, %d to do", task, tasks, len(part.mine()),
              len(part.kept), len(todo))
+    for u in todo:  # what killed runs of this task left half-written
+        for stale in Path(out).glob(f"{output_name(u)}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    # items are single images: the workers run two batches ahead of the encoder, and a worker slow on a
+    # download holds up no other (the output does not depend on the order items arrive in)
+    ahead = dict(prefetch_factor=max(2, -(-2 * batch // workers)), worker_init_fn=_quiet_worker,
+                 in_order=False) if workers else {}
     loader = DataLoader(UnitSamples([(u, units[u]) for u in todo], prep), batch_size=None, num_workers=workers,
-                        worker_init_fn=_quiet_worker if workers else None)
+                        **ahead)
     writers: dict[int, UnitWriter] = {}
     from tqdm import tqdm
     bar = tqdm(total=len(todo), desc=f"task {task}/{tasks}", unit="shard", disable=not progress)
@@ -153,7 +161,7 @@ def extract(out, units: list[InputUnit], prep: Preparation, encoder, recipe: dic
                 raise ExtractError(item[2])
             w = writers.get(u) or writers.setdefault(u, UnitWriter(out, u, encoder, batch))
             if kind == "doc":
-                w.add(item[2], item[3], list(item[4]), np.asarray(item[5]))
+                w.add(item[2], item[3], list(item[4]), np.array(item[5]))  # a copy: frees the worker's shared memory
             elif kind == "skip":
                 w.skipped[item[2]] += 1
                 log.warning("skipped %s", item[3])
@@ -169,8 +177,8 @@ def extract(out, units: list[InputUnit], prep: Preparation, encoder, recipe: dic
     written, skipped = part.totals()
     result = {"written": written, "skipped": dict(skipped), "kept": len(part.kept), "redone": len(todo),
               "manifest": None}
-    if not unfinished(read_parts(out)):
-        result["manifest"] = merge_parts(out)
+    if not unfinished(out):
+        result["manifest"] = merge_parts(out, max_bad_fraction)
     return result
 
 
@@ -181,6 +189,6 @@ def _check_bad_fraction(part: Part, limit: float, final: bool) -> None:
     written, skipped = part.totals()
     bad = sum(skipped.values())
     if (final or written + bad >= JUDGED_AFTER) and bad > limit * (written + bad):
-        reasons = ", ".join(f"{r} {n}" for r, n in skipped.most_common())
-        raise ExtractError(f"{bad} of {written + bad} samples skipped ({reasons}), more than --max-bad-fraction "
-                           f"{limit:g}; the finished shards are kept: check the input, or raise the limit and rerun")
+        raise ExtractError(f"{bad} of {written + bad} samples skipped ({skip_summary(skipped)}), more than "
+                           f"--max-bad-fraction {limit:g}; the finished shards are kept: check the input, or raise "
+                           "the limit and rerun")

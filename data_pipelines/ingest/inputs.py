@@ -2,8 +2,8 @@
 
 * `webdataset`: tar shards as img2dataset writes them (`KEY.jpg|jpeg|png|webp`, `KEY.txt`,
   `KEY.json`), given as a folder, files, a brace-expanded list (`DIR/{00000..00099}.tar`, also for
-  URLs), an `http(s)://` folder whose index page links them, or a `pipe:` template with `{shard}`
-  (`pipe:aws s3 cp s3://b/{shard} -` and a list of names). A unit is one tar; a remote tar is read
+  URLs), an `http(s)://` folder whose index page links them, or a `pipe:` command template with a
+  brace list (`pipe:aws s3 cp s3://b/{00000..00099}.tar -`, webdataset's convention). A unit is one tar; a remote tar is read
   through data_pipelines.transport (retried, resumed, spilled to disk) like a training shard.
 * `parquet`: tables of image bytes + captions (pyarrow); a unit is one row group. An image cell is
   bytes or a struct with a `bytes` field (as Hugging Face datasets store images).
@@ -75,7 +75,7 @@ def list_units(source: str, inputs: list[str], policy: Optional[ReadPolicy] = No
 def _expand(item: str, suffix: str, policy: Optional[ReadPolicy]) -> list[str]:
     import braceexpand
     names = list(braceexpand.braceexpand(item))
-    if len(names) > 1:
+    if len(names) > 1 or names[0] != item:
         return names
     if item.startswith("pipe:"):
         raise ValueError(f"{item}: name the shards of a pipe: source with braces, e.g. {{00000..00099}}{suffix}")
@@ -182,10 +182,12 @@ def _parquet_rows(unit: InputUnit, options: ReadOptions) -> Iterator[Union[Recor
     if missing:
         raise ValueError(f"{unit.where}: no column {', '.join(sorted(missing))} (columns: "
                          f"{', '.join(table.schema_arrow.names)}; set --image-column/--caption-column)")
-    rows = table.read_row_group(unit.row_group, columns=[options.image_column, options.caption_column])
     stem = _safe_key(Path(unit.where).stem)
-    images, captions = rows.column(0).to_pylist(), rows.column(1).to_pylist()
-    for i, (image, caption) in enumerate(zip(images, captions)):
+    batches = table.iter_batches(batch_size=256, row_groups=[unit.row_group],
+                                 columns=[options.image_column, options.caption_column])
+    rows = ((image, caption) for b in batches for image, caption in zip(b.column(0).to_pylist(),
+                                                                        b.column(1).to_pylist()))
+    for i, (image, caption) in enumerate(rows):  # 256 rows at a time, not the whole row group
         key = f"{stem}-{unit.row_group:05d}-{i:07d}"
         if isinstance(image, dict):
             image = image.get("bytes")

@@ -1,12 +1,15 @@
 """What each extraction task has finished: `OUT/parts/part-IIIII-of-NNNNN.json`, and joining the parts.
 
 A part records, for every input unit its task finished, the output shard it wrote ({name, samples,
-sha256}, or none when every sample was skipped), the skips by reason and the latent shapes. It is
-rewritten atomically after each unit, so a killed task loses only the units it had not finished. A
-rerun of the same command keeps a finished unit whose shard still has its recorded sha256 and
-redoes the rest. `merge_parts` joins complete parts into `OUT/manifest.json` (data_pipelines.shards
-owns that format); output shard u is named after input unit u, so the merged shard set does not
-depend on how many tasks wrote it. This module is the one owner of the part format.
+sha256} and its size, or none when every sample was skipped), the skips by reason and the latent
+shapes. It is written when the task starts and rewritten atomically after each unit, so a killed
+task loses only the units it had not finished. A rerun keeps a finished unit whose shard still has
+its recorded sha256 and redoes the rest. Units are what is finished, not tasks: a rerun with
+another number of tasks adopts the units the earlier parts finished. Every part of an `OUT` must
+share the recipe and the unit list, else the rerun is refused. `merge_parts` joins the finished
+units into `OUT/manifest.json` (data_pipelines.shards owns that format). Output shard u is named
+after input unit u, so the merged shard set does not depend on how many tasks wrote it. This module
+is the one owner of the part format.
 """
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-from data_pipelines.shards import Manifest, file_sha256, shard_name, write_manifest
+from data_pipelines.shards import Manifest, file_sha256, shard_name, temporary_path, write_manifest
 
-PART_FORMAT = "monofusion-part/1"
+PART_FORMAT = "monofusion-part/2"
 PARTS = "parts"
+AGREED = ("format", "units", "units_digest", "recipe")  # what every part of one extraction shares
 
 
 def units_digest(units: list) -> str:
@@ -33,108 +37,138 @@ def output_name(unit: int) -> str:
     return shard_name(unit)
 
 
+def read_parts(out: str | Path) -> dict[Path, dict]:
+    """Every part under `out` (path -> contents), in name order."""
+    folder = Path(out) / PARTS
+    found = sorted(folder.glob("part-*-of-*.json")) if folder.is_dir() else []
+    return {p: json.loads(p.read_text()) for p in found}
+
+
+def _check_agreement(parts: dict[Path, dict], body: dict) -> None:
+    for path, other in parts.items():
+        for key in AGREED:
+            if other.get(key) != body.get(key):
+                raise ValueError(f"{path}: written by another extraction (its {key} differs); rerun the same "
+                                 f"command, or write to a new --out")
+
+
 class Part:
-    """The finished units of task `task` of `tasks`; loads the part a killed run left, if any."""
+    """The finished units of task `task` of `tasks`: this task's part as a killed run left it, plus
+    the units of this task that parts written with another number of tasks finished."""
 
     def __init__(self, out: str | Path, task: int, tasks: int, units: int, digest: str, recipe: dict):
         self.out, self.task, self.tasks = Path(out), task, tasks
         self.path = self.out / PARTS / f"part-{task:05d}-of-{tasks:05d}.json"
         self.body = {"format": PART_FORMAT, "task": task, "tasks": tasks, "units": units, "units_digest": digest,
                      "recipe": recipe, "done": {}}
-        if self.path.is_file():
-            old = json.loads(self.path.read_text())
-            for key in ("tasks", "units", "units_digest", "recipe"):
-                if old.get(key) != self.body[key]:
-                    raise ValueError(f"{self.path}: written by another extraction (its {key} differs); "
-                                     f"rerun the same command, or write to a new --out")
-            self.body["done"] = old["done"]
+        existing = read_parts(self.out)
+        _check_agreement(existing, self.body)
+        for other in sorted(existing.values(), key=lambda p: p is existing.get(self.path)):  # own part last
+            for u, rec in other["done"].items():
+                if int(u) % tasks == task:
+                    self.body["done"][u] = rec
         self.kept: list[int] = []  # units found finished and intact
 
     def mine(self) -> list[int]:
         return list(range(self.task, self.body["units"], self.tasks))
 
-    def finished(self, unit: int) -> bool:
-        """Unit `unit` was finished and its shard is intact (sha256 checked); else it is forgotten."""
+    def scan(self) -> list[int]:
+        """Check this task's finished units (sha256 of their shards); forget the others and save the part
+        (created here, so a task with no unit has one). Returns the units left to do."""
+        todo = [u for u in self.mine() if not self._intact(u)]
+        self.body["done"] = {u: rec for u, rec in self.body["done"].items() if int(u) in self.kept}
+        self.save()
+        return todo
+
+    def _intact(self, unit: int) -> bool:
         rec = self.body["done"].get(str(unit))
         if rec is None:
             return False
-        shard = rec["shard"]
         path = self.out / output_name(unit)
-        if shard is None or (path.is_file() and file_sha256(path) == shard["sha256"]):
+        if rec["shard"] is None or (path.is_file() and file_sha256(path) == rec["shard"]["sha256"]):
             self.kept.append(unit)
             return True
-        del self.body["done"][str(unit)]
         return False
 
     def record(self, unit: int, shard: Optional[dict], skipped: Counter, shapes: Counter) -> None:
-        self.body["done"][str(unit)] = {"shard": shard, "skipped": dict(sorted(skipped.items())),
+        size = (self.out / shard["name"]).stat().st_size if shard else 0
+        self.body["done"][str(unit)] = {"shard": shard, "bytes": size, "skipped": dict(sorted(skipped.items())),
                                         "shapes": {"x".join(map(str, s)): n for s, n in sorted(shapes.items())}}
-        self.body["done"] = dict(sorted(self.body["done"].items(), key=lambda kv: int(kv[0])))
         self.save()
 
     def save(self) -> None:
+        self.body["done"] = dict(sorted(self.body["done"].items(), key=lambda kv: int(kv[0])))
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp = temporary_path(self.path)
         tmp.write_text(json.dumps(self.body, indent=1) + "\n")
         os.replace(tmp, self.path)
 
     def totals(self) -> tuple[int, Counter]:
-        """(samples written, skips by reason) over the finished units."""
-        written, skipped = 0, Counter()
-        for rec in self.body["done"].values():
-            written += rec["shard"]["samples"] if rec["shard"] else 0
-            skipped.update(rec["skipped"])
-        return written, skipped
+        """(samples written, skips by reason) over this task's finished units."""
+        return _totals(self.body["done"].values())
 
 
-def read_parts(out: str | Path) -> list[dict]:
-    folder = Path(out) / PARTS
-    found = sorted(folder.glob("part-*-of-*.json")) if folder.is_dir() else []
-    if not found:
-        raise FileNotFoundError(f"{folder}: no extraction parts (write them with data_pipelines.write_shards)")
-    return [json.loads(p.read_text()) for p in found]
+def _totals(records) -> tuple[int, Counter]:
+    written, skipped = 0, Counter()
+    for rec in records:
+        written += rec["shard"]["samples"] if rec["shard"] else 0
+        skipped.update(rec["skipped"])
+    return written, skipped
 
 
-def unfinished(parts: list[dict]) -> list[str]:
-    """What is missing before the parts can be merged, one phrase per task ([] when complete)."""
-    first = parts[0]
-    tasks, units = first["tasks"], first["units"]
-    by_task = {p["task"]: p for p in parts if p["tasks"] == tasks}
-    missing = []
-    for task in range(tasks):
-        mine = range(task, units, tasks)
-        part = by_task.get(task)
-        left = len(mine) if part is None else sum(str(u) not in part["done"] for u in mine)
-        if left:
-            missing.append(f"task {task} of {tasks}: {left} of {len(mine)} input units unfinished")
-    return missing
-
-
-def merge_parts(out: str | Path) -> Manifest:
-    """Join the complete parts of an extraction into `out/manifest.json`; ValueError naming what is
-    unfinished or inconsistent."""
+def finished_units(out: str | Path) -> tuple[dict[int, dict], int, dict]:
+    """({unit: record} finished by any part, the number of units, one part's contents); ValueError
+    when the parts disagree, FileNotFoundError when there is none."""
     parts = read_parts(out)
-    first = parts[0]
-    for p in parts:
-        for key in ("format", "tasks", "units", "units_digest", "recipe"):
-            if p.get(key) != first.get(key):
-                raise ValueError(f"{Path(out) / PARTS}: part {p['task']} of {p['tasks']} disagrees with part "
-                                 f"{first['task']} of {first['tasks']} on its {key} (parts of two extractions?)")
-    missing = unfinished(parts)
+    if not parts:
+        raise FileNotFoundError(f"{Path(out) / PARTS}: no extraction parts (write them with "
+                                "data_pipelines.write_shards)")
+    first = next(iter(parts.values()))
+    _check_agreement(parts, first)
+    done: dict[int, dict] = {}
+    for path, part in parts.items():
+        for u, rec in part["done"].items():
+            if int(u) in done and done[int(u)]["shard"] != rec["shard"]:
+                raise ValueError(f"{path}: input unit {u} is recorded with other contents by another part; "
+                                 f"delete {Path(out) / output_name(int(u))} and its records, and rerun")
+            done[int(u)] = rec
+    return done, first["units"], first
+
+
+def unfinished(out: str | Path) -> list[int]:
+    """The input units no part has finished."""
+    done, units, _ = finished_units(out)
+    return [u for u in range(units) if u not in done]
+
+
+def merge_parts(out: str | Path, max_bad_fraction: Optional[float] = None) -> Manifest:
+    """Join the finished units of an extraction into `out/manifest.json`; ValueError naming what is
+    unfinished, inconsistent or (with `max_bad_fraction`) skipped too often."""
+    done, units, first = finished_units(out)
+    missing = [u for u in range(units) if u not in done]
     if missing:
-        raise ValueError(f"{out}: not every task has finished ({'; '.join(missing)}); rerun those tasks")
-    done = {int(u): rec for p in parts for u, rec in p["done"].items()}
-    shards, skipped, shapes = [], Counter(), Counter()
+        raise ValueError(f"{out}: {len(missing)} of {units} input units unfinished (first: "
+                         f"{', '.join(map(str, missing[:5]))}); rerun the tasks that own them")
+    written, skipped = _totals(done.values())
+    bad = sum(skipped.values())
+    if max_bad_fraction is not None and bad > max_bad_fraction * (written + bad):
+        raise ValueError(f"{out}: {bad} of {written + bad} samples skipped ({skip_summary(skipped)}), more than "
+                         f"--max-bad-fraction {max_bad_fraction:g}")
+    shards, shapes = [], Counter()
     for u in sorted(done):
         rec = done[u]
         if rec["shard"] is not None:
-            if not (Path(out) / rec["shard"]["name"]).is_file():
-                raise FileNotFoundError(f"{Path(out) / rec['shard']['name']}: recorded as finished, but missing")
+            path = Path(out) / rec["shard"]["name"]
+            if not path.is_file() or path.stat().st_size != rec["bytes"]:
+                raise FileNotFoundError(f"{path}: recorded as finished, but missing or of another size")
             shards.append(rec["shard"])
-        skipped.update(rec["skipped"])
         shapes.update(rec["shapes"])
-    recipe = first["recipe"]
     common = [int(n) for n in shapes.most_common(1)[0][0].split("x")] if shapes else None
-    return write_manifest(out, shards, **recipe, latent_shapes={"image": common} if common else {},
+    return write_manifest(out, shards, **first["recipe"], latent_shapes={"image": common} if common else {},
                           shape_counts={"image": dict(sorted(shapes.items()))} if shapes else {},
                           skipped=dict(sorted(skipped.items())))
+
+
+def skip_summary(skipped: Counter) -> str:
+    """'reason count, ...', most frequent first."""
+    return ", ".join(f"{r} {n}" for r, n in skipped.most_common())

@@ -2,8 +2,9 @@
 
 * `image_size=S`: the shorter side resized to S, then a center crop to S x S.
 * `max_pixels=N`: the aspect ratio kept, scaled down (never up) to at most N pixels, each side
-  rounded down to a multiple of `multiple` (the encoder's spatial factor x the model's patch size)
-  by a center crop after the resize.
+  rounded down to a multiple of `multiple` (the encoder's spatial factor x the model's patch size,
+  x the side of an ACDiT block) by a center crop after the resize; a side shorter than `multiple`
+  is raised to it (use `min_size` to skip such images instead).
 * neither: the native size, center-cropped to multiples of `multiple`.
 
 Images with a side below `min_size` are skipped (`Skip("too_small")`), as are bytes PIL cannot
@@ -18,6 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
+
+
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 class Skip(Exception):
@@ -67,24 +71,26 @@ class ResolutionPolicy:
 
     def apply(self, data: bytes) -> np.ndarray:
         """Encoded image bytes -> H,W,3 uint8 at the policy's size (Skip for undecodable or too small)."""
-        from PIL import Image
+        from PIL import Image, ImageOps
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 im = Image.open(io.BytesIO(data))
                 width, height = im.size
+                if im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8):  # stored turned by 90 degrees
+                    width, height = height, width
                 if min(width, height) < max(self.min_size, 1):
                     raise Skip("too_small", f"{width}x{height} below --min-size {self.min_size}")
                 w, h = self.target_size(width, height)
                 scale = max(w / width, h / height)  # cover the target, then crop the excess
-                if scale < 1:
-                    im.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))  # JPEG: decode smaller
-                im = im.convert("RGB")
+                if scale < 1:  # JPEG: decode at a fraction of the size
+                    im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
+                im = ImageOps.exif_transpose(im).convert("RGB")  # as a viewer shows it
+                return np.array(resize_cover(im, w, h))  # a writable copy (torch refuses read-only arrays)
         except Skip:
             raise
         except Exception as e:  # PIL raises many types for bad bytes (OSError, SyntaxError, bomb, ...)
             raise Skip("undecodable", f"{type(e).__name__}: {e}") from None
-        return np.array(resize_cover(im, w, h))  # a writable copy (torch refuses read-only arrays)
 
 
 def resize_cover(im, w: int, h: int):
