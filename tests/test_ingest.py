@@ -96,8 +96,8 @@ def test_img2dataset_shards_split_over_two_tasks_merge_and_train_two_ranks_under
 
 
 def test_the_same_shards_over_http_give_the_manifest_of_the_folder(laion, test_data, tmp_path):
-    """A plain file server's folder listing, and a brace-expanded URL list through the fault server (its
-    first answer to every shard request is a dropped connection, retried)."""
+    """A plain file server's folder listing, a brace-expanded URL list through the fault server (its
+    first answer to every shard request is a dropped connection, retried), and a pipe: command."""
     shards, _ = laion
     local = tmp_path / "local"
     assert write(extract_args(shards, local, test_data)).returncode == 0
@@ -118,6 +118,8 @@ def test_the_same_shards_over_http_give_the_manifest_of_the_folder(laion, test_d
         assert r.returncode == 0, r.stderr[-3000:]
         assert sum(q["fault"] == "drop" for q in fault.requests()) == last + 1
     assert load_manifest(tmp_path / "braces").fingerprint == fingerprint
+    r = write(extract_args(f"pipe:cat {shards}/{{00000..{last:05d}}}.tar", tmp_path / "pipe", test_data))
+    assert r.returncode == 0 and load_manifest(tmp_path / "pipe").fingerprint == fingerprint, r.stderr[-2000:]
 
 
 @pytest.mark.slow

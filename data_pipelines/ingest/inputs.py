@@ -12,9 +12,9 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
-import urllib.request
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,9 +23,9 @@ from typing import Iterator, Optional, Union
 
 from data_pipelines.ingest.resolution import Skip
 from data_pipelines.tar_index import TarShard
-from data_pipelines.transport.fetch import download, spill_file
+from data_pipelines.transport.fetch import download, download_bytes, spill_file
 from data_pipelines.transport.locations import is_http, is_remote
-from data_pipelines.transport.policy import ReadPolicy
+from data_pipelines.transport.policy import ReadPolicy, RemoteError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INGEST_SOURCES = ("webdataset", "parquet")
@@ -105,13 +105,11 @@ class _Links(HTMLParser):
 def _linked(url: str, suffix: str, policy: Optional[ReadPolicy]) -> list[str]:
     """The `*suffix` files an HTTP folder's index page links to (a plain file server's listing)."""
     base = url.rstrip("/") + "/"
-    timeout = (policy or ReadPolicy()).read_timeout
-    try:
-        with urllib.request.urlopen(base, timeout=timeout) as r:
-            page = r.read(1 << 24).decode("utf-8", "replace")
-    except OSError as e:
-        raise FileNotFoundError(f"{base}: cannot list it ({e}); name the shards: {base}{{00000..00099}}{suffix}") \
-            from None
+    try:  # retried like any remote read
+        page = download_bytes(base, dataclasses.replace(policy or ReadPolicy(), max_bytes=1 << 28)).decode(
+            "utf-8", "replace")
+    except RemoteError as e:
+        raise FileNotFoundError(f"{e}; name the shards: {base}{{00000..00099}}{suffix}") from None
     links = _Links()
     links.feed(page)
     urls = {urljoin(base, h) for h in links.hrefs}
