@@ -78,7 +78,7 @@ def bare_loop(vae_dir: Path, shards: Path, size: int, batch: int) -> tuple[float
     from data_pipelines.ingest.resolution import ResolutionPolicy
     from data_pipelines.ingest.tasks import task_device
     policy = ResolutionPolicy(image_size=size, multiple=8)
-    images = [policy.apply(r.image) for u in list_units("webdataset", [str(shards)])
+    images = [policy.apply(r.media) for u in list_units("webdataset", [str(shards)])
               for r in read_unit(u, ReadOptions())]
     x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
     device = task_device() or "cpu"  # where write_shards encodes

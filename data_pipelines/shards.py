@@ -53,14 +53,15 @@ class Manifest:
     source: dict = field(default_factory=dict)         # the source's name and options
     resolution: dict = field(default_factory=dict)     # data_pipelines.ingest.resolution: how images were sized
     skipped: dict = field(default_factory=dict)        # reason -> samples of the source not written
-    shape_counts: dict = field(default_factory=dict)   # kind -> {"CxHxW": documents} (ingest sources)
+    shape_counts: dict = field(default_factory=dict)   # kind -> {"Cx(T)xHxW": documents} (ingest sources)
+    video: dict = field(default_factory=dict)          # data_pipelines.ingest.video: how videos were cut
 
     @classmethod
     def from_json(cls, root: str | Path, raw: dict) -> "Manifest":
         return cls(str(root), tuple(ShardInfo(**s) for s in raw["shards"]), raw["num_samples"], raw["fingerprint"],
                    raw.get("encoder"), raw.get("latent_channels", 0), dict(raw.get("latent_shapes", {})),
                    dict(raw.get("tokenizer", {})), dict(raw.get("source", {})), dict(raw.get("resolution", {})),
-                   dict(raw.get("skipped", {})), dict(raw.get("shape_counts", {})))
+                   dict(raw.get("skipped", {})), dict(raw.get("shape_counts", {})), dict(raw.get("video", {})))
 
     @property
     def tokenizer_path(self) -> Optional[str]:

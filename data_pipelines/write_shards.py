@@ -31,6 +31,7 @@ from data_pipelines.ingest.inputs import INGEST_SOURCES, ReadOptions, list_units
 from data_pipelines.ingest.parts import units_digest
 from data_pipelines.ingest.resolution import ResolutionPolicy
 from data_pipelines.ingest.tasks import task_device, task_split
+from data_pipelines.ingest.video import ClipPolicy
 from data_pipelines.shards import Manifest, ShardSetWriter
 from data_pipelines.sources import SOURCES, get_source
 from data_pipelines.tokenizer import Tokenizer
@@ -116,7 +117,8 @@ class Sizing:
 
 def write_image_shards(source: str, out: str, tokenizer: str, inputs: list[str], encoder: str = "vae",
                        vae: Optional[str] = None, channels: int = 3, sizing: Sizing = Sizing(),
-                       read: ReadOptions = ReadOptions(), tasks: Optional[int] = None, task: Optional[int] = None,
+                       read: ReadOptions = ReadOptions(), clips: ClipPolicy = ClipPolicy(),
+                       tasks: Optional[int] = None, task: Optional[int] = None,
                        batch: int = 32, workers: int = 2, max_bad_fraction: float = 0.01,
                        progress: bool = True) -> dict:
     """Extract this task's share of an img2dataset/webdataset or parquet source (data_pipelines.ingest)."""
@@ -137,8 +139,9 @@ def write_image_shards(source: str, out: str, tokenizer: str, inputs: list[str],
               "latent_channels": enc.channels, "tokenizer": _describe_tokenizer(tok),
               "resolution": {**policy.describe(), "patch_size": sizing.patch_size, "layout": sizing.layout,
                              "block_size": sizing.block_size, "max_tokens": max_tokens},
+              "video": clips.describe(),
               "encoding": {"batch": batch}}  # a VAE's numbers may depend on the batch: a rerun must keep it
-    prep = Preparation(policy, read, str(tok.path), enc.spatial_factor, spec, max_tokens)
+    prep = Preparation(policy, read, str(tok.path), enc.spatial_factor, spec, max_tokens, clips)
     return extract(out, units, prep, enc, recipe, task, tasks, units_digest(units), batch, workers,
                    max_bad_fraction, progress)
 
@@ -182,6 +185,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=int, default=1024, help="the training data.seq_len")
     g.add_argument("--max-tokens", type=int, default=None,
                    help="skip documents longer than this as laid out for training (default: --seq-len)")
+    g.add_argument("--fps", type=float, default=None, help="videos: sample frames at this rate (default: theirs)")
+    g.add_argument("--clip-frames", type=int, default=16, help="videos: frames per clip")
+    g.add_argument("--clips-per-video", type=int, default=1,
+                   help="videos: K clips evenly spaced (0: every non-overlapping clip)")
     g.add_argument("--tasks", type=int, default=None, help="split the input units over N tasks "
                                                             "(default: Slurm's or torchrun's, else 1)")
     g.add_argument("--task", type=int, default=None, help="this task, 0..N-1")
@@ -215,8 +222,9 @@ def _main_ingest(a) -> int:
     sizing = Sizing(a.image_size, a.max_pixels, a.min_size, a.patch_size, a.layout, a.block_size, a.seq_len,
                     a.max_tokens)
     read = ReadOptions(a.caption_key, a.image_column, a.caption_column)
+    clips = ClipPolicy(a.fps, a.clip_frames, a.clips_per_video)
     r = write_image_shards(a.source, a.out, a.tokenizer, a.input or [], a.encoder, a.vae, a.channels, sizing,
-                           read, a.tasks, a.task, a.batch, a.workers, a.max_bad_fraction, not a.no_progress)
+                           read, clips, a.tasks, a.task, a.batch, a.workers, a.max_bad_fraction, not a.no_progress)
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(r["skipped"].items())) or "none"
     print(f"task done: {r['written']} samples written, skipped: {skipped} ({r['kept']} finished shards kept, "
           f"{r['redone']} written now)")

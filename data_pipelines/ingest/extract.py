@@ -13,16 +13,17 @@ import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from data_pipelines.documents import build_document
-from data_pipelines.ingest.inputs import InputUnit, ReadOptions, read_unit
+from data_pipelines.ingest.inputs import InputUnit, ReadOptions, Record, read_unit
 from data_pipelines.ingest.parts import Part, skip_summary, merge_parts, output_name, unfinished
 from data_pipelines.ingest.resolution import ResolutionPolicy, Skip
+from data_pipelines.ingest.video import ClipPolicy, iter_clips
 from data_pipelines.shards import ShardFile
 from data_pipelines.tokenizer import Tokenizer
 from data_pipelines.transport.policy import ReadPolicy, RemoteError
@@ -44,18 +45,30 @@ class Preparation:
     spatial_factor: int       # pixels per latent cell, per side
     spec: LayoutSpec          # how training lays a document out (for its length)
     max_tokens: int           # a longer document is skipped ("too_long")
+    clips: ClipPolicy = field(default_factory=ClipPolicy)  # how videos are cut
     transport: ReadPolicy = field(default_factory=ReadPolicy)
 
-    def document_length(self, tokens: list[int], height: int, width: int) -> int:
-        """Tokens of the document as the training loader lays it out (<bos> caption image <eos>)."""
-        latent = np.zeros((1, height // self.spatial_factor, width // self.spatial_factor), np.float32)
+    def document_length(self, tokens: list[int], pixels: tuple) -> int:
+        """Tokens of the document as the training loader lays it out (<bos> caption latent <eos>) for an
+        image (H,W,3) or a clip (T,H,W,3) of these pixels."""
+        *frames, height, width, _ = pixels
+        grid = (height // self.spatial_factor, width // self.spatial_factor)
+        latent = np.zeros((1, *frames, *grid), np.float32)  # (an image VAE encodes a clip frame by frame)
         return len(build_document([{"tokens": tokens}, {"latent": latent}], self.spec, "generate", False, True))
+
+    def media(self, rec: Record, name: str) -> Iterator[tuple[str, np.ndarray]]:
+        """(key, H,W,3 image or T,H,W,3 clip) of a record, at the policy's size."""
+        if rec.kind == "video":
+            for j, clip in enumerate(iter_clips(rec.media, self.clips, self.resolution, name)):
+                yield f"{rec.key}_{j:03d}", clip
+        else:
+            yield rec.key, self.resolution.apply(rec.media)
 
 
 class UnitSamples(IterableDataset):
     """Items of the units (index, InputUnit) a worker owns, a unit at a time and in stored order:
-    ("doc", u, key, caption, tokens, H,W,3 uint8) | ("skip", u, reason, detail) | ("end", u) |
-    ("error", u, message)."""
+    ("doc", u, key, caption, tokens, H,W,3 or T,H,W,3 uint8) | ("skip", u, reason, detail) |
+    ("end", u) | ("error", u, message). A video gives a doc per clip."""
 
     def __init__(self, units: list[tuple[int, InputUnit]], prep: Preparation):
         self.units, self.prep = units, prep
@@ -67,25 +80,27 @@ class UnitSamples(IterableDataset):
         for u, unit in mine:
             try:
                 for rec in read_unit(unit, self.prep.read, self.prep.transport):
-                    yield self._prepare(u, unit, rec, tok)
+                    yield from self._prepare(u, unit, rec, tok)
             except (RemoteError, OSError, ValueError) as e:
                 yield ("error", u, str(e) if unit.where in str(e) else f"{unit.where}: {e}")
                 return
             yield ("end", u)
 
-    def _prepare(self, u: int, unit: InputUnit, rec, tok: Tokenizer) -> tuple:
+    def _prepare(self, u: int, unit: InputUnit, rec, tok: Tokenizer) -> Iterator[tuple]:
         if isinstance(rec, Skip):
-            return ("skip", u, rec.reason, f"{unit.where}: {rec}")
+            yield ("skip", u, rec.reason, f"{unit.where}: {rec}")
+            return
+        tokens = tok.encode(rec.caption)
         try:
-            image = self.prep.resolution.apply(rec.image)
-            tokens = tok.encode(rec.caption)
-            n = self.prep.document_length(tokens, *image.shape[:2])
-            if n > self.prep.max_tokens:
-                raise Skip("too_long", f"{image.shape[1]}x{image.shape[0]} makes {n} tokens, more than "
-                                       f"--max-tokens {self.prep.max_tokens}")
+            for key, pixels in self.prep.media(rec, f"{unit.where}:{rec.key}"):
+                n = self.prep.document_length(tokens, pixels.shape)
+                if n > self.prep.max_tokens:
+                    yield ("skip", u, "too_long", f"{unit.where}:{key}: too_long: {'x'.join(map(str, pixels.shape))}"
+                                                  f" makes {n} tokens, more than --max-tokens {self.prep.max_tokens}")
+                else:
+                    yield ("doc", u, key, rec.caption, tokens, pixels)
         except Skip as s:
-            return ("skip", u, s.reason, f"{unit.where}:{rec.key}: {s}")
-        return ("doc", u, rec.key, rec.caption, tokens, image)
+            yield ("skip", u, s.reason, f"{unit.where}:{rec.key}: {s}")
 
 
 PENDING_BATCHES = 4  # images a unit may hold back, waiting for others of their shape, in batches
@@ -112,10 +127,17 @@ class UnitWriter:
 
     def _encode(self, shape: tuple) -> None:
         group = self.groups.pop(shape)
-        latents = self.encoder.encode_images(np.stack([g[3] for g in group]).astype(np.float32) / 255.0)
+        pixels = np.stack([g[3] for g in group]).astype(np.float32) / 255.0
+        if len(shape) == 4:  # clips: N,T,H,W,3 -> N,C,T,h,w, frame by frame
+            n, t = pixels.shape[:2]
+            frames = self.encoder.encode_images(pixels.reshape(n * t, *shape[1:]))
+            latents = frames.reshape(n, t, *frames.shape[1:]).transpose(0, 2, 1, 3, 4)
+        else:
+            latents = self.encoder.encode_images(pixels)
+        kind = "video" if len(shape) == 4 else "image"
         for (key, caption, tokens, _), lat in zip(group, latents):
             doc = {"segments": [{"text": caption, "tokens": tokens},
-                                {"latent": "lat0.npy", "kind": "image", "shape": list(lat.shape)}]}
+                                {"latent": "lat0.npy", "kind": kind, "shape": list(lat.shape)}]}
             self.shard.write(key, doc, {"lat0.npy": lat})
             self.shapes[tuple(lat.shape)] += 1
 

@@ -1,10 +1,12 @@
-"""Image-caption data as the ecosystem writes it, cut into input units (each becomes one output shard).
+"""Image- and video-caption data as the ecosystem writes it, cut into input units (each becomes one
+output shard).
 
-* `webdataset`: tar shards as img2dataset writes them (`KEY.jpg|jpeg|png|webp`, `KEY.txt`,
-  `KEY.json`), given as a folder, files, a brace-expanded list (`DIR/{00000..00099}.tar`, also for
-  URLs), an `http(s)://` folder whose index page links them, or a `pipe:` command template with a
-  brace list (`pipe:aws s3 cp s3://b/{00000..00099}.tar -`, webdataset's convention). A unit is one tar; a remote tar is read
-  through data_pipelines.transport (retried, resumed, spilled to disk) like a training shard.
+* `webdataset`: tar shards as img2dataset and video2dataset write them (`KEY.jpg|jpeg|png|webp` or
+  `KEY.mp4|webm|mkv|mov|avi`, `KEY.txt`, `KEY.json`), given as a folder, files, a brace-expanded
+  list (`DIR/{00000..00099}.tar`, also for URLs), an `http(s)://` folder whose index page links
+  them, or a `pipe:` command template with a brace list (`pipe:aws s3 cp s3://b/{00000..00099}.tar -`,
+  webdataset's convention). A unit is one tar; a remote tar is read through data_pipelines.transport
+  (retried, resumed, spilled to disk) like a training shard.
 * `parquet`: tables of image bytes + captions (pyarrow); a unit is one row group. An image cell is
   bytes or a struct with a `bytes` field (as Hugging Face datasets store images).
 
@@ -22,6 +24,7 @@ from urllib.parse import urljoin
 from typing import Iterator, Optional, Union
 
 from data_pipelines.ingest.resolution import Skip
+from data_pipelines.ingest.video import VIDEO_EXTENSIONS
 from data_pipelines.tar_index import TarShard
 from data_pipelines.transport.fetch import download, download_bytes, spill_file
 from data_pipelines.transport.locations import is_http, is_remote
@@ -41,7 +44,8 @@ class InputUnit:
 class Record:
     key: str
     caption: str
-    image: bytes
+    media: bytes       # an encoded image or video
+    kind: str = "image"  # image | video
 
 
 @dataclass(frozen=True)
@@ -152,9 +156,11 @@ def _tar_samples(unit: InputUnit, options: ReadOptions, policy: ReadPolicy) -> I
 
 
 def _record(key: str, files: dict[str, bytes], options: ReadOptions) -> Union[Record, Skip]:
-    image = next((files[e] for e in IMAGE_EXTENSIONS if e in files), None)
-    if image is None:
-        return Skip("no_image", f"{key}: none of {'|'.join(IMAGE_EXTENSIONS)} in {sorted(files)}")
+    kind, media = next(((kind, files[e]) for kind, extensions in (("image", IMAGE_EXTENSIONS),
+                                                                   ("video", VIDEO_EXTENSIONS))
+                        for e in extensions if e in files), (None, None))
+    if media is None:
+        return Skip("no_image", f"{key}: none of {'|'.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)} in {sorted(files)}")
     if options.caption_key:
         try:
             caption = json.loads(files["json"])[options.caption_key]
@@ -165,7 +171,7 @@ def _record(key: str, files: dict[str, bytes], options: ReadOptions) -> Union[Re
     if not isinstance(caption, str) or not caption.strip():
         where = f"field {options.caption_key!r} of {key}.json" if options.caption_key else f"{key}.txt"
         return Skip("no_caption", f"{key}: no caption ({where})")
-    return Record(_safe_key(key), caption.strip(), image)
+    return Record(_safe_key(key), caption.strip(), media, kind)
 
 
 def _safe_key(key: str) -> str:

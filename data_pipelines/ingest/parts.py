@@ -163,9 +163,13 @@ def merge_parts(out: str | Path, max_bad_fraction: Optional[float] = None) -> Ma
                 raise FileNotFoundError(f"{path}: recorded as finished, but missing or of another size")
             shards.append(rec["shard"])
         shapes.update(rec["shapes"])
-    common = [int(n) for n in shapes.most_common(1)[0][0].split("x")] if shapes else None
-    return write_manifest(out, shards, **first["recipe"], latent_shapes={"image": common} if common else {},
-                          shape_counts={"image": dict(sorted(shapes.items()))} if shapes else {},
+    kinds = {"image": Counter(), "video": Counter()}  # C,h,w and C,T,h,w
+    for shape, n in shapes.items():
+        kinds["video" if shape.count("x") == 3 else "image"][shape] += n
+    return write_manifest(out, shards, **first["recipe"],
+                          latent_shapes={k: [int(n) for n in c.most_common(1)[0][0].split("x")]
+                                         for k, c in kinds.items() if c},
+                          shape_counts={k: dict(sorted(c.items())) for k, c in kinds.items() if c},
                           skipped=dict(sorted(skipped.items())))
 
 
