@@ -81,3 +81,53 @@ def test_video2dataset_shards_become_clip_latents_with_counted_skips(test_data, 
     assert sorted(docs) == ["000000000_000", "000000000_001", "000000001_000", "000000001_001", "000000001_002",
                             "000000002_000", "000000002_001"]
     assert all(d[1]["kind"] == "video" and d[1]["latent"].shape[1] == 9 for d in docs.values())
+
+
+@pytest.mark.slow
+def test_a_minute_of_720p_becomes_clips_in_under_2_gb(test_data, tmp_path):
+    """60 s of 1280x720 at 30 fps (PyAV, H.264) in a webdataset shard, every clip of 16 frames at
+    10 fps: the write_shards process (and its workers) peak under 2 GB resident."""
+    import os
+    import subprocess
+    import sys
+
+    import av
+    import webdataset as wds
+    from tests.launch import REPO, env
+    path = tmp_path / "minute.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30, options={"preset": "ultrafast", "crf": "30"})
+        stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
+        frame = np.zeros((720, 1280, 3), np.uint8)
+        for i in range(60 * 30):
+            frame[200:264] = 0
+            frame[200:264, (i * 8) % 1216:(i * 8) % 1216 + 64] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    (tmp_path / "in").mkdir()
+    with wds.TarWriter(str(tmp_path / "in" / "00000.tar")) as tar:
+        tar.write({"__key__": "000000000", "mp4": path.read_bytes(), "txt": b"a white square moving right"})
+    cmd = [sys.executable, "-m", "data_pipelines.write_shards", "--no-progress", "--source", "webdataset", "--input",
+           str(tmp_path / "in"), "--tokenizer", str(test_data["tokenizer"]), "--out", str(tmp_path / "out"),
+           "--encoder", "pixels", "--fps", "10", "--clip-frames", "16", "--clips-per-video", "0",
+           "--max-pixels", "65536", "--seq-len", "1000000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, _, usage = os.wait4(proc.pid, 0)  # the peak of this child and of its workers
+    out, err = proc.stdout.read().decode(), proc.stderr.read().decode()
+    assert "37 samples written" in out, err[-2000:]
+    assert load_manifest(tmp_path / "out").num_samples == 37  # 600 frames at 10 fps: 37 clips of 16
+    assert usage.ru_maxrss < 2 * 1024 ** 2, f"peak {usage.ru_maxrss / 1024:.0f} MB"
+
+
+def test_the_encoder_batch_counts_frames_so_clips_are_encoded_a_few_at_a_time(tmp_path):
+    from data_pipelines.encoders import PixelEncoder
+    from data_pipelines.ingest.extract import UnitWriter
+    w = UnitWriter(tmp_path, 0, PixelEncoder(3), batch=32)
+    clip = np.zeros((16, 8, 8, 3), np.uint8)
+    w.add("a", "x", [20], clip)
+    assert sum(map(len, w.groups.values())) == 1
+    w.add("b", "x", [20], clip)  # 32 frames: one batch
+    assert not w.groups and w.shard.samples == 2
+    assert w.finish()["samples"] == 2

@@ -103,7 +103,12 @@ class UnitSamples(IterableDataset):
             yield ("skip", u, s.reason, f"{unit.where}:{rec.key}: {s}")
 
 
-PENDING_BATCHES = 4  # images a unit may hold back, waiting for others of their shape, in batches
+PENDING_BATCHES = 4  # frames a unit may hold back, waiting for others of their shape, in batches
+
+
+def _frames(shape: tuple) -> int:
+    """Frames of an image (H,W,3: 1) or a clip (T,H,W,3)."""
+    return shape[0] if len(shape) == 4 else 1
 
 
 class UnitWriter:
@@ -117,13 +122,14 @@ class UnitWriter:
         self.skipped, self.shapes = Counter(), Counter()
 
     def add(self, key: str, caption: str, tokens: list[int], image: np.ndarray) -> None:
-        group = self.groups.setdefault(tuple(image.shape), [])
+        shape = tuple(image.shape)
+        group = self.groups.setdefault(shape, [])
         group.append((key, caption, tokens, image))
-        if len(group) == self.batch:
-            self._encode(tuple(image.shape))
-        elif sum(map(len, self.groups.values())) > PENDING_BATCHES * self.batch:
+        if len(group) * _frames(shape) >= self.batch:  # --batch counts frames: a clip of T is T images
+            self._encode(shape)
+        elif sum(len(g) * _frames(s) for s, g in self.groups.items()) > PENDING_BATCHES * self.batch:
             # many shapes, each short of a batch: memory stays bounded; the largest group goes first
-            self._encode(max(self.groups, key=lambda shape: len(self.groups[shape])))
+            self._encode(max(self.groups, key=lambda s: len(self.groups[s]) * _frames(s)))
 
     def _encode(self, shape: tuple) -> None:
         group = self.groups.pop(shape)
