@@ -3,6 +3,7 @@ the extraction's peak memory by input size.
 
     python bench/extract_throughput.py [--images 96] [--batch 16] [--workers 2] [--size 256]
                                        [--memory 1000 10000]
+    python bench/extract_throughput.py --video    # a minute of 720p cut into clips: time and memory
 
 Throughput: a randomly initialised AutoencoderKL with Stable Diffusion's layout (4 blocks of
 128/256/512/512 channels, 2 layers each, 4 latent channels) saved to a local folder; `--images`
@@ -61,6 +62,27 @@ def write_img2dataset_shards(out: Path, count: int, per_shard: int, size: tuple[
                 Image.fromarray(pic[y:, x:]).resize(size).save(buf, format="JPEG", quality=90)
                 tar.write({"__key__": f"{i:09d}", "jpg": buf.getvalue(), "txt": f"a photo number {i}".encode(),
                            "json": json.dumps({"key": f"{i:09d}", "width": size[0], "height": size[1]}).encode()})
+
+
+def minute_of_720p(out: Path) -> None:
+    """A webdataset shard holding 60 s of 1280x720 at 30 fps (PyAV, H.264): a square moving right."""
+    import av
+    import webdataset as wds
+    path = out.parent / "minute.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30, options={"preset": "ultrafast", "crf": "30"})
+        stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
+        frame = np.zeros((720, 1280, 3), np.uint8)
+        for i in range(60 * 30):
+            frame[200:264] = 0
+            frame[200:264, (i * 8) % 1216:(i * 8) % 1216 + 64] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    out.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(out / "00000.tar")) as tar:
+        tar.write({"__key__": "000000000", "mp4": path.read_bytes(), "txt": b"a white square moving right"})
 
 
 def tokenizer(path: Path) -> Path:
@@ -138,11 +160,23 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--memory", type=int, nargs="*", default=[1000, 10000])
+    p.add_argument("--video", action="store_true", help="only: a minute of 720p cut into clips, time and memory")
     a = p.parse_args()
     import torch
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         tok = tokenizer(tmp / "tok.model")
+        if a.video:
+            minute_of_720p(tmp / "minute")
+            print(f"## Video extraction: 60 s of 1280x720 at 30 fps -> clips of 16 frames at 10 fps, at most "
+                  f"65,536 pixels (pixels encoder, {a.workers} workers)\n")
+            print("| what | seconds | peak resident MB (all processes) |\n|---|---:|---:|")
+            for batch in (32, 8):
+                seconds, mb = extraction(["--encoder", "pixels", "--fps", 10, "--clip-frames", 16,
+                                          "--clips-per-video", 0, "--max-pixels", 65536, "--seq-len", 10 ** 6, "--batch", batch,
+                                          "--workers", a.workers], tmp / "minute", tmp / f"clips-{batch}", tok)
+                print(f"| 37 clips, `--batch {batch}` (frames) | {seconds:.1f} | {mb:.0f} |")
+            return
         vae = sd_layout_vae(tmp / "sd-vae")
         write_img2dataset_shards(tmp / "photos", a.images, 32, (320, 240))
         bare, n = bare_loop(vae, tmp / "photos", a.size, a.batch)
