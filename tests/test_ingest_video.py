@@ -131,3 +131,25 @@ def test_the_encoder_batch_counts_frames_so_clips_are_encoded_a_few_at_a_time(tm
     w.add("b", "x", [20], clip)  # 32 frames: one batch
     assert not w.groups and w.shard.samples == 2
     assert w.finish()["samples"] == 2
+
+
+def test_a_folder_of_image_and_video_files_with_caption_files(test_data, tmp_path):
+    from PIL import Image
+    media = tmp_path / "media"
+    (media / "b").mkdir(parents=True)
+    for i, where in enumerate([media / "a.png", media / "b" / "a.png", media / "c.jpg"]):
+        Image.fromarray(np.full((40, 60, 3), 40 * i, np.uint8)).save(where)
+        if i < 2:
+            where.with_suffix(".txt").write_text(f"a grey picture {i}")
+    (media / "b" / "clip.mp4").write_bytes(mp4(2, 64, 48))
+    (media / "b" / "clip.json").write_text(json.dumps({"caption": "a line moving right"}))
+    (media / "b" / "clip.txt").write_text("a line moving right")
+    r = write(["--source", "files", "--input", media, "--tokenizer", test_data["tokenizer"], "--out", tmp_path / "o",
+               "--encoder", "pixels", "--fps", 10, "--clip-frames", 9, "--clips-per-video", 0, "--max-pixels", 1024,
+               "--seq-len", 4096, "--max-bad-fraction", 0.5])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = load_manifest(tmp_path / "o")
+    assert m.skipped == {"no_caption": 1} and f"{media / 'c.jpg'}: no_caption" in r.stderr
+    docs = dict(iter_shard_documents(tmp_path / "o"))
+    assert sorted(docs) == ["a", "b_a", "b_clip_000", "b_clip_001"]
+    assert docs["b_clip_000"][1]["kind"] == "video" and docs["a"][1]["kind"] == "image"

@@ -7,6 +7,8 @@ output shard).
   them, or a `pipe:` command template with a brace list (`pipe:aws s3 cp s3://b/{00000..00099}.tar -`,
   webdataset's convention). A unit is one tar; a remote tar is read through data_pipelines.transport
   (retried, resumed, spilled to disk) like a training shard.
+* `files`: folders of image and video files, each captioned by the `.txt` (or a field of the `.json`)
+  of its name; a unit is FILES_PER_UNIT files in name order, keys are paths under the folder.
 * `parquet`: tables of image bytes + captions (pyarrow); a unit is one row group. An image cell is
   bytes or a struct with a `bytes` field (as Hugging Face datasets store images).
 
@@ -31,20 +33,22 @@ from data_pipelines.transport.locations import is_http, is_remote
 from data_pipelines.transport.policy import ReadPolicy, RemoteError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-INGEST_SOURCES = ("webdataset", "parquet")
+INGEST_SOURCES = ("webdataset", "parquet", "files")
+FILES_PER_UNIT = 1000  # files source: media files per input unit (and so per output shard)
 
 
 @dataclass(frozen=True)
 class InputUnit:
-    where: str                    # a path, URL or pipe: command
+    where: str                    # a path, URL or pipe: command (files: the folder keys are relative to)
     row_group: Optional[int] = None  # parquet
+    files: tuple = ()             # files: the media files of this unit
 
 
 @dataclass
 class Record:
     key: str
     caption: str
-    media: bytes       # an encoded image or video
+    media: Union[bytes, str]  # an encoded image or video, or a video file's path
     kind: str = "image"  # image | video
 
 
@@ -73,7 +77,25 @@ def list_units(source: str, inputs: list[str], policy: Optional[ReadPolicy] = No
                 raise ValueError(f"{path}: not a parquet table ({e})") from None
             units += [InputUnit(path, g) for g in range(groups)]
         return units
+    if source == "files":
+        units = []
+        for item in inputs:
+            root = Path(item)
+            if not root.exists():
+                raise FileNotFoundError(f"{root}: no such file or folder")
+            found = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if _media_kind(p))
+            base = root if root.is_dir() else root.parent
+            units += [InputUnit(str(base), files=tuple(str(p) for p in found[i:i + FILES_PER_UNIT]))
+                      for i in range(0, len(found), FILES_PER_UNIT)]
+        if not units:
+            raise FileNotFoundError(f"{' '.join(inputs)}: no {'|'.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)} files")
+        return units
     raise ValueError(f"source: {source!r} is not one of {'|'.join(INGEST_SOURCES)}")
+
+
+def _media_kind(path: Path) -> Optional[str]:
+    ext = path.suffix.lower().lstrip(".")
+    return "image" if ext in IMAGE_EXTENSIONS else "video" if ext in VIDEO_EXTENSIONS else None
 
 
 def _expand(item: str, suffix: str, policy: Optional[ReadPolicy]) -> list[str]:
@@ -127,7 +149,9 @@ def _linked(url: str, suffix: str, policy: Optional[ReadPolicy]) -> list[str]:
 def read_unit(unit: InputUnit, options: ReadOptions, policy: Optional[ReadPolicy] = None) \
         -> Iterator[Union[Record, Skip]]:
     """The unit's samples in stored order: a Record, or a Skip naming why a sample is unusable."""
-    if unit.row_group is not None:
+    if unit.files:
+        yield from _files(unit, options)
+    elif unit.row_group is not None:
         yield from _parquet_rows(unit, options)
     else:
         yield from _tar_samples(unit, options, policy or ReadPolicy())
@@ -172,6 +196,23 @@ def _record(key: str, files: dict[str, bytes], options: ReadOptions) -> Union[Re
         where = f"field {options.caption_key!r} of {key}.json" if options.caption_key else f"{key}.txt"
         return Skip("no_caption", f"{key}: no caption ({where})")
     return Record(_safe_key(key), caption.strip(), media, kind)
+
+
+def _files(unit: InputUnit, options: ReadOptions) -> Iterator[Union[Record, Skip]]:
+    """Media files, each captioned by the .txt (or a field of the .json) of its name."""
+    for name in unit.files:
+        path = Path(name)
+        key = _safe_key(str(path.relative_to(unit.where).with_suffix("")))
+        sidecars = {ext: path.with_suffix(f".{ext}") for ext in ("txt", "json")}
+        files = {ext: side.read_bytes() for ext, side in sidecars.items() if side.is_file()}
+        files[path.suffix.lower().lstrip(".")] = b""  # (the media is read below, or streamed from the file)
+        rec = _record(key, files, options)
+        if isinstance(rec, Skip):
+            yield Skip(rec.reason, f"{path}: {rec}")
+        elif _media_kind(path) == "video":
+            yield Record(key, rec.caption, str(path), "video")  # decoded from the file as a stream
+        else:
+            yield Record(key, rec.caption, path.read_bytes(), "image")
 
 
 def _safe_key(key: str) -> str:
