@@ -65,24 +65,13 @@ def write_img2dataset_shards(out: Path, count: int, per_shard: int, size: tuple[
 
 
 def minute_of_720p(out: Path) -> None:
-    """A webdataset shard holding 60 s of 1280x720 at 30 fps (PyAV, H.264): a square moving right."""
-    import av
+    """A webdataset shard holding 60 s of 1280x720 at 30 fps (PyAV, H.264): a bar moving right."""
     import webdataset as wds
-    path = out.parent / "minute.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30, options={"preset": "ultrafast", "crf": "30"})
-        stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
-        frame = np.zeros((720, 1280, 3), np.uint8)
-        for i in range(60 * 30):
-            frame[200:264] = 0
-            frame[200:264, (i * 8) % 1216:(i * 8) % 1216 + 64] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    from data_pipelines.sources import moving_bar_mp4
     out.mkdir(parents=True, exist_ok=True)
     with wds.TarWriter(str(out / "00000.tar")) as tar:
-        tar.write({"__key__": "000000000", "mp4": path.read_bytes(), "txt": b"a white square moving right"})
+        tar.write({"__key__": "000000000", "mp4": moving_bar_mp4(60, 1280, 720, bar=64, step=8, fast=True),
+                   "txt": b"a white bar moving right"})
 
 
 def tokenizer(path: Path) -> Path:
@@ -173,7 +162,8 @@ def main() -> None:
             print("| what | seconds | peak resident MB (all processes) |\n|---|---:|---:|")
             for batch in (32, 8):
                 seconds, mb = extraction(["--encoder", "pixels", "--fps", 10, "--clip-frames", 16,
-                                          "--clips-per-video", 0, "--max-pixels", 65536, "--seq-len", 10 ** 6, "--batch", batch,
+                                          "--clips-per-video", 0, "--max-pixels", 65536, "--seq-len", 10 ** 6,
+                                          "--batch", batch,
                                           "--workers", a.workers], tmp / "minute", tmp / f"clips-{batch}", tok)
                 print(f"| 37 clips, `--batch {batch}` (frames) | {seconds:.1f} | {mb:.0f} |")
             return

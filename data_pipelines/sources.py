@@ -92,6 +92,30 @@ def moving_digits(num_samples: int = 256, frames: int = 16, canvas: int = 32, se
         yield [{"text": "digit " + " and digit ".join(words)}, {"video": video}]
 
 
+def moving_bar_mp4(seconds: float, width: int, height: int, fps: int = 30, bar: int = 1, step: int = 1,
+                   fast: bool = False) -> bytes:
+    """A generated H.264 mp4 (PyAV) whose frame i shows a white vertical bar `bar` pixels wide at
+    x = i * step (mod the room), so its frames can be told apart after resizing. `fast`: x264's
+    ultrafast preset (long clips)."""
+    import io
+    import av
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        options = {"preset": "ultrafast", "crf": "30"} if fast else {}
+        stream = container.add_stream("libx264", rate=fps, options=options)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        frame = np.zeros((height, width, 3), np.uint8)
+        for i in range(round(seconds * fps)):
+            frame[:] = 0
+            x = i * step % (width - bar + 1)
+            frame[:, x:x + bar] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
 def iter_text_files(inputs: Sequence[str | Path]) -> list[Path]:
     """Text files named, or found under the folders named (sorted)."""
     files: list[Path] = []

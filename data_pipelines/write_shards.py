@@ -115,13 +115,14 @@ class Sizing:
     max_tokens: Optional[int] = None  # default: seq_len
 
 
-def write_image_shards(source: str, out: str, tokenizer: str, inputs: list[str], encoder: str = "vae",
+def write_media_shards(source: str, out: str, tokenizer: str, inputs: list[str], encoder: str = "vae",
                        vae: Optional[str] = None, channels: int = 3, sizing: Sizing = Sizing(),
                        read: ReadOptions = ReadOptions(), clips: ClipPolicy = ClipPolicy(),
                        tasks: Optional[int] = None, task: Optional[int] = None,
                        batch: int = 32, workers: int = 2, max_bad_fraction: float = 0.01,
                        progress: bool = True) -> dict:
-    """Extract this task's share of an img2dataset/webdataset or parquet source (data_pipelines.ingest)."""
+    """Extract this task's share of a webdataset, parquet or files source of images and videos
+    (data_pipelines.ingest)."""
     task, tasks = task_split(tasks, task)
     tok = Tokenizer(tokenizer)
     enc = build_encoder(encoder, vae, channels, device=task_device())
@@ -223,7 +224,7 @@ def _main_ingest(a) -> int:
                     a.max_tokens)
     read = ReadOptions(a.caption_key, a.image_column, a.caption_column)
     clips = ClipPolicy(a.fps, a.clip_frames, a.clips_per_video)
-    r = write_image_shards(a.source, a.out, a.tokenizer, a.input or [], a.encoder, a.vae, a.channels, sizing,
+    r = write_media_shards(a.source, a.out, a.tokenizer, a.input or [], a.encoder, a.vae, a.channels, sizing,
                            read, clips, a.tasks, a.task, a.batch, a.workers, a.max_bad_fraction, not a.no_progress)
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(r["skipped"].items())) or "none"
     print(f"task done: {r['written']} samples written, skipped: {skipped} ({r['kept']} finished shards kept, "

@@ -1,6 +1,5 @@
 """Videos in: video2dataset-style webdataset shards of PyAV-written mp4s, decoded as a stream,
 sampled to --fps, resized by the image policy and cut into clips."""
-import io
 import json
 
 import numpy as np
@@ -9,25 +8,13 @@ import pytest
 from data_pipelines.ingest.resolution import ResolutionPolicy, Skip
 from data_pipelines.ingest.video import ClipPolicy, iter_clips
 from data_pipelines.shards import iter_shard_documents, load_manifest
+from data_pipelines.sources import moving_bar_mp4
 from tests.test_ingest import write
 
 
 def mp4(seconds: float, width: int, height: int, fps: int = 30) -> bytes:
-    """A PyAV-written H.264 mp4 whose frame i has a white column at x = i (mod width): its frames
-    can be told apart after resizing."""
-    import av
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        for i in range(round(seconds * fps)):
-            img = np.zeros((height, width, 3), np.uint8)
-            img[:, i % width] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buf.getvalue()
+    """A PyAV-written H.264 mp4 whose frame i has a white column at x = i (mod width)."""
+    return moving_bar_mp4(seconds, width, height, fps)
 
 
 def column(frame: np.ndarray) -> int:
@@ -91,24 +78,12 @@ def test_a_minute_of_720p_becomes_clips_in_under_2_gb(test_data, tmp_path):
     import subprocess
     import sys
 
-    import av
     import webdataset as wds
     from tests.launch import REPO, env
-    path = tmp_path / "minute.mp4"
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=30, options={"preset": "ultrafast", "crf": "30"})
-        stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
-        frame = np.zeros((720, 1280, 3), np.uint8)
-        for i in range(60 * 30):
-            frame[200:264] = 0
-            frame[200:264, (i * 8) % 1216:(i * 8) % 1216 + 64] = 255
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
     (tmp_path / "in").mkdir()
     with wds.TarWriter(str(tmp_path / "in" / "00000.tar")) as tar:
-        tar.write({"__key__": "000000000", "mp4": path.read_bytes(), "txt": b"a white square moving right"})
+        tar.write({"__key__": "000000000", "mp4": moving_bar_mp4(60, 1280, 720, bar=64, step=8, fast=True),
+                   "txt": b"a white bar moving right"})
     cmd = [sys.executable, "-m", "data_pipelines.write_shards", "--no-progress", "--source", "webdataset", "--input",
            str(tmp_path / "in"), "--tokenizer", str(test_data["tokenizer"]), "--out", str(tmp_path / "out"),
            "--encoder", "pixels", "--fps", "10", "--clip-frames", "16", "--clips-per-video", "0",

@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
 
 from data_pipelines.documents import build_document
 from data_pipelines.ingest.inputs import InputUnit, ReadOptions, Record, read_unit
@@ -180,7 +181,6 @@ def extract(out, units: list[InputUnit], prep: Preparation, encoder, recipe: dic
     loader = DataLoader(UnitSamples([(u, units[u]) for u in todo], prep), batch_size=None, num_workers=workers,
                         **ahead)
     writers: dict[int, UnitWriter] = {}
-    from tqdm import tqdm
     bar = tqdm(total=len(todo), desc=f"task {task}/{tasks}", unit="shard", disable=not progress)
     try:
         for item in loader:
