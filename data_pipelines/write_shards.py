@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 from tqdm import tqdm
 
-from data_pipelines.encoders import ENCODERS, build_encoder, encode_video
+from data_pipelines.encoders import ENCODERS, build_encoder
 from data_pipelines.ingest.extract import ExtractError, Preparation, extract
 from data_pipelines.ingest.inputs import INGEST_SOURCES, ReadOptions, list_units
 from data_pipelines.ingest.parts import units_digest
@@ -63,7 +63,7 @@ def encode_documents(docs: list[list[dict]], tokenizer: Tokenizer, encoder) -> l
                 segments.append({"text": seg["text"], "tokens": tokenizer.encode(seg["text"])})
                 continue
             kind = "image" if "image" in seg else "video"
-            lat = latents[(d, s)] if kind == "image" else encode_video(encoder, seg["video"])
+            lat = latents[(d, s)] if kind == "image" else encoder.encode_clips(seg["video"][None])[0]
             name = f"lat{len(arrays)}.npy"
             arrays[name] = lat
             segments.append({"latent": name, "kind": kind, "shape": list(lat.shape)})
@@ -77,6 +77,11 @@ def write_shards(source: str, out: str, tokenizer: str, encoder: str = "pixels",
     """Write `source`'s documents as shards under `out`; returns the manifest."""
     tok = Tokenizer(tokenizer)
     enc = build_encoder(encoder, vae, channels)
+    if source_options.get("frames"):
+        try:
+            enc.latent_frames(source_options["frames"])
+        except ValueError as e:
+            raise ValueError(f"--frames: {e}") from None
     docs = get_source(source)(**source_options)
     writer = ShardSetWriter(out, samples_per_shard)
     total = source_options.get("num_samples") or (1797 if source == "digits" else None)
@@ -142,7 +147,11 @@ def write_media_shards(source: str, out: str, tokenizer: str, inputs: list[str],
                              "block_size": sizing.block_size, "max_tokens": max_tokens},
               "video": clips.describe(),
               "encoding": {"batch": batch}}  # a VAE's numbers may depend on the batch: a rerun must keep it
-    prep = Preparation(policy, read, str(tok.path), enc.spatial_factor, spec, max_tokens, clips)
+    try:
+        enc.latent_frames(clips.clip_frames)
+    except ValueError as e:
+        raise ValueError(f"--clip-frames: {e}") from None
+    prep = Preparation(policy, read, str(tok.path), enc.spatial_factor, enc.temporal_factor, spec, max_tokens, clips)
     return extract(out, units, prep, enc, recipe, task, tasks, units_digest(units), batch, workers,
                    max_bad_fraction, progress)
 
@@ -161,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
                                                            "after the pieces a training set took)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--encoder", default="pixels", choices=ENCODERS)
-    p.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder (--encoder vae)")
+    p.add_argument("--vae", default=None, help="diffusers VAE folder (--encoder vae): AutoencoderKL, "
+                                               "AutoencoderKLWan, AutoencoderKLLTXVideo or AutoencoderKLCogVideoX")
     p.add_argument("--channels", type=int, default=3, help="pixels: 1 (grey) or 3 (RGB)")
     p.add_argument("--tokenizer", required=True, help="tokenizer .model (data_pipelines.train_tokenizer)")
     p.add_argument("--out", required=True)

@@ -60,19 +60,63 @@ def _rows(docs: Sequence[DocLayout], starts: Sequence[int], a: int, b: int, devi
     return pack_rows([[p] for p in parts], max(len(p) for p in parts)).to(device)
 
 
-def check_prompts(model, prompts: Sequence[Sequence[int]], shape: Sequence[int]) -> None:
-    """ValueError naming the model's context when a prompt plus its latent does not fit."""
+def _document(captions, shape, spec) -> list[DocLayout]:
+    blank = torch.zeros(tuple(shape))
+    return [layout_document([TextSegment(c), LatentSegment(blank, "generate")], spec) for c in captions]
+
+
+def frames_per_block(cfg, shape: Sequence[int]) -> int:
+    """Latent frames in one ACDiT block of a video (0: not generated frame block by frame block)."""
+    if len(shape) != 4 or cfg.mode != "acdit":
+        return 0
+    t, h, w = latent_grid(shape, cfg.patch_size)
+    return t if cfg.block_size <= 0 or cfg.block_size >= t * h * w else cfg.block_size // (h * w)
+
+
+def window_shape(model, captions: Sequence[Sequence[int]], shape: Sequence[int]) -> list[int]:
+    """The latent shape laid out when sampling: `shape` itself when prompt + latent fit the model's
+    context; for ACDiT video, otherwise the most whole blocks of frames that fit (the sliding window);
+    anything else that does not fit is a ValueError naming the context."""
     spec = LayoutSpec.from_model_config(model.cfg)
-    for p in prompts:
-        doc = layout_document([TextSegment([BOS] + list(p)), LatentSegment(torch.zeros(tuple(shape)))], spec)
-        check_context(model, len(doc), "prompt + latent")
+    longest = max(captions, key=len)
+
+    def fits(s) -> bool:
+        return len(_document([longest], s, spec)[0]) <= model.cfg.max_seq_len
+
+    k = frames_per_block(model.cfg, shape)
+    if fits(shape) or not k:
+        check_context(model, len(_document([longest], shape, spec)[0]), "prompt + latent")
+        return list(shape)
+    if not fits([shape[0], 2 * k, *shape[2:]]):  # a window of one block would see no frame before it
+        raise ValueError(f"prompt + latent: {len(_document([longest], shape, spec)[0])} tokens, more than the "
+                         f"model's context (model.max_seq_len={model.cfg.max_seq_len}), which holds fewer than 2 "
+                         f"blocks of {k} frames to slide a window over")
+    if shape[1] % k:
+        raise ValueError(f"frames: {shape[1]} latent frames are not whole blocks of {k} (model.block_size "
+                         f"{model.cfg.block_size})")
+    frames = k
+    while frames + k < shape[1] and fits([shape[0], frames + k, *shape[2:]]):
+        frames += k
+    return [shape[0], frames, *shape[2:]]
+
+
+def check_prompts(model, prompts: Sequence[Sequence[int]], shape: Sequence[int]) -> None:
+    """ValueError naming the model's context when a prompt plus its latent (for ACDiT video: one
+    block of frames) does not fit."""
+    window_shape(model, [[BOS] + list(p) for p in prompts], shape)
 
 
 @torch.no_grad()
 def sample_latents(model, prompts: Sequence[Sequence[int]], shape: Sequence[int], steps: int = 50,
                    cfg_scale: float = 1.0, sampler: str = "auto", seed: int = 0, use_cache: bool = True,
                    progress: Optional[Callable] = None) -> torch.Tensor:
-    """Latents (n, *shape) for n prompts (token ids); shape = (C, H, W) image or (C, T, H, W) video."""
+    """Latents (n, *shape) for n prompts (token ids); shape = (C, H, W) image or (C, T, H, W) video.
+
+    An ACDiT video longer than the model's context is generated through a sliding window: the
+    document laid out is the prompt and the most blocks of frames that fit (`window_shape`); once its
+    last block is reached, each further block is denoised as that last block, after the window's
+    earlier blocks were refilled (re-run from the prompt) with the latest finished frames. The oldest
+    frames leave the cache, and every block sees its context at the positions of a clip's start."""
     cfg = model.cfg
     device = next(model.parameters()).device
     spec = LayoutSpec.from_model_config(cfg)
@@ -81,22 +125,26 @@ def sample_latents(model, prompts: Sequence[Sequence[int]], shape: Sequence[int]
     n = len(prompts)
     guided = cfg_scale != 1.0
     captions = [[BOS] + list(p) for p in prompts] + ([[BOS]] * n if guided else [])
-    blank = torch.zeros(tuple(shape))
-    check_prompts(model, prompts, shape)
-    docs = [layout_document([TextSegment(c), LatentSegment(blank, "generate")], spec) for c in captions]
+    window = window_shape(model, captions, shape)
+    docs = _document(captions, window, spec)
     starts = [int((d.modality != 0).nonzero()[0]) for d in docs]  # first latent token of each row
     ref = docs[0].slice(starts[0], len(docs[0]))  # the latent part (same in every row)
     noised_units = ref.unit[ref.noisy]
     bounds = torch.cat([torch.tensor([0]), torch.nonzero(noised_units[1:] != noised_units[:-1]).flatten() + 1,
                         torch.tensor([len(noised_units)])]).tolist()
     n_noised, P = len(noised_units), cfg.latent_patch_dim
+    k = frames_per_block(cfg, shape)
+    total = len(bounds) - 1 if window == list(shape) else len(bounds) - 1 + (shape[1] - window[1]) // k
     gen = torch.Generator().manual_seed(seed)
 
-    prompts_only = [d.slice(0, f) for d, f in zip(docs, starts)]
-    prefix = pack_rows([[p] for p in prompts_only], max(starts)).to(device)
-    cache = model.step(prefix, extend=True)[1] if use_cache else None
+    cache = _prefill(model, docs, starts, 0, n_noised, [], guided, device) if use_cache else None
     done: list[torch.Tensor] = []  # finished blocks (n, len, P)
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for j in range(total):
+        i = min(j, len(bounds) - 2)  # the block of the laid-out document this one is denoised as
+        a, b = bounds[i], bounds[i + 1]
+        seen = done[len(done) - i:] if i else []  # the finished blocks this one sees (acdit)
+        if use_cache and j > i:  # the window slides: refill its earlier blocks with the latest frames
+            cache = _prefill(model, docs, starts, a, n_noised, seen, guided, device)
         noised = _rows(docs, starts, a, b, device)
         x = torch.randn((n, b - a, P), generator=gen).to(device)
         scheduler = make_scheduler(cfg, sampler)
@@ -107,7 +155,7 @@ def sample_latents(model, prompts: Sequence[Sequence[int]], shape: Sequence[int]
             if use_cache:
                 pred = model.step(noised, rows_x.reshape(-1, P), cache)[0].latent_pred
             else:
-                pred = _uncached_pred(model, docs, starts, a, b, n_noised, done, rows_x, noised.timestep[0], device)
+                pred = _uncached_pred(model, docs, starts, a, b, n_noised, seen, rows_x, noised.timestep[0], device)
             pred = pred.reshape(-1, b - a, P).float()
             if guided:
                 cond, uncond = pred[:n], pred[n:]
@@ -116,20 +164,33 @@ def sample_latents(model, prompts: Sequence[Sequence[int]], shape: Sequence[int]
             if progress is not None:
                 progress(1)
         done.append(x)
-        if spec.mode == "acdit" and use_cache:  # the clean copy of this block joins the cache
+        if spec.mode == "acdit" and use_cache and j == i:  # its clean copy joins the cache
             clean = _rows(docs, starts, n_noised + a, n_noised + b, device)
             clean.timestep = torch.zeros(clean.latents.shape[0], device=device)
             rows_x = torch.cat([x, x]) if guided else x
             cache = model.step(clean, rows_x.reshape(-1, P), cache, extend=True)[1]
-    tokens = torch.cat(done, dim=1)  # n, n_noised, P in sequence (block) order
+    tokens = torch.cat(done, dim=1)  # n, all noised tokens, P in sequence (block) order
     return unsequence(tokens, cfg, shape, spec)
+
+
+def _prefill(model, docs, starts, a, n_noised, seen, guided, device):
+    """The cache of each row's prompt and the clean copies of its first `a` noised tokens' blocks,
+    whose values are the finished blocks `seen`."""
+    parts = [[DocLayout.concat([d.slice(0, f), d.slice(f + n_noised, f + n_noised + a)])] for d, f in zip(docs, starts)]
+    batch = pack_rows(parts, max(len(p[0]) for p in parts)).to(device)
+    values = None
+    if seen:
+        x = torch.cat(seen, dim=1)
+        values = (torch.cat([x, x]) if guided else x).reshape(-1, model.cfg.latent_patch_dim).to(device)
+        batch.timestep = torch.zeros(values.shape[0], device=device)
+    return model.step(batch, values, extend=True)[1]
 
 
 def _uncached_pred(model, docs, starts, a, b, n_noised, done, rows_x, t_now, device):
     """The prediction for noised tokens [a, b) from the whole visible sequence, recomputed:
     the prompt, (acdit) the clean copies of the finished blocks, and the noised block."""
     acdit = model.cfg.mode == "acdit" and a > 0
-    finished = torch.cat(done, dim=1) if acdit else None
+    finished = torch.cat(done, dim=1) if acdit else None  # `done`: the blocks before [a, b), a tokens
     rows, values = [], []
     for r, (d, f) in enumerate(zip(docs, starts)):
         clean = [d.slice(f + n_noised, f + n_noised + a)] if acdit else []

@@ -54,8 +54,11 @@ class TrainConfig(Config):
     samples_per_prompt: int = knob(1, "images sampled per caption at each evaluation")
     sample_steps: int = knob(20, "denoising steps of those samples")
     sample_cfg: float = knob(3.0, "classifier-free guidance scale of those samples")
+    sample_kind: Literal["image", "video"] = knob("image", "what those samples are: image (PNG grid) or video "
+                                                           "(GIF of grids), at the data's latent shape")
     sample_quality: str = knob("", "scorer of those samples, logged as sample/...: digits (classifier "
-                                   "accuracy, pretrain.quality); empty = none")
+                                   "accuracy), video_digits (frames read as the digit, jumps; "
+                                   "pretrain.quality); empty = none")
     log_samples: bool = knob(False, "write the documents of every micro-batch to RUN_DIR/samples_rankR.jsonl")
     peak_tflops: float = knob(0.0, "per-device peak TFLOP/s for MFU (0 = auto on known GPUs, none on CPU)")
 

@@ -3,8 +3,9 @@
 At each evaluation every rank takes part in assembling the whole fp32 weights (the EMA when
 the run keeps one) with DeepSpeed's `safe_get_full_fp32_param`, which works the same under
 ZeRO-1, 2 and 3; only rank 0 keeps them. A plain model copy holds them (assigned, not copied:
-one full fp32 model on rank 0 for the length of the sampling), samples `samples_per_prompt` images per prompt with guidance, saves a PNG grid (one
-row per prompt) and scores them with `train.sample_quality` (pretrain.quality).
+one full fp32 model on rank 0 for the length of the sampling), samples `samples_per_prompt` images
+(or videos: `train.sample_kind`) per prompt with guidance, saves a PNG grid (a GIF of grids; one row
+per prompt) and scores them with `train.sample_quality` (pretrain.quality).
 """
 from __future__ import annotations
 
@@ -45,12 +46,12 @@ class EvalSampler:
                               f"and eval_interval > 0 (eval_interval={t.eval_interval})")
             return
         info, tok_path = info_from_manifests(manifests)
-        if "image" not in info["latent_shapes"] or tok_path is None:
-            warnings.warn("train.sample_prompts: no samples, the data has no images or no tokenizer")
+        if t.sample_kind not in info["latent_shapes"] or tok_path is None:
+            warnings.warn(f"train.sample_prompts: no samples, the data has no {t.sample_kind} or no tokenizer")
             return
         self.info, self.tokenizer, self.prompts = info, tok_path, list(t.sample_prompts)
         self.encoder = load_encoder(info["encoder"])
-        shape = info["latent_shapes"]["image"]
+        shape = info["latent_shapes"][t.sample_kind]
         with torch.device("meta"):
             shell = UnifiedTransformer(cfg.model)
         try:
@@ -87,17 +88,21 @@ class EvalSampler:
         return result if dist.is_main else (None, {})
 
     def _sample_and_score(self, state: dict, step: int, device) -> tuple[Path, dict]:
-        from pretrain.images import save_image_grid
+        from pretrain.images import save_image_grid, save_video_grid
         from pretrain.release import Loaded
         from pretrain.sample import sample_pixels
         t = self.cfg.train
         model = UnifiedTransformer.from_state_dict(self.cfg.model, state).to(device).eval()
-        pixels = sample_pixels(Loaded(model, self.tokenizer, self.info), self.prompts, t.samples_per_prompt, "image",
-                               t.sample_steps, t.sample_cfg, seed=self.cfg.run.seed, progress=False,
+        pixels = sample_pixels(Loaded(model, self.tokenizer, self.info), self.prompts, t.samples_per_prompt,
+                               t.sample_kind, t.sample_steps, t.sample_cfg, seed=self.cfg.run.seed, progress=False,
                                encoder=self.encoder)
-        path = Path(self.cfg.run.dir) / "samples" / f"step_{step:08d}.png"
+        video = t.sample_kind == "video"
+        path = Path(self.cfg.run.dir) / "samples" / f"step_{step:08d}.{'gif' if video else 'png'}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_image_grid(pixels, path, cols=t.samples_per_prompt)
+        if video:
+            save_video_grid(pixels, path, fps=(self.info.get("video") or {}).get("fps") or 8, cols=t.samples_per_prompt)
+        else:
+            save_image_grid(pixels, path, cols=t.samples_per_prompt)
         metrics = {}
         if self.scorer is not None:
             scores = self.scorer.score(self.prompts, pixels, t.samples_per_prompt)

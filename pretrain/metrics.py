@@ -101,7 +101,8 @@ class RunLogger:
     def log_images(self, step: int, name: str, path: Path) -> None:
         if self.is_main and self.wandb is not None:
             import wandb
-            self.wandb.log({name: wandb.Image(str(path))}, step=step)
+            media = wandb.Video(str(path), format="gif") if Path(path).suffix == ".gif" else wandb.Image(str(path))
+            self.wandb.log({name: media}, step=step)
 
     def message(self, text: str) -> None:
         if self.is_main:

@@ -8,7 +8,9 @@ A scorer's `score` takes the prompts it was asked for and the decoded samples (n
 takes the prompts and the (C, H, W) of the images before any is sampled and raises ValueError
 when it could not score them, so that a run stops at its start. `digits` is built in: an RBF support-vector classifier trained on real scikit-learn digits (8x8, 16 grey
 levels), which says which digit each sample is; a sample counts as right when that is the
-digit its caption names. Other datasets register a scorer in `SCORERS`.
+digit its caption names. `video_digits` scores moving digits (n, 1, T, H, W): the share of frames
+whose 8x8 window around the centre of mass the same classifier reads as the captioned digit, and
+how far the digit jumps between frames. Other datasets register a scorer in `SCORERS`.
 """
 from __future__ import annotations
 
@@ -122,13 +124,69 @@ def check_digits(prompts: Sequence[str], image_shape: Sequence[int]) -> None:
                          f"{'x'.join(map(str, image_shape))}")
 
 
+JUMP_LIMIT = 4.0  # pixels between frames: moving_digits moves a digit 1 or 2 pixels a frame on each axis
+
+
+def centres(clips: np.ndarray) -> np.ndarray:
+    """Centre of mass (y, x) of every frame: clips (n, T, H, W) -> (n, T, 2)."""
+    n, t, h, w = clips.shape
+    mass = clips.reshape(n, t, -1).sum(-1).clip(min=1e-6)
+    ys, xs = np.arange(h)[:, None], np.arange(w)[None, :]
+    return np.stack([(clips * ys).sum((2, 3)) / mass, (clips * xs).sum((2, 3)) / mass], axis=-1)
+
+
+def motion(clips: np.ndarray, captions: Sequence[str]) -> dict:
+    """Jumps of the centre of mass between frames (mean, max, share over JUMP_LIMIT: a digit that
+    teleports), and whether the first move goes the way the caption says ("moving down and left")."""
+    c = centres(clips)
+    jumps = np.linalg.norm(np.diff(c, axis=1), axis=-1)
+    first = c[:, 1] - c[:, 0]
+    want = np.array([[1 if "down" in p else -1, 1 if "right" in p else -1] for p in captions])
+    return {"mean_jump": float(jumps.mean()), "max_jump": float(jumps.max()),
+            "jumps_over_limit": float((jumps > JUMP_LIMIT).mean()),
+            "first_move_as_captioned": float((np.sign(first) == want).all(-1).mean())}
+
+
+def frame_digits_read(clips: np.ndarray) -> np.ndarray:
+    """The digit the classifier reads in each frame (n, T): the 8x8 window around its centre of mass."""
+    n, t, h, w = clips.shape
+    corner = np.clip(np.rint(centres(clips) - 3.5).astype(int), 0, [h - 8, w - 8])
+    windows = np.stack([clips[i, f, y:y + 8, x:x + 8] for i in range(n) for f in range(t)
+                        for y, x in [corner[i, f]]])
+    return digit_classifier().predict(windows).reshape(n, t)
+
+
+def frame_digit_accuracy(clips: np.ndarray, captions: Sequence[str]) -> float:
+    """Share of frames read as the digit their clip's caption names."""
+    return float((frame_digits_read(clips) == np.array([prompt_digit(c) for c in captions])[:, None]).mean())
+
+
+def score_video_digits(prompts: Sequence[str], videos: torch.Tensor, samples_per_prompt: int) -> dict:
+    """{video_digit_accuracy (frames read as the captioned digit), video_mean_jump,
+    video_jumps_over_limit}: moving digits, videos n,1,T,H,W."""
+    clips = torch.as_tensor(videos).float()[:, 0].numpy()
+    captions = [p for p in prompts for _ in range(samples_per_prompt)]
+    m = motion(clips, captions)
+    return {"video_digit_accuracy": frame_digit_accuracy(clips, captions), "video_mean_jump": m["mean_jump"],
+            "video_jumps_over_limit": m["jumps_over_limit"]}
+
+
+def check_video_digits(prompts: Sequence[str], video_shape: Sequence[int]) -> None:
+    for prompt in prompts:
+        prompt_digit(prompt)
+    if len(video_shape) != 4 or video_shape[0] != 1 or min(video_shape[2:]) < 8 or video_shape[1] < 2:
+        raise ValueError(f"video_digits scorer: videos must be 1xTxHxW grey, T >= 2, H and W >= 8 (moving digits); "
+                         f"the data's are {'x'.join(map(str, video_shape))}")
+
+
 @dataclass(frozen=True)
 class Scorer:
     score: Callable[[Sequence[str], torch.Tensor, int], dict]
     check: Callable[[Sequence[str], Sequence[int]], None]
 
 
-SCORERS: dict[str, Scorer] = {"digits": Scorer(score_digits, check_digits)}
+SCORERS: dict[str, Scorer] = {"digits": Scorer(score_digits, check_digits),
+                               "video_digits": Scorer(score_video_digits, check_video_digits)}
 
 
 def get_scorer(name: str) -> Scorer:

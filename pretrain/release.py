@@ -60,6 +60,8 @@ def info_from_manifests(manifests: list) -> tuple[dict, Optional[Path]]:
         info["encoder"] = info["encoder"] or m.encoder
         for kind, shape in m.latent_shapes.items():
             info["latent_shapes"].setdefault(kind, shape)
+        if m.video and "video" in m.latent_shapes:
+            info.setdefault("video", m.video)  # how clips were cut (their fps)
         if tokenizer is None and m.tokenizer_path:
             tokenizer = Path(m.tokenizer_path)
     return info, tokenizer

@@ -3,8 +3,11 @@
     python -m pretrain.sample --model RELEASE_OR_RUN_DIR --prompt "a handwritten digit 7" --out out.png \\
         [--kind image|video|text] [--n 16] [--steps 50] [--cfg 3.0] [--seed 0] [--sampler auto|ddim|dpm++|euler]
 
-Images go to a PNG grid, video to an animated GIF grid, text to stdout (and --out if given).
-The latent size defaults to the one the model was trained on (--size H W, --frames T to change).
+Images go to a PNG grid, video to an MP4 or animated GIF of grids (by --out's suffix), text to
+stdout (and --out if given). The latent size defaults to the one the model was trained on (--size
+H W to change); --frames F asks for F video frames (a video VAE takes 1 + 4k for Wan), more than
+the model was trained on included: an ACDiT model then goes on block by block through a sliding
+window of its KV cache (model.sample).
 """
 from __future__ import annotations
 
@@ -15,9 +18,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from data_pipelines.encoders import latent_frames
 from model.generate import generate_text
 from model.sample import SAMPLERS, check_prompts, sample_latents
-from pretrain.images import decode, save_image_grid, save_video_grid
+from pretrain.images import VIDEO_SUFFIXES, decode, save_image_grid, save_video_grid
 from pretrain.release import Loaded, load_for_sampling
 
 
@@ -34,7 +38,11 @@ def latent_shape(loaded: Loaded, kind: str, size=None, frames=None) -> list[int]
     if size:
         shape[-2:] = size
     if frames and kind == "video":
-        shape[1] = frames
+        encoder = loaded.info.get("encoder") or {}
+        try:
+            shape[1] = latent_frames(frames, encoder.get("temporal_factor", 1), encoder.get("frame_step", 0))
+        except ValueError as e:
+            raise SampleError(f"--frames: {e}") from None
     return shape
 
 
@@ -75,15 +83,21 @@ def sample(loaded: Loaded, prompt: str, kind: str, out: str | None, n: int = 16,
             with open(out, "w") as f:
                 f.write(text + "\n")
         return text
+    if kind != "text" and not out:
+        raise SampleError(f"--out is required for {kind}")
+    if kind == "video" and Path(out).suffix.lower() not in VIDEO_SUFFIXES:
+        raise SampleError(f"--out {out}: a video is written as {' or '.join(VIDEO_SUFFIXES)}")
     pixels = sample_pixels(loaded, [prompt], n, kind, steps, cfg_scale, seed, sampler, size, frames, progress)
-    return (save_video_grid if kind == "video" else save_image_grid)(pixels, out)
+    if kind == "video":
+        return save_video_grid(pixels, out, fps=(loaded.info.get("video") or {}).get("fps") or 8)
+    return save_image_grid(pixels, out)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="release folder, run directory or checkpoint folder")
     p.add_argument("--prompt", default="")
-    p.add_argument("--out", default=None, help="output PNG (image), GIF (video) or text file")
+    p.add_argument("--out", default=None, help="output PNG (image), MP4 or GIF (video) or text file")
     p.add_argument("--kind", default="image", choices=["image", "video", "text"])
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
@@ -91,7 +105,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", default="auto", choices=SAMPLERS)
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="latent size")
-    p.add_argument("--frames", type=int, default=None, help="video: latent frames")
+    p.add_argument("--frames", type=int, default=None,
+                   help="video: frames (default: as trained; a video VAE of temporal factor 4 takes 1 + 4k)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

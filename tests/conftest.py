@@ -65,6 +65,14 @@ def tiny_vae(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_wan_vae(tmp_path_factory):
+    """A randomly initialised diffusers AutoencoderKLWan in a local folder: clips of 1 + 4k frames
+    become 1 + k latent frames, 4x smaller per side, 4 channels."""
+    from tests.video_vaes import save_video_vae
+    return save_video_vae("AutoencoderKLWan", tmp_path_factory.mktemp("vae"))
+
+
+@pytest.fixture(scope="session")
 def slurm_cluster(tmp_path_factory):
     """A real two-node Slurm (slurm.local_cluster): nodes mfnode1 and mfnode2, each slurmd in a
     network and UTS namespace of its own. Started once per test session. Where it cannot be

@@ -171,3 +171,59 @@ def test_video_sampling_in_frame_blocks():
 def test_sampler_must_fit_the_objective():
     with pytest.raises(ValueError, match="sampler"):
         make_scheduler(tiny(objective="flow"), "ddim")
+
+
+def test_a_video_longer_than_the_context_slides_the_cache_window():
+    """ACDiT's long horizon: a model whose context holds 6 frames samples 24. The attention span
+    (cache + the block run) never exceeds max_seq_len, the first 6 frames are those of a 6-frame
+    sample with the same seed, and the cache refilled with the latest frames gives what recomputing
+    each block's visible sequence gives."""
+    from model.sample import window_shape
+    spec = LayoutSpec.from_model_config(tiny(mode="acdit", block_size=4))
+    prompts = [[20, 21, 22], [30]]
+    six = layout_document([TextSegment([BOS] + prompts[0]), LatentSegment(torch.zeros(4, 6, 4, 4))], spec)
+    torch.manual_seed(0)
+    model = randomize(UnifiedTransformer(tiny(mode="acdit", block_size=4, max_seq_len=len(six) + 3))).eval()
+    kw = dict(prompts=prompts, steps=2, cfg_scale=2.0, seed=4)
+    assert window_shape(model, [[BOS] + p for p in prompts], (4, 24, 4, 4)) == [4, 6, 4, 4]
+    spans = []
+
+    class Spans(Recorder):
+        def step(self, batch, latent_input=None, cache=None, extend=False):
+            spans.append((len(cache) if cache is not None else 0) + batch.tokens.shape[1])
+            return super().step(batch, latent_input, cache, extend)
+
+    rec = Spans(model)
+    long = sample_latents(rec, shape=(4, 24, 4, 4), **kw)
+    assert long.shape == (2, 4, 24, 4, 4) and torch.isfinite(long).all()
+    assert max(spans) <= model.cfg.max_seq_len and len(spans) > 24
+    # frame 15 is denoised as the last frame of a 6-frame training document whose first five are
+    # the five generated frames before it (both guidance rows)
+    from model.patchify import patchify
+    denoise = [c for c in rec.calls if c[1] is not None and not c[3]]
+    frame = 4  # tokens per frame (2x2 patches), one frame per block
+    tokens = torch.stack([patchify(v, 2) for v in long])  # 2, 24 * frame, P (raster = sequence order)
+    finished = torch.cat([tokens, tokens])[:, 10 * frame:15 * frame]
+    for batch, x, pred, _ in denoise[15 * 2:16 * 2]:
+        with torch.no_grad():
+            ref = training_layout_predictions(model, prompts + [[], []], (4, 6, 4, 4), (5 * frame, 6 * frame),
+                                              x.reshape(4, frame, -1), batch.timestep[0], finished)
+        torch.testing.assert_close(pred.reshape(4, frame, -1), ref, rtol=1e-4, atol=1e-4)
+    short = sample_latents(model, shape=(4, 6, 4, 4), **kw)
+    torch.testing.assert_close(long[:, :, :6], short, rtol=0, atol=0)
+    torch.testing.assert_close(long, sample_latents(model, shape=(4, 24, 4, 4), use_cache=False, **kw),
+                               rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(long[:, :, 6:12], long[:, :, :6])  # the frames after the window are new ones
+
+
+def test_what_cannot_slide_must_fit_the_context():
+    torch.manual_seed(0)
+    mono = UnifiedTransformer(tiny(max_seq_len=30)).eval()
+    with pytest.raises(ValueError, match="max_seq_len=30"):
+        sample_latents(mono, prompts=[[20]], shape=(4, 8, 4, 4), steps=1)
+    acdit = UnifiedTransformer(tiny(mode="acdit", block_size=8, max_seq_len=60)).eval()  # 2 frames a block
+    with pytest.raises(ValueError, match="not whole blocks"):
+        sample_latents(acdit, prompts=[[20]], shape=(4, 25, 4, 4), steps=1)
+    one_block = UnifiedTransformer(tiny(mode="acdit", block_size=8, max_seq_len=30)).eval()  # 2 blocks: 36 tokens
+    with pytest.raises(ValueError, match=r"max_seq_len=30\), which holds fewer than 2 blocks of 2 frames"):
+        sample_latents(one_block, prompts=[[20]], shape=(4, 24, 4, 4), steps=1)

@@ -1,6 +1,9 @@
 """Videos in: video2dataset-style webdataset shards of PyAV-written mp4s, decoded as a stream,
 sampled to --fps, resized by the image policy and cut into clips."""
 import json
+import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -128,3 +131,65 @@ def test_a_folder_of_image_and_video_files_with_caption_files(test_data, tmp_pat
     docs = dict(iter_shard_documents(tmp_path / "o"))
     assert sorted(docs) == ["a", "b_a", "b_clip_000", "b_clip_001"]
     assert docs["b_clip_000"][1]["kind"] == "video" and docs["a"][1]["kind"] == "image"
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_clips_through_a_wan_vae_train_with_images_and_text_on_two_ranks_and_sample_an_mp4(
+        test_data, tiny_wan_vae, tiny_config, tmp_path):
+    """The acceptance path: a video2dataset tar of PyAV mp4s (three sizes, 30 fps) at --fps 10
+    --clip-frames 9 through a tiny AutoencoderKLWan gives 1 + 8/4 = 3 latent frames; photos through
+    the same VAE are 1-frame images; 2 ranks under ZeRO-3 train on clips + photos + text, evaluation
+    on; `pretrain.sample --kind video` writes an mp4 of the frames asked for, also past the 9 trained."""
+    import av
+    import webdataset as wds
+    from data_pipelines.write_shards import write_shards
+    from tests.launch import REPO, env, metrics, torchrun
+    (tmp_path / "videos").mkdir()
+    with wds.TarWriter(str(tmp_path / "videos" / "00000.tar")) as tar:
+        for i, (seconds, w, h) in enumerate([(2, 64, 48), (3, 48, 64), (2, 64, 64)]):
+            tar.write({"__key__": f"{i:09d}", "mp4": mp4(seconds, w, h), "txt": f"a white line moving right {i}".encode(),
+                       "json": json.dumps({"key": f"{i:09d}", "status": "success"}).encode()})
+    clips = tmp_path / "clips"
+    r = write(["--source", "webdataset", "--input", tmp_path / "videos", "--tokenizer", test_data["tokenizer"],
+               "--out", clips, "--encoder", "vae", "--vae", tiny_wan_vae, "--fps", 10, "--clip-frames", 9,
+               "--clips-per-video", 0, "--max-pixels", 1024, "--seq-len", 256, "--batch", 18])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = load_manifest(clips)
+    assert m.encoder["class"] == "AutoencoderKLWan" and m.encoder["temporal_factor"] == 4
+    assert m.encoder["latent_frames"] == "1 + (T - 1) / 4" and m.num_samples == 2 + 3 + 2
+    for _, segments in iter_shard_documents(clips):
+        c, t, h, w = segments[1]["latent"].shape
+        assert (c, t) == (4, 3) and h * w * 16 <= 1024
+    photos = tmp_path / "photos"
+    write_shards("photos", str(photos), str(test_data["tokenizer"]), encoder="vae", vae=str(tiny_wan_vae),
+                 samples_per_shard=8, num_samples=16, crop=32, progress=False)
+    assert load_manifest(photos).latent_shapes["image"] == [4, 8, 8]
+    run = tmp_path / "run"
+    datasets = f"[{{path: {clips}, weight: 0.4}}, {{path: {photos}, weight: 0.3}}, {{path: {test_data['text']}, weight: 0.3}}]"
+    r = torchrun(2, ["--config", str(tiny_config), f"run.dir={run}", "wandb.mode=disabled", "train.log_interval=1",
+                     "train.max_steps=6", "train.zero_stage=3", "data.num_workers=2", f"data.datasets={datasets}",
+                     "model.latent_channels=4", "train.sample_quality=''", "train.sample_kind=video",
+                     "train.eval_interval=3",
+                     "train.eval_batches=1", f"data.eval_datasets=[{{path: {test_data['text']}}}]"], timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    logged = metrics(run)
+    assert all(math.isfinite(logged[s]["loss"]) for s in range(1, 7))
+    assert sum("diffusion_loss" in logged[s] and "lm_loss" in logged[s] for s in range(1, 7)) >= 3
+    with av.open(str(run / "samples" / "step_00000006.gif")) as container:  # evaluation sampled clips
+        assert len(list(container.decode(video=0))) == 9 and "eval/lm_loss" in logged[3]
+    for frames in (9, 13):  # 13 frames: 4 latent frames, one more than any clip trained on
+        out = tmp_path / f"sample{frames}.mp4"
+        s = subprocess.run([sys.executable, "-m", "pretrain.sample", "--model", str(run), "--kind", "video",
+                            "--prompt", "a white line moving right", "--n", "2", "--steps", "2", "--frames",
+                            str(frames), "--out", str(out)], cwd=REPO, env=env(), capture_output=True, text=True)
+        assert s.returncode == 0, s.stderr[-3000:]
+        with av.open(str(out)) as container:
+            decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+            rate = container.streams.video[0].average_rate
+        assert len(decoded) == frames and rate == 10  # at the fps the clips were cut at
+    s = subprocess.run([sys.executable, "-m", "pretrain.sample", "--model", str(run), "--kind", "video",
+                        "--frames", "10", "--out", str(tmp_path / "x.mp4")], cwd=REPO, env=env(),
+                       capture_output=True, text=True)
+    assert s.returncode == 2 and s.stderr.strip().splitlines()[-1] == (
+        "error: --frames: 10 frames: an encoder of temporal factor 4 takes 1 + 4k frames (9 or 13)")

@@ -76,3 +76,20 @@ def test_spread_tells_one_mode_and_copies_from_varied_new_digits():
     assert s["within_digit_distance"] > 0.8 * s["real_within_digit_distance"]
     noised = (varied + 0.15 * torch.randn(varied.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
     assert digit_spread(noised, wanted)["near_copy_share"] < 0.2  # new (here: disturbed) digits are not copies
+
+
+def test_the_video_digit_scorer_reads_real_moving_digits_and_not_the_wrong_caption_or_blur():
+    from data_pipelines.sources import moving_digits
+    from pretrain.quality import check_video_digits, score_video_digits
+    docs = list(moving_digits(num_samples=40, frames=6, canvas=16, max_digits=1, seed=3))
+    videos = torch.from_numpy(np.stack([d[1]["video"] for d in docs])).permute(0, 4, 1, 2, 3)  # n,1,T,H,W
+    captions = [d[0]["text"] for d in docs]
+    real = score_video_digits(captions, videos, 1)
+    assert real["video_digit_accuracy"] > 0.8 and real["video_jumps_over_limit"] == 0
+    wrong = [c.replace(c.split()[1], "one" if c.split()[1] != "one" else "zero") for c in captions]
+    assert score_video_digits(wrong, videos, 1)["video_digit_accuracy"] < 0.2
+    torch.manual_seed(0)
+    shuffled = torch.stack([v[:, torch.randperm(6)] for v in videos])  # frames out of order: the digit jumps
+    assert score_video_digits(captions, shuffled, 1)["video_mean_jump"] > 1.5 * real["video_mean_jump"]
+    with pytest.raises(ValueError, match="video_digits scorer: videos must be 1xTxHxW grey.*3x6x16x16"):
+        check_video_digits(captions[:1], (3, 6, 16, 16))

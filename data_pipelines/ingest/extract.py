@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from data_pipelines.documents import build_document
+from data_pipelines.encoders import latent_frames
 from data_pipelines.ingest.inputs import InputUnit, ReadOptions, Record, read_unit
 from data_pipelines.ingest.parts import Part, skip_summary, merge_parts, output_name, unfinished
 from data_pipelines.ingest.resolution import ResolutionPolicy, Skip
@@ -44,6 +45,7 @@ class Preparation:
     read: ReadOptions
     tokenizer: str            # a sentencepiece .model path
     spatial_factor: int       # pixels per latent cell, per side
+    temporal_factor: int      # frames per latent frame after the first (1: frame by frame)
     spec: LayoutSpec          # how training lays a document out (for its length)
     max_tokens: int           # a longer document is skipped ("too_long")
     clips: ClipPolicy = field(default_factory=ClipPolicy)  # how videos are cut
@@ -54,7 +56,8 @@ class Preparation:
         image (H,W,3) or a clip (T,H,W,3) of these pixels."""
         *frames, height, width, _ = pixels
         grid = (height // self.spatial_factor, width // self.spatial_factor)
-        latent = np.zeros((1, *frames, *grid), np.float32)  # (an image VAE encodes a clip frame by frame)
+        frames = [latent_frames(t, self.temporal_factor) for t in frames]
+        latent = np.zeros((1, *frames, *grid), np.float32)
         return len(build_document([{"tokens": tokens}, {"latent": latent}], self.spec, "generate", False, True))
 
     def media(self, rec: Record, name: str) -> Iterator[tuple[str, np.ndarray]]:
@@ -135,10 +138,8 @@ class UnitWriter:
     def _encode(self, shape: tuple) -> None:
         group = self.groups.pop(shape)
         pixels = np.stack([g[3] for g in group]).astype(np.float32) / 255.0
-        if len(shape) == 4:  # clips: N,T,H,W,3 -> N,C,T,h,w, frame by frame
-            n, t = pixels.shape[:2]
-            frames = self.encoder.encode_images(pixels.reshape(n * t, *shape[1:]))
-            latents = frames.reshape(n, t, *frames.shape[1:]).transpose(0, 2, 1, 3, 4)
+        if len(shape) == 4:  # clips: N,T,H,W,3 -> N,C,t,h,w
+            latents = self.encoder.encode_clips(pixels)
         else:
             latents = self.encoder.encode_images(pixels)
         kind = "video" if len(shape) == 4 else "image"
