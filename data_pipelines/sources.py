@@ -191,24 +191,29 @@ def load_image(path: Path) -> np.ndarray:
         return _to_hwc(np.asarray(im.convert("RGB")))
 
 
-def load_video(path: Path) -> np.ndarray:
-    """A video file (mp4, webm, ... through PyAV) or a folder of frame images -> T,H,W,C."""
+def load_video(path: Path, fps: float | None = None, clip_frames: int | None = None) -> np.ndarray:
+    """A video file (mp4, webm, ... through PyAV) or a folder of frame images -> T,H,W,C: a file is
+    decoded as a stream (data_pipelines.ingest.video) into uint8 frames sampled to `fps` (default:
+    its own rate); with `clip_frames`, only the middle clip of that many frames is kept (and held)."""
     if path.is_dir():
         frames = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
         if not frames:
             raise ValueError(f"{path}: folder holds no .png/.jpg frames")
         return np.stack([load_image(p) for p in frames])
-    import av
-    with av.open(str(path)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError(f"{path}: no video frames decoded")
-    return np.stack(frames).astype(np.float32) / 255.0
+    from data_pipelines.ingest.resolution import ResolutionPolicy, Skip
+    from data_pipelines.ingest.video import ClipPolicy, iter_clips
+    policy = ClipPolicy(fps, clip_frames, 1) if clip_frames else ClipPolicy(fps, 1, 0)  # or every frame
+    try:
+        return np.concatenate(list(iter_clips(path, policy, ResolutionPolicy(), str(path))))
+    except Skip as s:
+        raise ValueError(str(s)) from None
 
 
-def jsonl(input: Sequence[str] = (), num_samples: int = 0, **_) -> Iterator[Document]:
+def jsonl(input: Sequence[str] = (), num_samples: int = 0, fps: float | None = None, clip_frames: int | None = None,
+          **_) -> Iterator[Document]:
     """The user's interleaved documents: {"segments": [{"text"}, {"image": "a.png"}, {"video": "c.mp4"}]};
-    media paths are relative to the jsonl file."""
+    media paths are relative to the jsonl file; a video is sampled to `fps` and, with `clip_frames`,
+    cut to its middle clip (load_video)."""
     count = 0
     for f in iter_text_files(input):
         for n, line in enumerate(f.read_text().splitlines(), 1):
@@ -226,7 +231,7 @@ def jsonl(input: Sequence[str] = (), num_samples: int = 0, **_) -> Iterator[Docu
                 elif "image" in seg:
                     doc.append({"image": load_image(_media(f, seg["image"], where))})
                 elif "video" in seg:
-                    doc.append({"video": load_video(_media(f, seg["video"], where))})
+                    doc.append({"video": load_video(_media(f, seg["video"], where), fps, clip_frames)})
                 else:
                     raise ValueError(f"{where}: segment {seg!r} has none of text|image|video")
             yield doc

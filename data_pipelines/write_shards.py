@@ -77,11 +77,12 @@ def write_shards(source: str, out: str, tokenizer: str, encoder: str = "pixels",
     """Write `source`'s documents as shards under `out`; returns the manifest."""
     tok = Tokenizer(tokenizer)
     enc = build_encoder(encoder, vae, channels)
-    if source_options.get("frames"):
-        try:
-            enc.latent_frames(source_options["frames"])
-        except ValueError as e:
-            raise ValueError(f"--frames: {e}") from None
+    for key in ("frames", "clip_frames"):  # a clip length the encoder cannot take: refused before any work
+        if source_options.get(key):
+            try:
+                enc.latent_frames(source_options[key])
+            except ValueError as e:
+                raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
     docs = get_source(source)(**source_options)
     writer = ShardSetWriter(out, samples_per_shard)
     total = source_options.get("num_samples") or (1797 if source == "digits" else None)
@@ -196,8 +197,10 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-len", type=int, default=1024, help="the training data.seq_len")
     g.add_argument("--max-tokens", type=int, default=None,
                    help="skip documents longer than this as laid out for training (default: --seq-len)")
-    g.add_argument("--fps", type=float, default=None, help="videos: sample frames at this rate (default: theirs)")
-    g.add_argument("--clip-frames", type=int, default=16, help="videos: frames per clip")
+    g.add_argument("--fps", type=float, default=None, help="videos (also jsonl): sample frames at this rate "
+                                                           "(default: theirs)")
+    g.add_argument("--clip-frames", type=int, default=None,
+                   help="videos: frames per clip (default 16; jsonl: the middle clip of a video, default all frames)")
     g.add_argument("--clips-per-video", type=int, default=1,
                    help="videos: K clips evenly spaced (0: every non-overlapping clip)")
     g.add_argument("--tasks", type=int, default=None, help="split the input units over N tasks "
@@ -217,7 +220,8 @@ def main(argv=None) -> int:
         if a.source in INGEST_SOURCES:
             return _main_ingest(a)
         options = {k: v for k, v in dict(input=a.input, num_samples=a.num_samples, crop=a.crop, frames=a.frames,
-                                         max_chars=a.max_chars, skip=a.skip, seed=a.seed).items() if v is not None}
+                                         max_chars=a.max_chars, skip=a.skip, seed=a.seed, fps=a.fps,
+                                         clip_frames=a.clip_frames).items() if v is not None}
         m = write_shards(a.source, a.out, a.tokenizer, a.encoder, a.vae, a.channels, a.samples_per_shard or 256,
                          progress=not a.no_progress, **options)
     except (ValueError, FileNotFoundError, ExtractError) as e:
@@ -233,7 +237,7 @@ def _main_ingest(a) -> int:
     sizing = Sizing(a.image_size, a.max_pixels, a.min_size, a.patch_size, a.layout, a.block_size, a.seq_len,
                     a.max_tokens)
     read = ReadOptions(a.caption_key, a.image_column, a.caption_column)
-    clips = ClipPolicy(a.fps, a.clip_frames, a.clips_per_video)
+    clips = ClipPolicy(a.fps, a.clip_frames or ClipPolicy().clip_frames, a.clips_per_video)
     r = write_media_shards(a.source, a.out, a.tokenizer, a.input or [], a.encoder, a.vae, a.channels, sizing,
                            read, clips, a.tasks, a.task, a.batch, a.workers, a.max_bad_fraction, not a.no_progress)
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(r["skipped"].items())) or "none"

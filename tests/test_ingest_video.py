@@ -193,3 +193,24 @@ def test_clips_through_a_wan_vae_train_with_images_and_text_on_two_ranks_and_sam
                        capture_output=True, text=True)
     assert s.returncode == 2 and s.stderr.strip().splitlines()[-1] == (
         "error: --frames: 10 frames: an encoder of temporal factor 4 takes 1 + 4k frames (9 or 13)")
+
+
+def test_a_jsonl_video_is_streamed_sampled_to_the_fps_and_cut_to_its_middle_clip(test_data, tmp_path):
+    """The user's jsonl documents: a 3 s 30 fps mp4 at --fps 10 --clip-frames 9 is the middle clip
+    of 9 frames (every third frame); without the flags it is every frame, as written."""
+    from data_pipelines.write_shards import write_shards
+    (tmp_path / "bar.mp4").write_bytes(mp4(3, 48, 16))
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"segments": [{"text": "a bar"}, {"video": "bar.mp4"}]}))
+    common = dict(input=[str(tmp_path / "docs.jsonl")], progress=False, samples_per_shard=4)
+    write_shards("jsonl", str(tmp_path / "clip"), str(test_data["tokenizer"]), fps=10, clip_frames=9, **common)
+    (_, segments), = iter_shard_documents(tmp_path / "clip")
+    frames = (segments[1]["latent"].astype(np.float32).transpose(1, 2, 3, 0) + 1) / 2  # pixels: T,H,W,3
+    start = 3 * ((30 - 9) // 2)  # the middle clip of the 30 sampled frames
+    assert frames.shape == (9, 16, 48, 3) and [column(f) for f in frames] == [x % 48 for x in range(start, start + 27, 3)]
+    write_shards("jsonl", str(tmp_path / "all"), str(test_data["tokenizer"]), **common)
+    (_, segments), = iter_shard_documents(tmp_path / "all")
+    assert segments[1]["latent"].shape == (3, 90, 16, 48)
+    r = write(["--source", "jsonl", "--input", tmp_path / "docs.jsonl", "--tokenizer", test_data["tokenizer"],
+               "--out", tmp_path / "x", "--clip-frames", 9, "--fps", 2])  # 6 frames at 2 fps: no clip of 9
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: too_short: {tmp_path / 'bar.mp4'}: 6 frames at 2 fps, fewer than --clip-frames 9")

@@ -4,6 +4,14 @@ from __future__ import annotations
 import numpy as np
 
 
+def as_pixels(images: np.ndarray, channels: int) -> np.ndarray:
+    """...,H,W,C uint8 (0..255) or float in [0, 1] -> float32 in [0, 1] with `channels` channels."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return match_channels(images.astype(np.float32) / 255.0, channels)
+    return match_channels(images.astype(np.float32, copy=False), channels)
+
+
 def match_channels(images: np.ndarray, channels: int) -> np.ndarray:
     """...,H,W,C -> ...,H,W,channels (grey <-> RGB)."""
     c = images.shape[-1]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipelines.encoders.frames import latent_frames, match_channels
+from data_pipelines.encoders.frames import as_pixels, latent_frames
 
 
 class PixelEncoder:
@@ -24,8 +24,8 @@ class PixelEncoder:
         return latent_frames(frames, 1)
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """N,H,W,C in [0, 1] -> N,C',H,W in [-1, 1] (float16)."""
-        x = match_channels(np.asarray(images, np.float32), self.channels)
+        """N,H,W,C in [0, 1] (or uint8) -> N,C',H,W in [-1, 1] (float16)."""
+        x = as_pixels(images, self.channels)
         return (np.moveaxis(x, -1, 1) * 2.0 - 1.0).astype(np.float16)
 
     def encode_clips(self, clips: np.ndarray) -> np.ndarray:

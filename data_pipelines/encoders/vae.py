@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_pipelines.encoders.frames import frame_rule, latent_frames, match_channels, pixel_frames
+from data_pipelines.encoders.frames import as_pixels, frame_rule, latent_frames, pixel_frames
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLLTXVideo", "AutoencoderKLCogVideoX")
 
@@ -100,8 +100,8 @@ class VAEEncoder:
         return ((z - self._per_channel(self.mean, z)) * self._per_channel(self.scale, z)).cpu().numpy()
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """N,H,W,C in [0, 1] -> N,c,h,w latents, float16 (a video VAE sees each image as one frame)."""
-        x = match_channels(np.asarray(images, np.float32), self.in_channels)
+        """N,H,W,C in [0, 1] (or uint8) -> N,c,h,w latents, float16 (a video VAE sees each image as one frame)."""
+        x = as_pixels(images, self.in_channels)
         out = []
         for i in range(0, len(x), self.batch_size):
             chunk = torch.from_numpy(x[i:i + self.batch_size]).permute(0, 3, 1, 2).to(self.device) * 2 - 1
@@ -109,13 +109,13 @@ class VAEEncoder:
         return np.concatenate(out).astype(np.float16)
 
     def encode_clips(self, clips: np.ndarray) -> np.ndarray:
-        """N,T,H,W,C in [0, 1] -> N,c,t,h,w latents, float16, t = latent_frames(T)."""
+        """N,T,H,W,C in [0, 1] (or uint8) -> N,c,t,h,w latents, float16, t = latent_frames(T)."""
         n, frames = clips.shape[:2]
         t = self.latent_frames(frames)
         if self.framewise:
             z = self.encode_images(clips.reshape(n * frames, *clips.shape[2:]))
             return z.reshape(n, frames, *z.shape[1:]).transpose(0, 2, 1, 3, 4)
-        x = match_channels(np.asarray(clips, np.float32), self.in_channels)
+        x = as_pixels(clips, self.in_channels)
         step = max(1, self.batch_size // frames)  # the batch counts frames
         out = []
         for i in range(0, n, step):
