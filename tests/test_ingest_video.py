@@ -214,3 +214,26 @@ def test_a_jsonl_video_is_streamed_sampled_to_the_fps_and_cut_to_its_middle_clip
                "--out", tmp_path / "x", "--clip-frames", 9, "--fps", 2])  # 6 frames at 2 fps: no clip of 9
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         f"error: too_short: {tmp_path / 'bar.mp4'}: 6 frames at 2 fps, fewer than --clip-frames 9")
+
+
+def test_acdit_frame_blocks_are_latent_frames(test_data, tiny_wan_vae, tmp_path):
+    """9 frames through a Wan VAE are 3 latent frames; ACDiT with one latent frame a block lays a clip
+    out as 3 blocks (noised units), at time positions 0, 1, 2 after the caption."""
+    import webdataset as wds
+    from data_pipelines.loader import PackedLoader
+    from tests.data_fixtures import data_config, model_config
+    (tmp_path / "v").mkdir()
+    with wds.TarWriter(str(tmp_path / "v" / "00000.tar")) as tar:
+        tar.write({"__key__": "000000000", "mp4": mp4(1, 64, 64), "txt": b"a white line moving right"})
+    r = write(["--source", "webdataset", "--input", tmp_path / "v", "--tokenizer", test_data["tokenizer"],
+               "--out", tmp_path / "clips", "--encoder", "vae", "--vae", tiny_wan_vae, "--fps", 10, "--clip-frames", 9,
+               "--max-pixels", 1024, "--layout", "acdit", "--block-size", 16, "--seq-len", 256])
+    assert r.returncode == 0, r.stderr[-3000:]
+    (_, segments), = iter_shard_documents(tmp_path / "clips")
+    assert segments[1]["latent"].shape == (4, 3, 8, 8)  # 4x4 tokens a latent frame at patch 2
+    cfg = model_config(latent_channels=4, mode="acdit", block_size=16)
+    batch = next(iter(PackedLoader(data_config(tmp_path / "clips", num_workers=0), cfg, 1)))
+    noised = batch.noisy[0]
+    assert batch.unit[0][noised].unique().numel() == 3
+    t = batch.pos[0][noised][:, 0]
+    assert (t - t.min()).unique().tolist() == [0, 1, 2] and ((t - t.min()).bincount() == 16).all()
