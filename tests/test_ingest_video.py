@@ -153,9 +153,10 @@ def test_clips_through_a_wan_vae_train_with_images_and_text_on_two_ranks_and_sam
     clips = tmp_path / "clips"
     r = write(["--source", "webdataset", "--input", tmp_path / "videos", "--tokenizer", test_data["tokenizer"],
                "--out", clips, "--encoder", "vae", "--vae", tiny_wan_vae, "--fps", 10, "--clip-frames", 9,
-               "--clips-per-video", 0, "--max-pixels", 1024, "--seq-len", 256, "--batch", 18])
+               "--clips-per-video", 0, "--max-pixels", 1024, "--seq-len", 100, "--batch", 18])
     assert r.returncode == 0, r.stderr[-3000:]
     m = load_manifest(clips)
+    assert m.skipped == {}  # 3 latent frames fit --seq-len 100; 9 frames of the same size would not
     assert m.encoder["class"] == "AutoencoderKLWan" and m.encoder["temporal_factor"] == 4
     assert m.encoder["latent_frames"] == "1 + (T - 1) / 4" and m.num_samples == 2 + 3 + 2
     for _, segments in iter_shard_documents(clips):
