@@ -1,6 +1,6 @@
 """Document sources. A document is an ordered list of raw segments:
 
-    {"text": str} | {"image": float array H,W,C in [0, 1]} | {"video": float array T,H,W,C in [0, 1]}
+    {"text": str} | {"image": float array H,W,C in [0, 1]} | {"video": T,H,W,C, float in [0, 1] or uint8}
 
 Built-in sources use data that ships inside packages (scikit-learn digits, scikit-image
 photos), generate it (moving digits), or read the user's files (text folders, jsonl).
@@ -212,8 +212,8 @@ def load_video(path: Path, fps: float | None = None, clip_frames: int | None = N
 def jsonl(input: Sequence[str] = (), num_samples: int = 0, fps: float | None = None, clip_frames: int | None = None,
           **_) -> Iterator[Document]:
     """The user's interleaved documents: {"segments": [{"text"}, {"image": "a.png"}, {"video": "c.mp4"}]};
-    media paths are relative to the jsonl file; a video is sampled to `fps` and, with `clip_frames`,
-    cut to its middle clip (load_video)."""
+    media paths are relative to the jsonl file; a video file is sampled to `fps` and, with
+    `clip_frames`, cut to its middle clip (load_video); a folder of frames is taken whole."""
     count = 0
     for f in iter_text_files(input):
         for n, line in enumerate(f.read_text().splitlines(), 1):

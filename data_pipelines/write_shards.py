@@ -14,6 +14,7 @@ the manifest when the last task finishes (or by `python -m data_pipelines.merge_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
@@ -25,7 +26,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 from tqdm import tqdm
 
-from data_pipelines.encoders import ENCODERS, build_encoder
+from data_pipelines.encoders import ENCODERS, build_encoder, frames_at_least
 from data_pipelines.ingest.extract import ExtractError, Preparation, extract
 from data_pipelines.ingest.inputs import INGEST_SOURCES, ReadOptions, list_units
 from data_pipelines.ingest.parts import units_digest
@@ -78,7 +79,7 @@ def write_shards(source: str, out: str, tokenizer: str, encoder: str = "pixels",
     tok = Tokenizer(tokenizer)
     enc = build_encoder(encoder, vae, channels)
     for key in ("frames", "clip_frames"):  # a clip length the encoder cannot take: refused before any work
-        if source_options.get(key):
+        if source_options.get(key) is not None:
             try:
                 enc.latent_frames(source_options[key])
             except ValueError as e:
@@ -139,6 +140,12 @@ def write_media_shards(source: str, out: str, tokenizer: str, inputs: list[str],
                               enc.spatial_factor * sizing.patch_size * block_side)
     max_tokens = sizing.max_tokens or sizing.seq_len
     spec = LayoutSpec(mode=sizing.layout, patch_size=sizing.patch_size, block_size=sizing.block_size)
+    if clips.clip_frames is None:  # 16, or the fewest above it a video VAE takes (17 for Wan)
+        clips = dataclasses.replace(clips, clip_frames=frames_at_least(16, enc.temporal_factor, enc.frame_step))
+    try:
+        enc.latent_frames(clips.clip_frames)
+    except ValueError as e:
+        raise ValueError(f"--clip-frames: {e}") from None
     units = list_units(source, inputs)
     read_options = {k: v for k, v in vars(read).items() if v is not None and
                     (source == "parquet") == k.endswith("_column")}
@@ -148,10 +155,6 @@ def write_media_shards(source: str, out: str, tokenizer: str, inputs: list[str],
                              "block_size": sizing.block_size, "max_tokens": max_tokens},
               "video": clips.describe(),
               "encoding": {"batch": batch}}  # a VAE's numbers may depend on the batch: a rerun must keep it
-    try:
-        enc.latent_frames(clips.clip_frames)
-    except ValueError as e:
-        raise ValueError(f"--clip-frames: {e}") from None
     prep = Preparation(policy, read, str(tok.path), enc.spatial_factor, enc.temporal_factor, spec, max_tokens, clips)
     return extract(out, units, prep, enc, recipe, task, tasks, units_digest(units), batch, workers,
                    max_bad_fraction, progress)
@@ -200,7 +203,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=float, default=None, help="videos (also jsonl): sample frames at this rate "
                                                            "(default: theirs)")
     g.add_argument("--clip-frames", type=int, default=None,
-                   help="videos: frames per clip (default 16; jsonl: the middle clip of a video, default all frames)")
+                   help="videos: frames per clip (default 16, or the fewest above it the VAE takes: 17 for Wan; "
+                        "jsonl: the middle clip of a video file, default all frames)")
     g.add_argument("--clips-per-video", type=int, default=1,
                    help="videos: K clips evenly spaced (0: every non-overlapping clip)")
     g.add_argument("--tasks", type=int, default=None, help="split the input units over N tasks "
@@ -237,7 +241,7 @@ def _main_ingest(a) -> int:
     sizing = Sizing(a.image_size, a.max_pixels, a.min_size, a.patch_size, a.layout, a.block_size, a.seq_len,
                     a.max_tokens)
     read = ReadOptions(a.caption_key, a.image_column, a.caption_column)
-    clips = ClipPolicy(a.fps, a.clip_frames or ClipPolicy().clip_frames, a.clips_per_video)
+    clips = ClipPolicy(a.fps, a.clip_frames, a.clips_per_video)
     r = write_media_shards(a.source, a.out, a.tokenizer, a.input or [], a.encoder, a.vae, a.channels, sizing,
                            read, clips, a.tasks, a.task, a.batch, a.workers, a.max_bad_fraction, not a.no_progress)
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(r["skipped"].items())) or "none"

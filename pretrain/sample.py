@@ -5,7 +5,7 @@
 
 Images go to a PNG grid, video to an MP4 or animated GIF of grids (by --out's suffix), text to
 stdout (and --out if given). The latent size defaults to the one the model was trained on (--size
-H W to change); --frames F asks for F video frames (a video VAE takes 1 + 4k for Wan), more than
+H W to change); --frames F asks for F video frames (as the VAE's rule takes them: 1 + 4k for Wan), more than
 the model was trained on included: an ACDiT model then goes on block by block through a sliding
 window of its KV cache (model.sample).
 """
@@ -106,7 +106,8 @@ def main(argv=None) -> int:
     p.add_argument("--sampler", default="auto", choices=SAMPLERS)
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="latent size")
     p.add_argument("--frames", type=int, default=None,
-                   help="video: frames (default: as trained; a video VAE of temporal factor 4 takes 1 + 4k)")
+                   help="video: frames (default: as trained; a video VAE takes its rule's: Wan 1 + 4k, "
+                        "CogVideoX 1 + 8k)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -238,3 +238,22 @@ def test_acdit_frame_blocks_are_latent_frames(test_data, tiny_wan_vae, tmp_path)
     assert batch.unit[0][noised].unique().numel() == 3
     t = batch.pos[0][noised][:, 0]
     assert (t - t.min()).unique().tolist() == [0, 1, 2] and ((t - t.min()).bincount() == 16).all()
+
+
+def test_images_through_a_video_vae_need_no_clip_flag_and_the_default_clip_fits_the_vae(
+        test_data, tiny_wan_vae, tmp_path):
+    """Without --clip-frames a clip is 16 frames, or the fewest above that the VAE takes (Wan: 17);
+    an image-only folder through a Wan VAE is written without any video flag."""
+    from PIL import Image
+    (tmp_path / "media").mkdir()
+    for i in range(2):
+        Image.fromarray(np.full((32, 32, 3), 60 * i, np.uint8)).save(tmp_path / "media" / f"{i}.png")
+        (tmp_path / "media" / f"{i}.txt").write_text(f"a grey square {i}")
+    r = write(["--source", "files", "--input", tmp_path / "media", "--tokenizer", test_data["tokenizer"],
+               "--out", tmp_path / "o", "--encoder", "vae", "--vae", tiny_wan_vae, "--image-size", 32])
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = load_manifest(tmp_path / "o")
+    assert m.num_samples == 2 and m.latent_shapes["image"] == [4, 8, 8] and m.video["clip_frames"] == 17
+    bad = write(["--source", "files", "--input", tmp_path / "media", "--tokenizer", test_data["tokenizer"],
+                 "--out", tmp_path / "x", "--clip-frames", 0])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1] == "error: --clip-frames 0: must be at least 1"

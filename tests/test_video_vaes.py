@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_pipelines.encoders import VAEEncoder, latent_frames, load_encoder, pixel_frames
+from data_pipelines.encoders import VAEEncoder, frames_at_least, latent_frames, load_encoder, pixel_frames
 from tests.video_vaes import save_video_vae
 
 CLASSES = ["AutoencoderKLWan", "AutoencoderKLLTXVideo", "AutoencoderKLCogVideoX"]
@@ -35,6 +35,8 @@ def test_a_video_vae_folds_frames_and_normalises_like_its_pipeline(name, tmp_pat
     lat = enc.encode_clips(clips)
     assert lat.shape == (2, 4, 3, 4, 6) and enc.latent_frames(9) == 3
     vae = getattr(diffusers, name).from_pretrained(path).eval()
+    if name == "AutoencoderKLLTXVideo":  # the buffers the normalisation uses came back from the folder
+        assert vae.latents_mean.tolist() == pytest.approx([0.0, 0.1, 0.2, 0.3])
     with torch.no_grad():
         want = hand_normalised(vae, name, torch.from_numpy(clips).permute(0, 4, 1, 2, 3) * 2 - 1)
     np.testing.assert_allclose(lat.astype(np.float32), want.numpy(), rtol=2e-3, atol=2e-3)
@@ -88,6 +90,8 @@ def test_the_latent_frame_rule():
     assert [latent_frames(t, 4) for t in (1, 5, 9, 13)] == [1, 2, 3, 4]
     assert [pixel_frames(t, 4) for t in (1, 2, 3, 4)] == [1, 5, 9, 13]
     assert latent_frames(7, 1) == 7 == pixel_frames(7, 1)
+    assert [frames_at_least(16, 4), frames_at_least(16, 4, 8), frames_at_least(17, 4), frames_at_least(16, 1)] == [
+        17, 17, 17, 16]
     with pytest.raises(ValueError, match=r"10 frames: .* temporal factor 4 takes 1 \+ 4k frames \(9 or 13\)"):
         latent_frames(10, 4)
 

@@ -12,12 +12,12 @@ description written into the shard manifest and the release folder, from which
 """
 from __future__ import annotations
 
-from data_pipelines.encoders.frames import latent_frames, pixel_frames
+from data_pipelines.encoders.frames import frames_at_least, latent_frames, pixel_frames
 from data_pipelines.encoders.pixels import PixelEncoder
 from data_pipelines.encoders.vae import VAE_CLASSES, VAEEncoder
 
 ENCODERS = ("pixels", "vae")
-__all__ = ["ENCODERS", "PixelEncoder", "VAEEncoder", "VAE_CLASSES", "build_encoder", "latent_frames",
+__all__ = ["ENCODERS", "PixelEncoder", "VAEEncoder", "VAE_CLASSES", "build_encoder", "frames_at_least", "latent_frames",
            "load_encoder", "pixel_frames"]
 
 

@@ -42,6 +42,12 @@ def latent_frames(frames: int, temporal_factor: int, frame_step: int = 0) -> int
     return 1 + (frames - 1) // temporal_factor
 
 
+def frames_at_least(frames: int, temporal_factor: int, frame_step: int = 0) -> int:
+    """The fewest frames >= `frames` that the rule takes."""
+    step = 1 if temporal_factor == 1 else frame_step or temporal_factor
+    return frames if step == 1 else 1 + step * -(-(frames - 1) // step)
+
+
 def pixel_frames(latent: int, temporal_factor: int) -> int:
     """Frames that `latent` latent frames decode to (the inverse of `latent_frames`)."""
     return latent if temporal_factor == 1 else 1 + (latent - 1) * temporal_factor

@@ -9,6 +9,7 @@ from data_pipelines.encoders.frames import as_pixels, latent_frames
 
 class PixelEncoder:
     temporal_factor = 1
+    frame_step = 1
     spatial_factor = 1
 
     def __init__(self, channels: int = 3):

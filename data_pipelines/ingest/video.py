@@ -27,11 +27,11 @@ VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "mov", "avi")
 @dataclass(frozen=True)
 class ClipPolicy:
     fps: Optional[float] = None  # sample frames at this rate (None: the video's own)
-    clip_frames: int = 16        # frames per clip
+    clip_frames: Optional[int] = None  # frames per clip (None: 16, or the encoder's next count above it)
     clips_per_video: int = 1     # K evenly spaced clips; 0 = every non-overlapping clip
 
     def __post_init__(self):
-        if self.clip_frames < 1:
+        if self.clip_frames is not None and self.clip_frames < 1:
             raise ValueError(f"--clip-frames {self.clip_frames}: must be at least 1")
         if self.clips_per_video < 0:
             raise ValueError(f"--clips-per-video {self.clips_per_video}: must be >= 0 (0 = all)")
