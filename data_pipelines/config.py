@@ -14,16 +14,21 @@ class DatasetConfig(Config):
     weight: float = knob(1.0, "mixture weight (normalised over the datasets)")
     role: Literal["generate", "context", "both"] = knob(
         "generate", "layout of latents: generate (noised, diffusion loss), context (clean), both")
+    image_first: float = knob(0.0, "probability that a sample is laid out image first (image-to-text): each caption "
+                                   "that precedes a latent follows it instead, the latent clean (context, no "
+                                   "diffusion loss) and the caption with the LM loss; drawn per sample")
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.weight <= 0:
             raise ConfigError(f"weight: must be positive, got {self.weight}")
+        if not 0.0 <= self.image_first <= 1.0:
+            raise ConfigError(f"image_first: must be in [0, 1], got {self.image_first}")
 
 
 @dataclasses.dataclass
 class DataConfig(Config):
-    datasets: list[DatasetConfig] = knob([], "shard sets to mix: [{path, weight, role}, ...]")
+    datasets: list[DatasetConfig] = knob([], "shard sets to mix: [{path, weight, role, image_first}, ...]")
     eval_datasets: list[DatasetConfig] = knob([], "held-out shard sets for evaluation")
     seq_len: int = knob(1024, "tokens per packed row")
     num_workers: int = knob(2, "DataLoader worker processes per rank (0 = in the main process)")

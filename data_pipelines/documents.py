@@ -18,9 +18,14 @@ def stateless_uniform(*keys: int) -> float:
 
 
 def build_document(segments: list[dict], spec: LayoutSpec, role: str, drop_caption: bool,
-                   add_bos_eos: bool) -> Union[list[int], DocLayout]:
+                   add_bos_eos: bool, image_first: bool = False) -> Union[list[int], DocLayout]:
     """Lay out one decoded sample. A text-only document stays a list of token ids (the packer
-    may split it between rows); a document with latents becomes its (indivisible) DocLayout."""
+    may split it between rows); a document with latents becomes its (indivisible) DocLayout.
+    `image_first` (image-to-text): every caption (text directly before a latent) is put after its
+    latent, which is laid out clean (`context`: no diffusion loss) for the caption to read; such a
+    caption is the target, so it is never dropped."""
+    if image_first:
+        segments, drop_caption = image_before_caption(segments), False
     segs = []
     for i, seg in enumerate(segments):
         if "tokens" in seg:
@@ -28,12 +33,25 @@ def build_document(segments: list[dict], spec: LayoutSpec, role: str, drop_capti
             if not (caption and drop_caption and role != "context"):
                 segs.append(TextSegment(seg["tokens"]))
         else:
-            segs.append(LatentSegment(torch.from_numpy(seg["latent"]).float(), role))
+            segs.append(LatentSegment(torch.from_numpy(seg["latent"]).float(), "context" if image_first else role))
     if add_bos_eos:
         segs = [TextSegment([BOS])] + segs + [TextSegment([EOS])]
     if all(isinstance(s, TextSegment) for s in segs):
         return [int(t) for s in segs for t in s.tokens]
     return layout_document(segs, spec)
+
+
+def image_before_caption(segments: list[dict]) -> list[dict]:
+    """The segments with each (caption, latent) pair swapped to (latent, caption)."""
+    out, i = [], 0
+    while i < len(segments):
+        if "tokens" in segments[i] and i + 1 < len(segments) and "latent" in segments[i + 1]:
+            out += [segments[i + 1], segments[i]]
+            i += 2
+        else:
+            out.append(segments[i])
+            i += 1
+    return out
 
 
 def text_chunk(ids: list[int], start: int, end: int, spec: LayoutSpec) -> DocLayout:

@@ -174,7 +174,7 @@ class PackedLoader:
         datasets = []
         for e, m, order, (base, partial, first) in zip(self.entries, self.manifests, self.orders, self.base):
             dealing = Dealing(order, self.num_slots, first, self.num_epochs, self.cfg.shards_in_flight)
-            datasets.append(Dataset(m, e.role, e.weight, order, dealing, base, partial))
+            datasets.append(Dataset(m, e.role, e.weight, e.image_first, order, dealing, base, partial))
         return Slot(datasets, self.cfg, self.spec, self.diffusion, self.batch_size, slot,
                     self.slot_states.get(slot))
 

@@ -25,7 +25,7 @@ from model.diffusion import Diffusion, assign_timesteps
 from model.layout import DocLayout, LayoutSpec, pack_rows
 
 log = logging.getLogger(__name__)
-MIX, DROP, TIMESTEP = 1, 2, 3  # hash domains
+MIX, DROP, TIMESTEP, IMAGE_FIRST = 1, 2, 3, 4  # hash domains
 MIN_SPLIT = 8  # a text document is split to fill a row only if at least this many tokens fit
 
 
@@ -40,6 +40,7 @@ class Dataset:
     manifest: Manifest
     role: str
     weight: float
+    image_first: float  # probability of laying a sample out image first (image-to-text)
     order: DatasetOrder
     dealing: Dealing
     base: dict  # epoch -> Intervals of consumed positions
@@ -177,7 +178,8 @@ class Slot:
                                 f"last: {err}") from None
             return None
         drop = stateless_uniform(self.cfg.seed, DROP, d, e, p) < self.cfg.caption_dropout
-        doc = build_document(segments, self.spec, ds.role, drop, self.cfg.add_bos_eos)
+        first = stateless_uniform(self.cfg.seed, IMAGE_FIRST, d, e, p) < ds.image_first
+        doc = build_document(segments, self.spec, ds.role, drop, self.cfg.add_bos_eos, first)
         if not isinstance(doc, list) and len(doc) > self.cfg.seq_len:
             self.oversize += 1
             self.oversize_run += 1

@@ -37,13 +37,29 @@ def _to_hwc(img: np.ndarray) -> np.ndarray:
     return img[..., :3]
 
 
-def digits(num_samples: int = 0, seed: int = 0, **_) -> Iterator[Document]:
-    """scikit-learn's 1,797 bundled 8x8 digits, captioned 'a handwritten digit seven'."""
+DIGIT_SPLITS = {"all": (0, 1797), "train": (0, 1497), "heldout": (1497, 1797)}  # the last 300: never trained on
+
+
+def digit_split(split: str) -> range:
+    """Indices of scikit-learn's digits in a split: `train` (0-1496), `heldout` (1497-1796, kept out of
+    the demo's training sets in both directions, for evaluation) or `all`."""
+    if split not in DIGIT_SPLITS:
+        raise ValueError(f"split: {split!r} is not one of {'|'.join(DIGIT_SPLITS)}")
+    return range(*DIGIT_SPLITS[split])
+
+
+def digit_caption(label: int) -> str:
+    return f"a handwritten digit {DIGIT_NAMES[label]}"
+
+
+def digits(num_samples: int = 0, split: str = "all", seed: int = 0, **_) -> Iterator[Document]:
+    """scikit-learn's bundled 8x8 digits of a split (`digit_split`), captioned 'a handwritten digit seven'."""
     from sklearn.datasets import load_digits
     data = load_digits()
-    n = len(data.images) if not num_samples else min(num_samples, len(data.images))
-    for img, label in zip(data.images[:n], data.target[:n]):
-        yield [{"text": f"a handwritten digit {DIGIT_NAMES[label]}"}, {"image": (img / 16.0)[..., None]}]
+    indices = digit_split(split)
+    n = len(indices) if not num_samples else min(num_samples, len(indices))
+    for i in indices[:n]:
+        yield [{"text": digit_caption(data.target[i])}, {"image": (data.images[i] / 16.0)[..., None]}]
 
 
 def photos(num_samples: int = 256, crop: int = 32, seed: int = 0, **_) -> Iterator[Document]:

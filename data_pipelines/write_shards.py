@@ -34,7 +34,7 @@ from data_pipelines.ingest.resolution import ResolutionPolicy
 from data_pipelines.ingest.tasks import task_device, task_split
 from data_pipelines.ingest.video import ClipPolicy
 from data_pipelines.shards import Manifest, ShardSetWriter
-from data_pipelines.sources import SOURCES, get_source
+from data_pipelines.sources import DIGIT_SPLITS, SOURCES, digit_split, get_source
 from data_pipelines.tokenizer import Tokenizer
 from model.layout import LayoutSpec
 
@@ -86,7 +86,8 @@ def write_shards(source: str, out: str, tokenizer: str, encoder: str = "pixels",
                 raise ValueError(f"--{key.replace('_', '-')}: {e}") from None
     docs = get_source(source)(**source_options)
     writer = ShardSetWriter(out, samples_per_shard)
-    total = source_options.get("num_samples") or (1797 if source == "digits" else None)
+    total = source_options.get("num_samples") or (len(digit_split(source_options.get("split", "all")))
+                                                  if source == "digits" else None)
     bar = tqdm(total=total, desc=f"{source} -> {out}", unit="doc", disable=not progress)
     index = 0
     shapes: dict[str, Counter] = {"image": Counter(), "video": Counter()}
@@ -172,6 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-chars", type=int, default=None, help="text: characters per document piece")
     p.add_argument("--skip", type=int, default=None, help="text: pieces to pass over first (a held-out split "
                                                            "after the pieces a training set took)")
+    p.add_argument("--split", default=None, choices=sorted(DIGIT_SPLITS),
+                   help="digits: all, train (0-1496) or heldout (the last 300, 1497-1796)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--encoder", default="pixels", choices=ENCODERS)
     p.add_argument("--vae", default=None, help="diffusers VAE folder (--encoder vae): AutoencoderKL, "
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
         if a.source in INGEST_SOURCES:
             return _main_ingest(a)
         options = {k: v for k, v in dict(input=a.input, num_samples=a.num_samples, crop=a.crop, frames=a.frames,
-                                         max_chars=a.max_chars, skip=a.skip, seed=a.seed, fps=a.fps,
+                                         max_chars=a.max_chars, skip=a.skip, split=a.split, seed=a.seed, fps=a.fps,
                                          clip_frames=a.clip_frames).items() if v is not None}
         m = write_shards(a.source, a.out, a.tokenizer, a.encoder, a.vae, a.channels, a.samples_per_shard or 256,
                          progress=not a.no_progress, **options)

@@ -59,6 +59,12 @@ class TrainConfig(Config):
     sample_quality: str = knob("", "scorer of those samples, logged as sample/...: digits (classifier "
                                    "accuracy), video_digits (frames read as the digit, jumps; "
                                    "pretrain.quality); empty = none")
+    caption_quality: str = knob("", "judge of the captions generated (greedy, from the EMA) at each evaluation for "
+                                    "the first caption_samples (caption, image) samples of data.eval_datasets, "
+                                    "logged as sample/caption_accuracy: digits (names the reference's digit), "
+                                    "exact (the reference's text); empty = none")
+    caption_samples: int = knob(300, "images captioned at each evaluation (the first of data.eval_datasets)")
+    caption_max_tokens: int = knob(16, "longest caption generated at evaluation, tokens")
     log_samples: bool = knob(False, "write the documents of every micro-batch to RUN_DIR/samples_rankR.jsonl")
     peak_tflops: float = knob(0.0, "per-device peak TFLOP/s for MFU (0 = auto on known GPUs, none on CPU)")
 
@@ -74,13 +80,18 @@ class TrainConfig(Config):
                 raise ConfigError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.stop_at <= self.max_steps:
             raise ConfigError(f"stop_at: must be in [0, max_steps={self.max_steps}], got {self.stop_at}")
-        for name in ("samples_per_prompt", "sample_steps"):
+        for name in ("samples_per_prompt", "sample_steps", "caption_samples", "caption_max_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         if self.sample_quality:
             from pretrain.quality import SCORERS
             if self.sample_quality not in SCORERS:
                 raise ConfigError(f"sample_quality: {self.sample_quality!r} is not one of {'|'.join(SCORERS)}")
+        if self.caption_quality:
+            from pretrain.evaluation.captioning import CAPTION_JUDGES
+            if self.caption_quality not in CAPTION_JUDGES:
+                raise ConfigError(f"caption_quality: {self.caption_quality!r} is not one of "
+                                  f"{'|'.join(CAPTION_JUDGES)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
 

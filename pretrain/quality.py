@@ -2,6 +2,11 @@
 
     python -m pretrain.quality --model RUN_OR_RELEASE [--per-digit 10] [--steps 25] [--cfg 3] \\
         [--out digits.png]     # a grid with a row per digit, its .npz, and the accuracy per digit
+    python -m pretrain.quality --model RUN_OR_RELEASE --task caption   # image-to-text on held-out digits
+    python -m pretrain.quality --model RUN_OR_RELEASE --task both
+
+`--task caption` captions the 300 held-out digits (scikit-learn's last 300, in no training set of the
+demo; pretrain.evaluation.captioning) greedily and reports the share whose caption names the right digit.
 
 A scorer's `score` takes the prompts it was asked for and the decoded samples (n, C, H, W in
 [0, 1], `samples_per_prompt` per prompt, prompt-major) and returns a few numbers; its `check`
@@ -232,6 +237,8 @@ def main(argv=None) -> int:
     from pretrain.release import load_for_sampling
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="release folder, run directory or checkpoint folder")
+    p.add_argument("--task", default="image", choices=("image", "caption", "both"),
+                   help="image: draw each digit and read it back; caption: caption the held-out digits; both")
     p.add_argument("--per-digit", type=int, default=10)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale")
@@ -241,19 +248,34 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="PNG grid (a row per digit); the samples go to the same name .npz")
     p.add_argument("--json", default=None, help="write the scores here too")
     a = p.parse_args(argv)
+    result: dict = {}
     try:
         loaded = load_for_sampling(a.model, ema=not a.raw)
-        result = evaluate_digits(loaded, a.per_digit, a.steps, a.cfg, a.seed, a.sampler,
-                                 Path(a.out) if a.out else None, progress=True)
+        if a.task in ("image", "both"):
+            result = evaluate_digits(loaded, a.per_digit, a.steps, a.cfg, a.seed, a.sampler,
+                                     Path(a.out) if a.out else None, progress=True)
+        if a.task in ("caption", "both"):
+            from pretrain.evaluation.captioning import evaluate_heldout_captions
+            captions = evaluate_heldout_captions(loaded, seed=a.seed)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(format_digit_scores(result))
-    if a.out:
-        print(f"wrote {a.out} and {Path(a.out).with_suffix('.npz')}")
+    if a.task in ("image", "both"):
+        print(("text-to-image: " if a.task == "both" else "") + format_digit_scores(result))
+        if a.out:
+            print(f"wrote {a.out} and {Path(a.out).with_suffix('.npz')}")
+    if a.task in ("caption", "both"):
+        print(format_caption_scores(captions))
+        result.update(captions)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def format_caption_scores(result: dict) -> str:
+    examples = "; ".join(f"{ref.split()[-1]} -> {got!r}" for ref, got in result["examples"][:3])
+    return (f"image-to-text: {result['caption_accuracy']:.1%} of the {result['captions']} held-out digits captioned "
+            f"with the right digit (greedy; e.g. {examples})")
 
 
 if __name__ == "__main__":

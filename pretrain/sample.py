@@ -1,10 +1,14 @@
-"""Sample text, images or video from a release folder or a training run.
+"""Sample text, images or video from a release folder or a training run, or caption images.
 
     python -m pretrain.sample --model RELEASE_OR_RUN_DIR --prompt "a handwritten digit 7" --out out.png \\
         [--kind image|video|text] [--n 16] [--steps 50] [--cfg 3.0] [--seed 0] [--sampler auto|ddim|dpm++|euler]
+    python -m pretrain.sample --model RELEASE_OR_RUN_DIR --kind caption --image a.png [--image b.png ...] \\
+        [--max-new-tokens 64] [--temperature 0] [--top-p 1]     # prints "FILE<tab>caption" per image
 
 Images go to a PNG grid, video to an MP4 or animated GIF of grids (by --out's suffix), text to
-stdout (and --out if given). The latent size defaults to the one the model was trained on (--size
+stdout (and --out if given). A caption's image is read as the model's encoder takes it (grey or
+RGB), resized to cover the training size and center-cropped, encoded, then captioned through the
+KV cache (greedy at temperature 0). The latent size defaults to the one the model was trained on (--size
 H W to change); --frames F asks for F video frames (as the VAE's rule takes them: 1 + 4k for Wan), more than
 the model was trained on included: an ACDiT model then goes on block by block through a sliding
 window of its KV cache (model.sample).
@@ -72,6 +76,20 @@ def sample_pixels(loaded: Loaded, prompts: list[str], per_prompt: int = 1, kind:
     return decode(encoder or load_encoder(loaded.info["encoder"]), latents)
 
 
+def caption(loaded: Loaded, images: list[str], max_new_tokens: int = 64, temperature: float = 0.0,
+            top_p: float = 1.0, seed: int = 0) -> str:
+    """One line per image file: its name as given, a tab, the caption."""
+    import numpy as np
+    from pretrain.evaluation.captioning import caption_images, image_size, one_line, read_image
+    if not images:
+        raise SampleError("--kind caption: give the images to caption with --image FILE (repeatable)")
+    size = image_size(loaded.info)
+    pixels = np.stack([read_image(path, size) for path in images])
+    captions = caption_images(loaded, pixels, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                              seed=seed)
+    return "\n".join(f"{path}\t{one_line(text)}" for path, text in zip(images, captions))
+
+
 def sample(loaded: Loaded, prompt: str, kind: str, out: str | None, n: int = 16, steps: int = 50,
            cfg_scale: float = 3.0, seed: int = 0, sampler: str = "auto", size=None, frames=None,
            max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, progress: bool = True):
@@ -98,7 +116,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="release folder, run directory or checkpoint folder")
     p.add_argument("--prompt", default="")
     p.add_argument("--out", default=None, help="output PNG (image), MP4 or GIF (video) or text file")
-    p.add_argument("--kind", default="image", choices=["image", "video", "text"])
+    p.add_argument("--kind", default="image", choices=["image", "video", "text", "caption"])
+    p.add_argument("--image", action="append", default=[], help="caption: an image file to caption (repeatable)")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--cfg", type=float, default=3.0, help="classifier-free guidance scale (1 = none)")
@@ -114,18 +133,21 @@ def main(argv=None) -> int:
     p.add_argument("--raw", action="store_true", help="run directory: raw weights, not the EMA")
     p.add_argument("--tokenizer", default=None, help="tokenizer .model (default: the model's own)")
     a = p.parse_args(argv)
-    if a.kind != "text" and not a.out:
+    if a.kind in ("image", "video") and not a.out:
         p.error("--out is required for images and video")
     try:
         loaded = load_for_sampling(a.model, "cuda" if torch.cuda.is_available() else "cpu", ema=not a.raw)
         if a.tokenizer:
             loaded.tokenizer = Path(a.tokenizer)
-        result = sample(loaded, a.prompt, a.kind, a.out, a.n, a.steps, a.cfg, a.seed, a.sampler, a.size, a.frames,
-                        a.max_new_tokens, a.temperature, a.top_p)
-    except (SampleError, ValueError, FileNotFoundError) as e:
+        if a.kind == "caption":
+            result = caption(loaded, a.image, a.max_new_tokens, a.temperature, a.top_p, a.seed)
+        else:
+            result = sample(loaded, a.prompt, a.kind, a.out, a.n, a.steps, a.cfg, a.seed, a.sampler, a.size,
+                            a.frames, a.max_new_tokens, a.temperature, a.top_p)
+    except (SampleError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(result if a.kind == "text" else f"wrote {result}")
+    print(result if a.kind in ("text", "caption") else f"wrote {result}")
     return 0
 
 

@@ -40,7 +40,7 @@ from pretrain.job_history import FINISHED
 from pretrain.process import run_and_exit
 from pretrain.engine import build_engine
 from pretrain.failures import next_batch, say_error, stop_if_any_failed
-from pretrain.eval_samples import EvalSampler
+from pretrain.evaluation.in_loop import EvalSampler
 from pretrain.metrics import RunLogger, batch_flops, loss_record, peak_flops
 from pretrain.release import init_from_release
 from pretrain.run_lock import RunDirBusy, RunDirLock, exit_with_parent

@@ -36,7 +36,7 @@ def test_a_run_whose_eval_prompts_the_scorer_cannot_judge_stops_before_training(
     from data_pipelines.shards import load_manifest
     from model.config_system import ConfigError, load_config
     from pretrain.config import ExperimentConfig
-    from pretrain.eval_samples import EvalSampler
+    from pretrain.evaluation.in_loop import EvalSampler
     common = [f"run.dir={tmp_path}", "train.eval_interval=5", "train.sample_quality=digits"]
     cfg = load_config(ExperimentConfig, tiny_config, common)
     manifests = [load_manifest(d.path) for d in cfg.data.datasets]

@@ -1,0 +1,1 @@
+"""Evaluation of what a model generates: captions of held-out images (`captioning`)."""
