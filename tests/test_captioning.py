@@ -234,3 +234,25 @@ def test_caption_cli_prints_a_line_per_image_from_pngs_of_any_size(captioner, tm
     r = subprocess.run([sys.executable, "-m", "pretrain.sample", "--model", str(captioner), "--kind", "caption",
                         "--image", str(tmp_path / "missing.png")], cwd=REPO, env=env(), capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "missing.png" in r.stderr
+
+
+def test_caption_evaluation_that_could_not_run_stops_the_run_before_training(tiny_config, test_data, tmp_path):
+    from data_pipelines.shards import load_manifest
+    from model.config_system import ConfigError, load_config
+    from pretrain.config import ExperimentConfig
+    from pretrain.evaluation.in_loop import EvalSampler
+    common = [f"run.dir={tmp_path}", "train.eval_interval=5", "train.caption_quality=digits", "train.sample_prompts=[]"]
+
+    def sampler(*extra):
+        cfg = load_config(ExperimentConfig, tiny_config, [*common, *extra])
+        return EvalSampler(cfg, [load_manifest(d.path) for d in cfg.data.datasets])
+
+    ok = sampler(f"data.eval_datasets=[{{path: {test_data['digits']}}}]", "train.caption_samples=7")
+    assert ok.enabled and len(ok.caption_latents) == 7 and ok.caption_refs[0].startswith("a handwritten digit")
+    with pytest.raises(ConfigError, match="eval_datasets hold no \\(caption, image\\) sample"):
+        sampler(f"data.eval_datasets=[{{path: {test_data['text']}}}]")
+    with pytest.raises(ConfigError, match="caption_max_tokens.*max_seq_len=64"):
+        sampler(f"data.eval_datasets=[{{path: {test_data['digits']}}}]", "model.max_seq_len=64",
+                "train.caption_max_tokens=60")
+    with pytest.raises(ConfigError, match="caption_quality: 'pixels' is not one of digits|exact"):
+        sampler("train.caption_quality=pixels")

@@ -13,21 +13,20 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from data_pipelines.sources import DIGIT_NAMES, digit_caption, digit_split
+from data_pipelines.sources import digit_caption, digit_split
 from model.generate import caption_latents
 
 CAPTION_BATCH = 64  # images captioned together
 
 
 def names_same_digit(caption: str, reference: str) -> bool:
-    """The last digit word of the caption is the reference's (a caption naming none is wrong)."""
-    def last_digit(text: str) -> Optional[str]:
-        words = [w for w in text.lower().replace(",", " ").split() if w in DIGIT_NAMES]
-        return words[-1] if words else None
-    wanted = last_digit(reference)
-    if wanted is None:
-        raise ValueError(f"caption judge digits: the reference {reference!r} names no digit")
-    return last_digit(caption) == wanted
+    """The caption names (last) the digit the reference names; a caption naming none is wrong."""
+    from pretrain.quality import prompt_digit
+    wanted = prompt_digit(reference)  # a ValueError: a reference this judge cannot judge
+    try:
+        return prompt_digit(caption) == wanted
+    except ValueError:
+        return False
 
 
 def same_text(caption: str, reference: str) -> bool:
