@@ -29,8 +29,9 @@ data: install
 		echo "python3.11-doc not installed: using the standard library's docs"; }
 	$(PY) -m data_pipelines.demo_data --out $(DEMO_DIR)/data
 
-# Train tiny-cpu on 2 CPU ranks under ZeRO-2, stop half-way (as a preemption would), resume from
-# `latest`, summarize, then draw each digit and read the drawings back with the digit classifier.
+# Train tiny-cpu on 2 CPU ranks under ZeRO-2 on digits both ways (text-to-image and image-to-text)
+# beside text, stop half-way (as a preemption would), resume from `latest`, summarize, then draw
+# each digit and read the drawings back with the digit classifier, and caption the 300 held-out digits.
 TORCHRUN := $(PY) -m torch.distributed.run --nproc-per-node 2
 demo: data
 	rm -rf $(DEMO_DIR)/run
@@ -38,7 +39,7 @@ demo: data
 	@echo "--- stopped at step 200; resuming from latest ---"
 	$(TORCHRUN) -m pretrain.train --config configs/tiny-cpu.yaml run.dir=$(DEMO_DIR)/run --resume auto
 	$(PY) -m pretrain.summary $(DEMO_DIR)/run
-	$(PY) -m pretrain.quality --model $(DEMO_DIR)/run --per-digit 8 --out $(DEMO_DIR)/digits.png
+	$(PY) -m pretrain.quality --model $(DEMO_DIR)/run --task both --per-digit 8 --out $(DEMO_DIR)/digits.png
 	$(PY) -m pretrain.sample --model $(DEMO_DIR)/run --kind text --prompt "The Python tutorial" \
 		--max-new-tokens 40 --temperature 0.8 --top-p 0.9
 

@@ -38,10 +38,13 @@ def tiny_config(test_data, tmp_path_factory):
     from tests.launch import REPO, cleanup_shm
     path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
     text = (REPO / "configs/tiny-cpu.yaml").read_text()
-    text = text.replace("runs/demo/data/digits", str(test_data["digits"])).replace(
+    text = text.replace("runs/demo/data/digits-heldout", str(test_data["digits"])).replace(
+        "runs/demo/data/digits", str(test_data["digits"])).replace(
         "runs/demo/data/text", str(test_data["text"])).replace("vocab_size: 2000", "vocab_size: 1000")
     # both modalities in most batches (the demo's mix is nearly all digits by document)
-    text = text.replace("weight: 0.97}", "weight: 0.6}").replace("weight: 0.03}", "weight: 0.4}")
+    for old, new in (("weight: 0.99,", "weight: 0.6,"), ("weight: 0.01}", "weight: 0.4}")):
+        assert old in text, old
+        text = text.replace(old, new)
     # no evaluation unless a test asks for one; then its sampling is quick
     for key, value in (("eval_interval", 0), ("samples_per_prompt", 1), ("sample_steps", 2)):
         text, n = re.subn(rf"^(\s+{key}:) \S+", rf"\g<1> {value}", text, flags=re.M)

@@ -19,7 +19,8 @@ def trained_run(test_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("sample")
     write_shards("moving_digits", str(root / "video"), str(test_data["tokenizer"]), channels=1, samples_per_shard=8,
                  num_samples=8, frames=4, canvas=16, progress=False)
-    cfg = (REPO / "configs/tiny-cpu.yaml").read_text().replace("runs/demo/data/digits", str(test_data["digits"])) \
+    cfg = (REPO / "configs/tiny-cpu.yaml").read_text().replace("runs/demo/data/digits-heldout", str(test_data["digits"])) \
+        .replace("runs/demo/data/digits", str(test_data["digits"])) \
         .replace("runs/demo/data/text", str(root / "video")).replace("vocab_size: 2000", "vocab_size: 1000")
     (root / "tiny.yaml").write_text(cfg)
     run = root / "run"

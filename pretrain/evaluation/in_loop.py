@@ -89,10 +89,14 @@ class EvalSampler:
         from pretrain.evaluation.captioning import get_judge
         t, where = self.cfg.train, f"train.caption_quality={self.cfg.train.caption_quality}"
         if not t.eval_interval:
-            raise ConfigError(f"{where}: captions are evaluated at evaluations: set train.eval_interval")
+            warnings.warn(f"{where}: no captions without evaluations (train.eval_interval=0)")
+            return
         if self.tokenizer is None:
             raise ConfigError(f"{where}: the training data names no tokenizer")
-        latents, ids = caption_set([d.path for d in self.cfg.data.eval_datasets], t.caption_samples)
+        try:
+            latents, ids = caption_set([d.path for d in self.cfg.data.eval_datasets], t.caption_samples)
+        except (OSError, ValueError) as e:  # a missing or unreadable held-out set (BadSample is a ValueError)
+            raise ConfigError(f"{where}: data.eval_datasets: {e}") from None
         if not latents:
             raise ConfigError(f"{where}: data.eval_datasets hold no (caption, image) sample to caption")
         tok = Tokenizer(self.tokenizer)
