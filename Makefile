@@ -35,8 +35,8 @@ data: install
 TORCHRUN := $(PY) -m torch.distributed.run --nproc-per-node 2
 demo: data
 	rm -rf $(DEMO_DIR)/run
-	$(TORCHRUN) -m pretrain.train --config configs/tiny-cpu.yaml run.dir=$(DEMO_DIR)/run train.stop_at=200
-	@echo "--- stopped at step 200; resuming from latest ---"
+	$(TORCHRUN) -m pretrain.train --config configs/tiny-cpu.yaml run.dir=$(DEMO_DIR)/run train.stop_at=400
+	@echo "--- stopped at step 400; resuming from latest ---"
 	$(TORCHRUN) -m pretrain.train --config configs/tiny-cpu.yaml run.dir=$(DEMO_DIR)/run --resume auto
 	$(PY) -m pretrain.summary $(DEMO_DIR)/run
 	$(PY) -m pretrain.quality --model $(DEMO_DIR)/run --task both --per-digit 8 --out $(DEMO_DIR)/digits.png
