@@ -68,5 +68,8 @@ class DataConfig(Config):
         for key in ("retry_budget", "min_read_speed"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if not self.add_bos_eos and any(d.image_first for d in self.datasets + self.eval_datasets):
+            raise ConfigError("add_bos_eos: image_first needs it (a caption is read after <bos> <boi> image <eoi> "
+                              "and ends at <eos>)")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout: must be in [0, 1], got {self.caption_dropout}")

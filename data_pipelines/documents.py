@@ -23,35 +23,28 @@ def build_document(segments: list[dict], spec: LayoutSpec, role: str, drop_capti
     may split it between rows); a document with latents becomes its (indivisible) DocLayout.
     `image_first` (image-to-text): every caption (text directly before a latent) is put after its
     latent, which is laid out clean (`context`: no diffusion loss) for the caption to read; such a
-    caption is the target, so it is never dropped."""
-    if image_first:
-        segments, drop_caption = image_before_caption(segments), False
+    caption is the target, so it is never dropped. Latents without a caption keep `role`."""
     segs = []
-    for i, seg in enumerate(segments):
+    i = 0
+    while i < len(segments):
+        seg = segments[i]
+        captioned = "tokens" in seg and i + 1 < len(segments) and "latent" in segments[i + 1]
+        if captioned and image_first:
+            segs += [LatentSegment(torch.from_numpy(segments[i + 1]["latent"]).float(), "context"),
+                     TextSegment(seg["tokens"])]
+            i += 2
+            continue
         if "tokens" in seg:
-            caption = i + 1 < len(segments) and "latent" in segments[i + 1]
-            if not (caption and drop_caption and role != "context"):
+            if not (captioned and drop_caption and role != "context"):
                 segs.append(TextSegment(seg["tokens"]))
         else:
-            segs.append(LatentSegment(torch.from_numpy(seg["latent"]).float(), "context" if image_first else role))
+            segs.append(LatentSegment(torch.from_numpy(seg["latent"]).float(), role))
+        i += 1
     if add_bos_eos:
         segs = [TextSegment([BOS])] + segs + [TextSegment([EOS])]
     if all(isinstance(s, TextSegment) for s in segs):
         return [int(t) for s in segs for t in s.tokens]
     return layout_document(segs, spec)
-
-
-def image_before_caption(segments: list[dict]) -> list[dict]:
-    """The segments with each (caption, latent) pair swapped to (latent, caption)."""
-    out, i = [], 0
-    while i < len(segments):
-        if "tokens" in segments[i] and i + 1 < len(segments) and "latent" in segments[i + 1]:
-            out += [segments[i + 1], segments[i]]
-            i += 2
-        else:
-            out.append(segments[i])
-            i += 1
-    return out
 
 
 def text_chunk(ids: list[int], start: int, end: int, spec: LayoutSpec) -> DocLayout:

@@ -3,7 +3,7 @@
 A slot is one (rank, worker) pair. Its whole state is small and JSON-able — cursors into
 the global order (see `order.py`), the ids of the documents it holds in its packing buffer,
 a mixture draw counter and a batch counter — so a resumed slot re-reads its buffer and
-continues with the same batches. All randomness (mixture, caption dropout, timesteps) is a
+continues with the same batches. All randomness (mixture, caption dropout, image first, timesteps) is a
 hash of the seed and stable ids, never a generator state.
 """
 from __future__ import annotations

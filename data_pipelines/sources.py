@@ -81,14 +81,16 @@ def photos(num_samples: int = 256, crop: int = 32, seed: int = 0, **_) -> Iterat
 
 def moving_digits(num_samples: int = 256, frames: int = 16, canvas: int = 32, seed: int = 0, max_digits: int = 2,
                   **_) -> Iterator[Document]:
-    """Generated video: 1 to `max_digits` 8x8 digits bouncing on a canvas, captioned with digits and direction."""
+    """Generated video: 1 to `max_digits` 8x8 digits of the train split bouncing on a canvas, captioned
+    with digits and direction."""
     from sklearn.datasets import load_digits
     data = load_digits()
     rng = np.random.default_rng(seed)
     size = 8
+    train = digit_split("train")  # the held-out digits stay out of video too
     for _ in range(num_samples):
         count = int(rng.integers(1, max_digits + 1))
-        picks = rng.integers(0, len(data.images), count)
+        picks = rng.integers(train.start, train.stop, count)
         video = np.zeros((frames, canvas, canvas, 1), np.float32)
         words = []
         for k in picks:

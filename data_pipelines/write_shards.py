@@ -226,6 +226,8 @@ def main(argv=None) -> int:
     try:
         if a.source in INGEST_SOURCES:
             return _main_ingest(a)
+        if a.split is not None and a.source != "digits":
+            raise ValueError(f"--split: the digits source's option, not {a.source}'s")
         options = {k: v for k, v in dict(input=a.input, num_samples=a.num_samples, crop=a.crop, frames=a.frames,
                                          max_chars=a.max_chars, skip=a.skip, split=a.split, seed=a.seed, fps=a.fps,
                                          clip_frames=a.clip_frames).items() if v is not None}

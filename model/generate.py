@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 import torch
 
 from model.layout import DocLayout, LatentSegment, LayoutSpec, TextSegment, layout_document, pack_rows
-from model.special_tokens import BOS, EOS
+from model.special_tokens import BOI, BOS, BOV, EOS
 
 
 def check_context(model, length: int, what: str) -> None:
@@ -67,17 +67,20 @@ def caption_document(latent: torch.Tensor, caption: Sequence[int], spec: LayoutS
 @torch.no_grad()
 def caption_latents(model, latents: torch.Tensor, max_new_tokens: int = 16, temperature: float = 0.0,
                     top_p: float = 1.0, seed: int = 0, use_cache: bool = True,
-                    stop: Sequence[int] = (EOS,)) -> list[list[int]]:
-    """Captions (token ids, without the stop token) of latents (n, C, H, W) or (n, C, T, H, W) of one
-    shape: the rows run together, one token each per step, until every row stopped. With the cache,
-    the image is run once and each new token attends to it; `use_cache=False` recomputes the whole
-    document at every token (to check the cache)."""
+                    stop: Sequence[int] = (EOS, BOI, BOV), seeds: Optional[Sequence[int]] = None) -> list[list[int]]:
+    """Captions (token ids, without the stop token: the document's end, or the next image or video of
+    an interleaved document) of latents (n, C, H, W) or (n, C, T, H, W) of one shape: the rows run
+    together, one token each per step, until every row stopped. With the cache, the image is run once
+    and each new token attends to it; `use_cache=False` recomputes the whole document at every token
+    (to check the cache). Row r samples from its own generator, seeded `seeds[r]` (default seed + r),
+    so its caption does not depend on the rows beside it."""
     spec = LayoutSpec.from_model_config(model.cfg)
     device = next(model.parameters()).device
     latents = latents.float().cpu()
     prefix = caption_document(latents[0], [], spec)  # every row's layout (one shape): only the values differ
     check_context(model, len(prefix) + max_new_tokens, "image + max_new_tokens")
-    gen = torch.Generator().manual_seed(seed)
+    gens = [torch.Generator().manual_seed(int(x)) for x in (seeds if seeds is not None else
+                                                             range(seed, seed + len(latents)))]
     fed: list[list[int]] = [[] for _ in latents]  # tokens drawn per row, including any after its stop
     cache, batch = None, pack_rows([[caption_document(lat, [], spec)] for lat in latents], len(prefix)).to(device)
     next_unit, next_pos = int(prefix.unit[-1]) + 1, int(prefix.pos[-1, 0]) + 1
@@ -89,7 +92,7 @@ def caption_latents(model, latents: torch.Tensor, max_new_tokens: int = 16, temp
             o, _ = model.step(pack_rows([[d] for d in full], len(full[0])).to(device))
         logits = model.lm_head(o.hidden[:, -1])
         for r in range(len(latents)):
-            fed[r].append(sample_token(logits[r], temperature, top_p, gen))
+            fed[r].append(sample_token(logits[r], temperature, top_p, gens[r]))
         if all(any(t in stop for t in ids) for ids in fed):
             break
         # each row's new token, at its place after the image (units count blocks, positions the grid)

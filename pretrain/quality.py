@@ -31,14 +31,14 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from data_pipelines.sources import DIGIT_NAMES
+from data_pipelines.sources import DIGIT_NAMES, digit_caption
 
 HOLDOUT_FRACTION = 0.25  # of the real digits, kept out of the classifier's training to measure it
 
 
 def digit_prompt(digit: int) -> str:
     """The caption the digits source gives a digit (data_pipelines.sources.digits)."""
-    return f"a handwritten digit {DIGIT_NAMES[digit]}"
+    return digit_caption(digit)
 
 
 def prompt_digit(prompt: str) -> int:
@@ -254,19 +254,17 @@ def main(argv=None) -> int:
         if a.task in ("image", "both"):
             result = evaluate_digits(loaded, a.per_digit, a.steps, a.cfg, a.seed, a.sampler,
                                      Path(a.out) if a.out else None, progress=True)
+            print(("text-to-image: " if a.task == "both" else "") + format_digit_scores(result))
+            if a.out:
+                print(f"wrote {a.out} and {Path(a.out).with_suffix('.npz')}")
         if a.task in ("caption", "both"):
             from pretrain.evaluation.captioning import evaluate_heldout_captions
             captions = evaluate_heldout_captions(loaded, seed=a.seed)
+            print(format_caption_scores(captions))
+            result.update(captions)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if a.task in ("image", "both"):
-        print(("text-to-image: " if a.task == "both" else "") + format_digit_scores(result))
-        if a.out:
-            print(f"wrote {a.out} and {Path(a.out).with_suffix('.npz')}")
-    if a.task in ("caption", "both"):
-        print(format_caption_scores(captions))
-        result.update(captions)
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

@@ -80,14 +80,16 @@ def caption(loaded: Loaded, images: list[str], max_new_tokens: int = 64, tempera
             top_p: float = 1.0, seed: int = 0) -> str:
     """One line per image file: its name as given, a tab, the caption."""
     import numpy as np
+    from data_pipelines.encoders import load_encoder
     from pretrain.evaluation.captioning import caption_images, image_size, one_line, read_image
     if not images:
         raise SampleError("--kind caption: give the images to caption with --image FILE (repeatable)")
-    size = image_size(loaded.info)
+    encoder = load_encoder(loaded.info["encoder"]) if "image" in loaded.info.get("latent_shapes", {}) else None
+    size = image_size(loaded.info, encoder)
     pixels = np.stack([read_image(path, size) for path in images])
-    captions = caption_images(loaded, pixels, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                              seed=seed)
-    return "\n".join(f"{path}\t{one_line(text)}" for path, text in zip(images, captions))
+    captions = caption_images(loaded, pixels, encoder, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, seed=seed)
+    return "\n".join(f"{one_line(str(path))}\t{one_line(text)}" for path, text in zip(images, captions))
 
 
 def sample(loaded: Loaded, prompt: str, kind: str, out: str | None, n: int = 16, steps: int = 50,
@@ -135,6 +137,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.kind in ("image", "video") and not a.out:
         p.error("--out is required for images and video")
+    if a.image and a.kind != "caption":
+        p.error(f"--image is what --kind caption reads; --kind {a.kind} samples from --prompt")
     try:
         loaded = load_for_sampling(a.model, "cuda" if torch.cuda.is_available() else "cpu", ema=not a.raw)
         if a.tokenizer:

@@ -72,7 +72,11 @@ class Trainer:
         except (DataError, FileNotFoundError) as e:
             error = e
         stop_if_any_failed(self.dist, error)
-        self.eval_sampler = EvalSampler(cfg, self.loader.manifests, dist.is_main)
+        try:  # rank 0 reads the held-out images to caption: its failure stops every rank
+            self.eval_sampler = EvalSampler(cfg, self.loader.manifests, dist.is_main)
+        except ConfigError as e:
+            error = e
+        stop_if_any_failed(self.dist, error)
         torch.manual_seed(cfg.run.seed)
         model = UnifiedTransformer(cfg.model)
         if t.init_from and self.resume_from is None:

@@ -55,6 +55,19 @@ def test_without_image_first_the_caption_comes_first_and_the_image_is_generated(
     assert m[8, 4:8].sum() == 0 and m[4:8, :4].all()  # <eoi> does not see the noised image (MonoFormer: later text sees clean copies)
 
 
+def test_image_first_moves_only_captioned_latents_and_needs_bos_eos():
+    from data_pipelines.config import DataConfig, DatasetConfig
+    from model.config_system import ConfigError
+    spec = LayoutSpec(mode="monoformer", patch_size=2)
+    lat = {"latent": np.zeros((1, 4, 4), np.float16)}
+    doc = build_document([{"tokens": [30]}, {"tokens": CAPTION}, lat, lat], spec, "generate", False, True, True)
+    # text, then the captioned image clean and its caption, then the uncaptioned image still generated
+    assert doc.tokens.tolist() == [BOS, 30, BOI] + [LATENT] * 4 + [EOI] + CAPTION + [BOI] + [LATENT] * 4 + [EOI, EOS]
+    assert doc.latent_loss.sum() == 4 and doc.latent_loss[-6:-2].all()
+    with pytest.raises(ConfigError, match="add_bos_eos: image_first needs it"):
+        DataConfig(datasets=[DatasetConfig(path="d", image_first=0.5)], add_bos_eos=False)
+
+
 def test_captioning_lays_the_image_out_as_training_does():
     for spec in (LayoutSpec("monoformer", 2, 0), LayoutSpec("acdit", 2, 1)):
         train = build_document(SAMPLE, spec, "generate", False, True, image_first=True)
@@ -78,6 +91,8 @@ def test_captions_through_the_cache_equal_full_forward_passes(mode, block_size):
     assert [c[:c.index(stop)] if stop in c else c for c in greedy] == stopped
     sampled = caption_latents(model, latents, 12, temperature=1.0, top_p=0.9, seed=3, stop=())
     assert sampled == caption_latents(model, latents, 12, temperature=1.0, top_p=0.9, seed=3, stop=(), use_cache=False)
+    # a row's sampled caption does not depend on the rows beside it
+    assert caption_latents(model, latents[2:3], 12, temperature=1.0, top_p=0.9, stop=(), seeds=[5])[0] == sampled[2]
 
 
 def test_image_first_documents_are_mixed_in_by_probability(test_data):
@@ -211,6 +226,10 @@ def captioner(test_data, tmp_path_factory):
 def digit_png(path, digit: int, side: int, mode: str = "L"):
     from PIL import Image
     from sklearn.datasets import load_digits
+    if mode == "I;16":  # a 16-bit grey PNG
+        pixels = (load_digits().images[digit] / 16.0 * 65535).round().astype(np.uint16).repeat(side // 8, 0)
+        Image.fromarray(pixels.repeat(side // 8, 1)).save(path)
+        return path
     pixels = (load_digits().images[digit] / 16.0 * 255).round().astype(np.uint8)
     Image.fromarray(pixels).resize((side, side), Image.Resampling.NEAREST).convert(mode).save(path)
     return path
@@ -223,14 +242,14 @@ def test_caption_cli_prints_a_line_per_image_from_pngs_of_any_size(captioner, tm
     from data_pipelines.sources import DIGIT_NAMES
     from tests.launch import REPO, env
     files = [digit_png(tmp_path / f"d{d}.png", d, side, mode)
-             for d, side, mode in [(0, 8, "L"), (3, 64, "L"), (7, 40, "RGB"), (9, 200, "L")]]
+             for d, side, mode in [(0, 8, "L"), (3, 64, "L"), (7, 40, "RGB"), (9, 200, "L"), (5, 32, "I;16")]]
     r = subprocess.run([sys.executable, "-m", "pretrain.sample", "--model", str(captioner), "--kind", "caption",
                         *[a for f in files for a in ("--image", str(f))], "--max-new-tokens", "12"],
                        cwd=REPO, env=env(), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = r.stdout.strip().splitlines()
     assert [line.split("\t")[0] for line in lines] == [str(f) for f in files]
-    assert [line.split("\t")[1] for line in lines] == [f"a handwritten digit {DIGIT_NAMES[d]}" for d in (0, 3, 7, 9)]
+    assert [line.split("\t")[1] for line in lines] == [f"a handwritten digit {DIGIT_NAMES[d]}" for d in (0, 3, 7, 9, 5)]
     r = subprocess.run([sys.executable, "-m", "pretrain.sample", "--model", str(captioner), "--kind", "caption",
                         "--image", str(tmp_path / "missing.png")], cwd=REPO, env=env(), capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:") and "missing.png" in r.stderr
@@ -256,3 +275,24 @@ def test_caption_evaluation_that_could_not_run_stops_the_run_before_training(tin
                 "train.caption_max_tokens=60")
     with pytest.raises(ConfigError, match="caption_quality: 'pixels' is not one of digits|exact"):
         sampler("train.caption_quality=pixels")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_held_out_set_rank_0_cannot_read_stops_every_rank_with_one_line(tiny_config, tmp_path):
+    """Rank 0 alone reads the images to caption when the trainer is built: when it cannot, every rank
+    stops at once (not at the process group's timeout), each with one error line."""
+    import subprocess
+    import sys
+    from pretrain.distributed import free_port
+    from tests.launch import REPO, env
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           "-m", "pretrain.train", "--config", str(tiny_config), f"run.dir={tmp_path / 'run'}", "train.max_steps=2",
+           "train.eval_interval=1", "train.caption_quality=digits", "wandb.mode=disabled", "data.num_workers=1",
+           f"data.eval_datasets=[{{path: {tmp_path / 'nowhere'}}}]"]
+    r = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
+    assert r.returncode != 0 and len(errors) == 2, r.stderr[-3000:]
+    assert any(e.startswith("error (rank 0): train.caption_quality=digits: data.eval_datasets:") and "nowhere" in e
+               for e in errors)
+    assert any(e.startswith("error (rank 1): stopping: rank 0") for e in errors)

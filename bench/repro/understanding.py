@@ -3,18 +3,21 @@
     python bench/repro/understanding.py [--blocks 1 4 16] [--captioner runs/demo/run] [--reuse]
 
 Trains `configs/repro-acdit.yaml` (digits by diffusion beside text, no image-to-text document) at
-each block size, like bench/repro/acdit_sweep.py, then probes each model: the 300 held-out digits
+each block size, like bench/repro/acdit_sweep.py but into runs of its own (`--out`; the sweep's
+older runs saw all 1,797 digits), then probes each model: the 300 held-out digits
 (scikit-learn's last 300, in no training set) are laid out as image-first documents (`<bos> <boi>`
 clean copy `<eoi>`, block-causal in ACDiT mode, as training lays clean blocks out), the hidden
 states of the image tokens are mean-pooled after each layer, and a logistic regression is scored by
 5-fold cross-validation over the 300 (its accuracy at telling the 10 digits apart). The same probe
-runs on the randomly initialised model (the first model's config, before any step) and on the raw
-pixels. With `--captioner RUN`, a model trained with image-to-text documents captions the same 300.
+runs on the untrained model (the first model's config, before any step: its zero-initialised
+adaLN gates make every block the identity on image tokens), on the same with every weight
+perturbed (a random transformer) and on the raw pixels. With `--captioner RUN`, a model trained with image-to-text documents captions the same 300.
 Prints one table and writes bench/repro/results/understanding.json.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -65,6 +68,17 @@ def layer_features(model, latents) -> list[np.ndarray]:
     return pooled
 
 
+def open_gates(model, std: float = 0.02):
+    """The model with N(0, std) added to every weight, so that its zero-initialised adaLN gates (which
+    make an untrained block the identity on latent tokens) are open: a random transformer."""
+    import torch
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
 def main(argv=None) -> int:
     import torch
     from data_pipelines.demo_data import build
@@ -74,24 +88,28 @@ def main(argv=None) -> int:
     from pretrain.config import ExperimentConfig
     from pretrain.evaluation.captioning import evaluate_heldout_captions, heldout_digits
     from pretrain.release import load_for_sampling
+    from data_pipelines.sources import digit_split
     from sklearn.datasets import load_digits
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/repro-acdit.yaml")
     p.add_argument("--blocks", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--out", default="runs/repro/acdit")
-    p.add_argument("--reuse", action="store_true", help="keep runs that finished (acdit_sweep.py writes the same)")
+    p.add_argument("--out", default="runs/repro/understanding", help="its own runs (trained on the 1,497 digits)")
+    p.add_argument("--reuse", action="store_true", help="keep this script's runs that finished")
     p.add_argument("--captioner", default=None, help="a run trained with image-to-text documents (make demo's)")
     p.add_argument("overrides", nargs="*")
     a = p.parse_args(argv)
     cfg = load_config(ExperimentConfig, REPO / a.config, a.overrides)
     build(REPO / Path(cfg.data.datasets[0].path).parent)
     images, _ = heldout_digits()
-    labels = load_digits().target[1497:]
+    labels = load_digits().target[list(digit_split("heldout"))]
     rows = [dict(model="raw pixels (64 values)", layers=[probe_accuracy(images.reshape(len(images), -1), labels)])]
     torch.manual_seed(0)
-    models = [("random init (block size %d)" % a.blocks[0], None, UnifiedTransformer(
-        load_config(ExperimentConfig, REPO / a.config, a.overrides + [f"model.block_size={a.blocks[0]}"]).model))]
+    untrained = UnifiedTransformer(load_config(ExperimentConfig, REPO / a.config,
+                                               a.overrides + [f"model.block_size={a.blocks[0]}"]).model)
+    models = [(f"untrained, as training starts (block size {a.blocks[0]}; adaLN gates 0: blocks pass image tokens "
+               "through)", None, untrained),
+              ("random weights, adaLN gates open", None, open_gates(copy.deepcopy(untrained)))]
     for block in a.blocks:
         run = REPO / a.out / f"block_size={block}"
         seconds = torchrun(a.ranks, a.config, run, a.overrides + [f"model.block_size={block}"], reuse=a.reuse)

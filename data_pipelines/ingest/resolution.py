@@ -85,12 +85,25 @@ class ResolutionPolicy:
                 scale = max(w / width, h / height)  # cover the target, then crop the excess
                 if scale < 1:  # JPEG: decode at a fraction of the size
                     im.draft("RGB", (math.ceil(im.width * scale), math.ceil(im.height * scale)))
-                im = ImageOps.exif_transpose(im).convert("RGB")  # as a viewer shows it
+                im = as_viewed(im, "RGB")
                 return np.array(resize_cover(im, w, h))  # a writable copy (torch refuses read-only arrays)
         except Skip:
             raise
         except Exception as e:  # PIL raises many types for bad bytes (OSError, SyntaxError, bomb, ...)
             raise Skip("undecodable", f"{type(e).__name__}: {e}") from None
+
+
+def as_viewed(im, mode: str = "RGB"):
+    """A PIL image as a viewer shows it, in `mode` ("RGB" or "L"): turned by its EXIF orientation; a
+    16-bit or wider grey image scaled to 8 bits by its range (PIL's own convert would clip it at 255);
+    an alpha channel dropped."""
+    from PIL import Image, ImageOps
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        x = np.asarray(im, np.float32)
+        full = 65535.0 if im.mode != "F" else (1.0 if x.max() <= 1.0 else 255.0)
+        im = Image.fromarray(((x / full).clip(0, 1) * 255).round().astype(np.uint8))
+    return im.convert(mode)
 
 
 def resize_cover(im, w: int, h: int):

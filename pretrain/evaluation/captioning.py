@@ -20,13 +20,13 @@ CAPTION_BATCH = 64  # images captioned together
 
 
 def names_same_digit(caption: str, reference: str) -> bool:
-    """The caption names (last) the digit the reference names; a caption naming none is wrong."""
+    """The caption names one digit, the one the reference names (a caption naming none, or several
+    different ones, is wrong)."""
+    from data_pipelines.sources import DIGIT_NAMES
     from pretrain.quality import prompt_digit
     wanted = prompt_digit(reference)  # a ValueError: a reference this judge cannot judge
-    try:
-        return prompt_digit(caption) == wanted
-    except ValueError:
-        return False
+    named = {w for w in caption.lower().replace(",", " ").split() if w in DIGIT_NAMES}
+    return named == {DIGIT_NAMES[wanted]}
 
 
 def same_text(caption: str, reference: str) -> bool:
@@ -42,26 +42,25 @@ def get_judge(name: str) -> Callable[[str, str], bool]:
     return CAPTION_JUDGES[name]
 
 
-def image_size(info: dict) -> tuple[int, int, int]:
+def image_size(info: dict, encoder) -> tuple[int, int, int]:
     """(channels, height, width) in pixels of the images the model was trained on."""
     shapes = info.get("latent_shapes") or {}
     if "image" not in shapes:
         trained = ", ".join(["text"] + sorted(shapes)) if shapes else "unknown (no release.json)"
         raise ValueError(f"captions: this model was not trained on images (its data had: {trained})")
-    encoder = info["encoder"]
-    factor = encoder.get("spatial_factor", 1)
-    c, h, w = shapes["image"]
-    return encoder.get("channels", 3), h * factor, w * factor
+    return tuple(encoder.pixel_shape(shapes["image"]))
 
 
 def read_image(path: str | Path, size: tuple[int, int, int]) -> np.ndarray:
-    """An image file as H,W,C in [0, 1] at the training size (c, h, w): grey or RGB as the encoder
-    takes it, resized to cover h x w and center-cropped."""
+    """An image file as H,W,C in [0, 1] at the training size (c, h, w), as a viewer shows it
+    (ingest.resolution.as_viewed: EXIF turn, 16-bit grey by its range, alpha dropped), grey or RGB as
+    the encoder takes it, resized to cover h x w and center-cropped. Pixel values are not changed
+    otherwise: a model trained on bright digits on black reads a black-on-white drawing inverted."""
     from PIL import Image
-    from data_pipelines.ingest.resolution import resize_cover
+    from data_pipelines.ingest.resolution import as_viewed, resize_cover
     c, h, w = size
     with Image.open(path) as im:
-        im = resize_cover(im.convert("L" if c == 1 else "RGB"), w, h)
+        im = resize_cover(as_viewed(im, "L" if c == 1 else "RGB"), w, h)
         x = np.asarray(im, dtype=np.float32) / 255.0
     return x[..., None] if x.ndim == 2 else x
 
@@ -85,7 +84,7 @@ def caption_latent_batches(loaded, latents: Sequence[torch.Tensor], max_new_toke
         for a in range(0, len(rows), CAPTION_BATCH):
             part = rows[a:a + CAPTION_BATCH]
             ids = caption_latents(loaded.model, torch.stack([latents[i] for i in part]), max_new_tokens, temperature,
-                                  top_p, seed + part[0])
+                                  top_p, seeds=[seed + i for i in part])
             for i, x in zip(part, ids):
                 out[i] = tok.decode(x)
     return out
@@ -116,12 +115,14 @@ def score_captions(captions: Sequence[str], references: Sequence[str], judge: st
 
 def evaluate_heldout_captions(loaded, max_new_tokens: int = 16, seed: int = 0) -> dict:
     """Greedy captions of the 300 held-out digits, scored by the digit they name; adds a few examples."""
+    from data_pipelines.encoders import load_encoder
     images, references = heldout_digits()
-    size = image_size(loaded.info)
+    encoder = load_encoder(loaded.info["encoder"])
+    size = image_size(loaded.info, encoder)
     if size[1:] != (8, 8):
         raise ValueError(f"--task caption: the held-out digits are 8x8, this model was trained on "
                          f"{size[1]}x{size[2]} images")
-    captions = caption_images(loaded, images, max_new_tokens=max_new_tokens, seed=seed)
+    captions = caption_images(loaded, images, encoder, max_new_tokens=max_new_tokens, seed=seed)
     result = score_captions(captions, references, "digits")
     result["examples"] = [[r, c] for r, c in list(zip(references, captions))[:5]]
     return result
@@ -129,14 +130,16 @@ def evaluate_heldout_captions(loaded, max_new_tokens: int = 16, seed: int = 0) -
 
 def caption_set(paths: Sequence[str], limit: int) -> tuple[list[torch.Tensor], list[list[int]]]:
     """(latents, caption token ids) of the first `limit` samples of shard sets, in stored order, whose
-    first segments are a caption and the image it describes."""
-    from data_pipelines.shards import iter_shard_documents
+    first segments are a caption and the image it describes (sets without images are not read)."""
+    from data_pipelines.shards import iter_shard_documents, load_manifest
     latents, captions = [], []
     for path in paths:
+        if "image" not in load_manifest(path).latent_shapes:
+            continue
         for _, segments in iter_shard_documents(path):
-            if len(latents) >= limit:
-                return latents, captions
             if len(segments) >= 2 and "tokens" in segments[0] and segments[1].get("kind") == "image":
                 latents.append(torch.from_numpy(segments[1]["latent"]).float())
                 captions.append(list(segments[0]["tokens"]))
+                if len(latents) >= limit:
+                    return latents, captions
     return latents, captions

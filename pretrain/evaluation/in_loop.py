@@ -48,7 +48,7 @@ class EvalSampler:
         with torch.device("meta"):
             shell = UnifiedTransformer(cfg.model)
         if t.caption_quality:
-            self._check_captions(shell)
+            self._check_captions(shell, is_main)
         if not (t.sample_prompts and t.eval_interval):
             if t.sample_quality or t.sample_prompts:
                 warnings.warn("train.sample_prompts/sample_quality: no samples without both sample_prompts "
@@ -58,8 +58,6 @@ class EvalSampler:
         else:
             self._check_prompts(shell)
         self.encoder = load_encoder(self.info["encoder"]) if is_main and self.images else None
-        if not is_main:
-            self.caption_latents = self.caption_refs = None
         self.enabled = self.images or self.captions
 
     def _check_prompts(self, shell) -> None:
@@ -80,9 +78,10 @@ class EvalSampler:
                               f"{e}") from None
         self.images = True
 
-    def _check_captions(self, shell) -> None:
-        """The (caption, image) samples to caption: there are some, the judge can judge their captions,
-        and an image with max_new_tokens fits the context."""
+    def _check_captions(self, shell, is_main: bool) -> None:
+        """The (caption, image) samples to caption, read on rank 0 only (the trainer stops every rank
+        when it fails): there are some, of the model's latent channels, the judge can judge their
+        captions, and an image with caption_max_tokens fits the context."""
         from data_pipelines.tokenizer import Tokenizer
         from model.generate import caption_document, check_context
         from model.layout import LayoutSpec
@@ -91,14 +90,24 @@ class EvalSampler:
         if not t.eval_interval:
             warnings.warn(f"{where}: no captions without evaluations (train.eval_interval=0)")
             return
+        if not self.cfg.data.add_bos_eos:
+            raise ConfigError(f"{where}: captions are read as image-first documents are laid out, which needs "
+                              "data.add_bos_eos")
         if self.tokenizer is None:
             raise ConfigError(f"{where}: the training data names no tokenizer")
+        self.captions = True
+        if not is_main:
+            return
         try:
             latents, ids = caption_set([d.path for d in self.cfg.data.eval_datasets], t.caption_samples)
         except (OSError, ValueError) as e:  # a missing or unreadable held-out set (BadSample is a ValueError)
             raise ConfigError(f"{where}: data.eval_datasets: {e}") from None
         if not latents:
             raise ConfigError(f"{where}: data.eval_datasets hold no (caption, image) sample to caption")
+        channels = {x.shape[0] for x in latents} - {self.cfg.model.latent_channels}
+        if channels:
+            raise ConfigError(f"{where}: data.eval_datasets hold latents of {channels.pop()} channels, the model "
+                              f"takes {self.cfg.model.latent_channels} (model.latent_channels)")
         tok = Tokenizer(self.tokenizer)
         self.caption_refs = [tok.decode(x) for x in ids]
         try:
@@ -111,7 +120,7 @@ class EvalSampler:
                               "image + train.caption_max_tokens")
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
-        self.caption_latents, self.captions = latents, True
+        self.caption_latents = latents
 
     @torch.no_grad()
     def sample(self, engine, ema, step: int, dist) -> tuple[Optional[Path], dict]:
