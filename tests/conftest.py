@@ -45,8 +45,8 @@ def tiny_config(test_data, tmp_path_factory):
     for old, new in (("weight: 0.99,", "weight: 0.6,"), ("weight: 0.01}", "weight: 0.4}")):
         assert old in text, old
         text = text.replace(old, new)
-    # no evaluation unless a test asks for one; then its sampling is quick
-    for key, value in (("eval_interval", 0), ("samples_per_prompt", 1), ("sample_steps", 2)):
+    # no evaluation unless a test asks for one; then its sampling is quick, and no captions unless asked
+    for key, value in (("eval_interval", 0), ("samples_per_prompt", 1), ("sample_steps", 2), ("caption_quality", "''")):
         text, n = re.subn(rf"^(\s+{key}:) \S+", rf"\g<1> {value}", text, flags=re.M)
         assert n == 1, key
     path.write_text(text)

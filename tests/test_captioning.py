@@ -296,3 +296,34 @@ def test_a_held_out_set_rank_0_cannot_read_stops_every_rank_with_one_line(tiny_c
     assert any(e.startswith("error (rank 0): train.caption_quality=digits: data.eval_datasets:") and "nowhere" in e
                for e in errors)
     assert any(e.startswith("error (rank 1): stopping: rank 0") for e in errors)
+
+
+@pytest.mark.slow
+def test_quality_task_caption_scores_the_300_held_out_digits(captioner, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pretrain.evaluation.captioning import evaluate_heldout_captions, heldout_digits
+    from pretrain.release import load_for_sampling
+    from tests.launch import REPO, env
+    r = subprocess.run([sys.executable, "-m", "pretrain.quality", "--model", str(captioner), "--task", "caption",
+                        "--json", str(tmp_path / "q.json")], cwd=REPO, env=env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads((tmp_path / "q.json").read_text())
+    want = evaluate_heldout_captions(load_for_sampling(captioner))
+    assert got["captions"] == 300 and got["caption_accuracy"] == want["caption_accuracy"]
+    assert f"image-to-text: {want['caption_accuracy']:.1%} of the 300 held-out digits" in r.stdout
+    _, references = heldout_digits()
+    assert [ref for ref, _ in got["examples"]] == references[:5]
+
+
+def test_the_digit_judge_wants_the_one_digit_shown():
+    from pretrain.evaluation.captioning import names_same_digit, score_captions
+    ref = "a handwritten digit seven"
+    assert names_same_digit("a handwritten digit seven", ref)
+    assert not names_same_digit("a handwritten digit one", ref)
+    assert not names_same_digit("a handwritten digit", ref)  # names none
+    assert not names_same_digit("a handwritten digit seven or one", ref)  # hedges
+    assert score_captions(["a handwritten digit seven", "seven", "one"], [ref] * 3)["caption_accuracy"] == 2 / 3
+    with pytest.raises(ValueError, match="names no digit"):
+        names_same_digit("seven", "a cat")

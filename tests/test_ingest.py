@@ -86,7 +86,7 @@ def test_img2dataset_shards_split_over_two_tasks_merge_and_train_two_ranks_under
     run = tmp_path / "run"
     r = torchrun(2, ["--config", str(tiny_config), f"run.dir={run}", "wandb.mode=disabled", "train.log_interval=1",
                      "train.max_steps=6", "train.zero_stage=3", "data.num_workers=2", f"data.datasets.0.path={out}",
-                     "model.latent_channels=4", "train.sample_quality=''", "train.eval_interval=3",
+                     "model.latent_channels=4", "model.patch_size=2", "train.sample_quality=''", "train.eval_interval=3",
                      "train.eval_batches=1", f"data.eval_datasets=[{{path: {test_data['text']}}}]"], timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     logged = metrics(run)

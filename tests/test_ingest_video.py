@@ -170,7 +170,7 @@ def test_clips_through_a_wan_vae_train_with_images_and_text_on_two_ranks_and_sam
     datasets = f"[{{path: {clips}, weight: 0.4}}, {{path: {photos}, weight: 0.3}}, {{path: {test_data['text']}, weight: 0.3}}]"
     r = torchrun(2, ["--config", str(tiny_config), f"run.dir={run}", "wandb.mode=disabled", "train.log_interval=1",
                      "train.max_steps=6", "train.zero_stage=3", "data.num_workers=2", f"data.datasets={datasets}",
-                     "model.latent_channels=4", "train.sample_quality=''", "train.sample_kind=video",
+                     "model.latent_channels=4", "model.patch_size=2", "train.sample_quality=''", "train.sample_kind=video",
                      "train.eval_interval=3",
                      "train.eval_batches=1", f"data.eval_datasets=[{{path: {test_data['text']}}}]"], timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]

@@ -155,7 +155,7 @@ def test_a_run_starts_from_an_imported_llama_and_refuses_other_shards(tiny_llama
                                                                "vocab_size", "rope_theta", "norm_eps")]
     data = f"data.datasets=[{{path: {tmp_path / 'digits'}, weight: 0.5}}, {{path: {tmp_path / 'text'}, weight: 0.5}}]"
     base = ["--config", "configs/tiny-cpu.yaml", "wandb.mode=disabled", "train.max_steps=2", "train.log_interval=1",
-            "data.num_workers=0", "train.eval_interval=0", "model.qk_norm=false", *model]
+            "data.num_workers=0", "train.eval_interval=0", "model.qk_norm=false", "model.patch_size=2", *model]
     r = torchrun(2, [*base, f"run.dir={tmp_path / 'run'}", data, f"train.init_from={release}", "train.lr=0"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(metrics(tmp_path / "run")) == [1, 2]

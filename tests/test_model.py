@@ -38,7 +38,8 @@ def packed_mixed_batch(cfg, seed=0):
                                 LatentSegment(torch.randn(shape, generator=g), role),
                                 TextSegment(torch.randint(9, cfg.vocab_size, (3,)).tolist())], spec)
 
-    rows = [[doc(5, 4), doc(3, 4, "both")], [doc(4, 4, "context"), doc(2, 2, frames=2)]]
+    p = cfg.patch_size  # sides in patches: 2x2 and 1x1 tokens at any patch size
+    rows = [[doc(5, 2 * p), doc(3, 2 * p, "both")], [doc(4, 2 * p, "context"), doc(2, p, frames=2)]]
     seq_len = max(sum(len(d) for d in r) for r in rows) + 3
     return assign_timesteps(pack_rows(rows, seq_len), Diffusion(cfg), g)
 
