@@ -74,7 +74,7 @@ class Trainer:
         stop_if_any_failed(self.dist, error)
         try:  # rank 0 reads the held-out images to caption: its failure stops every rank
             self.eval_sampler = EvalSampler(cfg, self.loader.manifests, dist.is_main)
-        except ConfigError as e:
+        except (ConfigError, OSError, ValueError) as e:  # whatever rank 0 alone hit, every rank stops
             error = e
         stop_if_any_failed(self.dist, error)
         torch.manual_seed(cfg.run.seed)

@@ -117,8 +117,9 @@ def evaluate_heldout_captions(loaded, max_new_tokens: int = 16, seed: int = 0) -
     """Greedy captions of the 300 held-out digits, scored by the digit they name; adds a few examples."""
     from data_pipelines.encoders import load_encoder
     images, references = heldout_digits()
-    encoder = load_encoder(loaded.info["encoder"])
-    size = image_size(loaded.info, encoder)
+    trained_on_images = "image" in (loaded.info.get("latent_shapes") or {})
+    encoder = load_encoder(loaded.info["encoder"]) if trained_on_images else None
+    size = image_size(loaded.info, encoder)  # a ValueError naming what it was trained on, without images
     if size[1:] != (8, 8):
         raise ValueError(f"--task caption: the held-out digits are 8x8, this model was trained on "
                          f"{size[1]}x{size[2]} images")

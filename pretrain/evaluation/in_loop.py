@@ -33,9 +33,9 @@ class SamplingFailed(RuntimeError):
 class EvalSampler:
     def __init__(self, cfg, manifests: list[dict], is_main: bool = True):
         """Loads the tokenizer, the latent encoder, the scorer and the images to caption, and checks the
-        prompts (they fit the context; the scorer can judge them) and the captions (the judge can judge
-        them) now, on every rank, so that a missing file or a bad prompt stops the run at its start
-        (ConfigError), not at its first evaluation. `enabled` is False when the run samples no grids
+        prompts (they fit the context; the scorer can judge them) on every rank and the captions (the
+        judge can judge them) on rank 0, whose failure the trainer passes to every rank, now: a missing
+        file or a bad prompt stops the run at its start (ConfigError), not at its first evaluation. `enabled` is False when the run samples no grids
         (none asked, or its data has no images or no tokenizer) and captions nothing. Only rank 0
         (`is_main`) keeps the encoder and the images."""
         from data_pipelines.encoders import load_encoder
@@ -108,7 +108,10 @@ class EvalSampler:
         if channels:
             raise ConfigError(f"{where}: data.eval_datasets hold latents of {channels.pop()} channels, the model "
                               f"takes {self.cfg.model.latent_channels} (model.latent_channels)")
-        tok = Tokenizer(self.tokenizer)
+        try:
+            tok = Tokenizer(self.tokenizer)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{where}: tokenizer {self.tokenizer}: {e}") from None
         self.caption_refs = [tok.decode(x) for x in ids]
         try:
             judge = get_judge(t.caption_quality)
