@@ -26,6 +26,7 @@ from data_pipelines.tar_index import TarShard
 from data_pipelines.transport.fetch import download, download_bytes, spill_file
 from data_pipelines.transport.locations import is_remote, location
 from data_pipelines.transport.policy import ReadPolicy, ReadStats, RemoteError
+from model.config_system import InputMissing
 
 MANIFEST = "manifest.json"
 FORMAT = "monofusion-shards/1"
@@ -203,13 +204,13 @@ def load_manifest(directory: str | Path, policy: Optional[ReadPolicy] = None) ->
     checked (format, fingerprint); one-line errors naming the file."""
     path = location(str(directory), MANIFEST)
     if not is_remote(str(directory)) and not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no shard manifest (write shards with data_pipelines.write_shards)")
+        raise InputMissing(f"{path}: no shard manifest (write shards with data_pipelines.write_shards)")
     policy = dataclasses.replace(policy or ReadPolicy(), max_bytes=MANIFEST_MAX_BYTES)
     try:
         raw = download_bytes(path, policy) if is_remote(str(directory)) else Path(path).read_bytes()
         manifest = json.loads(raw)
     except RemoteError as e:
-        raise FileNotFoundError(str(e)) from None
+        raise InputMissing(str(e)) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not JSON ({e})") from None
     if manifest.get("format") != FORMAT:

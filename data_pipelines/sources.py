@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
+from model.config_system import InputMissing
 
 Document = list[dict]
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -144,7 +145,7 @@ def iter_text_files(inputs: Sequence[str | Path]) -> list[Path]:
         elif path.is_file():
             files.append(path)
         else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
+            raise InputMissing(f"{path}: no such file or folder")
     return files
 
 
@@ -261,7 +262,7 @@ def jsonl(input: Sequence[str] = (), num_samples: int = 0, fps: float | None = N
 def _media(jsonl_file: Path, name: str, where: str) -> Path:
     path = (jsonl_file.parent / name)
     if not path.exists():
-        raise FileNotFoundError(f"{where}: {path} not found")
+        raise InputMissing(f"{where}: {path} not found")
     return path
 
 

@@ -13,13 +13,14 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from model.special_tokens import SPECIAL_TOKENS
+from model.config_system import InputMissing
 
 
 class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: tokenizer model not found")
+            raise InputMissing(f"{path}: tokenizer model not found")
         self.path = path
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
         for i, piece in enumerate(SPECIAL_TOKENS):

@@ -21,13 +21,25 @@ class ConfigError(ValueError):
     """A config value that cannot be used; the message names the key (and file)."""
 
 
-def knob(default: Any, doc: str) -> Any:
-    """A config field with a default and a one-line doc (shown by `describe`)."""
+class InputMissing(FileNotFoundError):
+    """A file or folder the user named (in a config, an option) is missing; the message names it.
+    Entry points print it as one line (exit 2); any other FileNotFoundError is a bug with a traceback."""
+
+
+def knob(default: Any, doc: str, key: str = "") -> Any:
+    """A config field with a default and a one-line doc (shown by `describe`). `key`: its name in
+    YAML, overrides and `to_dict` when that is no Python name (`checkpoint.async`)."""
+    metadata = {"doc": doc, "key": key} if key else {"doc": doc}
     if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
         factory = (lambda d=default: type(d)(**dataclasses.asdict(d))) if dataclasses.is_dataclass(default) \
             else (lambda d=default: type(d)(d))
-        return dataclasses.field(default_factory=factory, metadata={"doc": doc})
-    return dataclasses.field(default=default, metadata={"doc": doc})
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _key(f: dataclasses.Field) -> str:
+    """A field's name in YAML and overrides."""
+    return f.metadata.get("key") or f.name
 
 
 def _type_name(tp: Any) -> str:
@@ -87,18 +99,25 @@ class Config:
         if not isinstance(data, dict):
             raise ConfigError(f"{prefix.rstrip('.') or cls.__name__}: expected a mapping, got {data!r}")
         hints = typing.get_type_hints(cls)
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {_key(f): f.name for f in dataclasses.fields(cls)}
         for key in data:
             if key not in names:
                 raise ConfigError(f"unknown key '{prefix}{key}' (known: {', '.join(sorted(names))})")
-        kwargs = {k: _check_value(hints[k], v, prefix + k) for k, v in data.items()}
+        kwargs = {names[k]: _check_value(hints[names[k]], v, prefix + k) for k, v in data.items()}
         try:
             return cls(**kwargs)
         except ConfigError as e:
             raise ConfigError(f"{prefix}{e}") from None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Nested plain values by YAML key: `from_dict` reads it back."""
+        def plain(v):
+            if isinstance(v, Config):
+                return v.to_dict()
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+        return {_key(f): plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -180,5 +199,5 @@ def describe(cls: type, prefix: str = "") -> list[str]:
             lines += describe(tp, f"{prefix}{f.name}.")
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        lines.append(f"{prefix}{f.name} = {default!r}  # {f.metadata.get('doc', '')}")
+        lines.append(f"{prefix}{_key(f)} = {default!r}  # {f.metadata.get('doc', '')}")
     return lines

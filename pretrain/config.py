@@ -72,7 +72,7 @@ class TrainConfig(Config):
         super().__post_init__()
         if self.zero_stage not in (1, 2, 3):
             raise ConfigError(f"zero_stage: must be 1, 2 or 3, got {self.zero_stage}")
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_interval"):
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_interval"):  # checked before anything starts
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         for name in ("eval_interval", "eval_batches", "sample_cfg"):
@@ -99,7 +99,17 @@ class TrainConfig(Config):
 @dataclasses.dataclass
 class CheckpointConfig(Config):
     interval: int = knob(500, "save every N steps (and at the end, and on SIGTERM/SIGUSR1)")
-    keep: int = knob(3, "keep the last K checkpoints (0 = all)")
+    keep: int = knob(3, "keep the last K checkpoints of this run's lineage (the runs resumed from each other)")
+    async_save: bool = knob(True, "write checkpoint files in a background thread from a host-memory snapshot: "
+                                  "training goes on meanwhile; `latest` moves once every rank's files are on disk",
+                            key="async")
+    write_timeout: float = knob(3600.0, "seconds the commit of a checkpoint waits for the slowest rank's files")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("interval", "keep", "write_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass

@@ -21,15 +21,16 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CONFIG_FILE, is_checkpoint, write_full_ema
+from pretrain.checkpoint import CONFIG_FILE, copy_lineage, is_checkpoint, write_full_ema
 from pretrain.checkpoint.reader import CheckpointError, CheckpointReader
+from model.config_system import InputMissing
 
 
 def to_universal(ckpt: str | Path, out: str | Path) -> Path:
     """Convert a ZeRO checkpoint folder (e.g. RUN/checkpoints/step_N) to a universal one at `out`."""
     ckpt, out = Path(ckpt), Path(out)
     if not is_checkpoint(ckpt):
-        raise FileNotFoundError(f"{ckpt}: not a DeepSpeed checkpoint folder (no *model_states.pt)")
+        raise InputMissing(f"{ckpt}: not a DeepSpeed checkpoint folder (no *model_states.pt)")
     if out.exists():
         raise FileExistsError(f"{out}: already exists")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -47,6 +48,7 @@ def to_universal(ckpt: str | Path, out: str | Path) -> Path:
             write_full_ema(tmp, reader.state_dict(ema=True))
         if (ckpt / CONFIG_FILE).is_file():
             shutil.copy2(ckpt / CONFIG_FILE, tmp / CONFIG_FILE)
+        copy_lineage(ckpt, tmp)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

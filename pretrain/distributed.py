@@ -26,6 +26,7 @@ class DistInfo:
     local_rank: int
     device: torch.device
     control_group: object = None  # gloo group for host-side flags (None: the default group is gloo)
+    checkpoint_group: object = None  # gloo group of the checkpoint writer threads only (None on one rank)
 
     @property
     def is_main(self) -> bool:
@@ -63,7 +64,10 @@ def init_distributed() -> DistInfo:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     # Host-side agreement (stop on a signal?) goes through gloo so that it never waits on the GPU stream.
     control = torch.distributed.new_group(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT) if cuda else None
-    return DistInfo(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device, control)
+    # A background checkpoint commit agrees over its own group: collectives of one group stay on one thread.
+    world = torch.distributed.get_world_size()
+    writers = torch.distributed.new_group(backend="gloo", timeout=PROCESS_GROUP_TIMEOUT) if world > 1 else None
+    return DistInfo(torch.distributed.get_rank(), world, local_rank, device, control, writers)
 
 
 def all_gather_objects(obj, group=None) -> list:

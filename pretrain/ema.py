@@ -91,13 +91,27 @@ class ShardedEMA:
     @torch.no_grad()
     def load_full(self, engine, full: dict) -> None:
         """Take this rank's partitions of a full fp32 EMA state dict (a resume on another number of
-        ranks). DeepSpeed's public `safe_set_full_fp32_param` cuts each tensor into the fp32
-        master partitions; the masters are then copied here and restored."""
+        ranks). ZeRO-3 pieces are cut here: piece r of a parameter of n values holds values
+        [r*p, (r+1)*p) of ceil(n/ranks) = p, the last pieces padded with zeros (DeepSpeed's
+        safe_set_full_fp32_param reads past the end when the ranks do not divide n). ZeRO-1/2 go
+        through safe_set_full_fp32_param, which cuts their group partitions."""
+        names = [name for name, _ in engine.module.named_parameters()]
+        missing = [name for name in names if name not in full]
+        if missing:
+            raise KeyError(f"EMA state has no tensor for parameter {missing[0]}")
+        opt = engine.optimizer
+        if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3
+            for name, p in engine.module.named_parameters():
+                group, offset, piece = opt.grad_position[opt.get_param_id(p)]
+                rank = opt._get_param_partition_rank(p)
+                values = full[name].reshape(-1)[rank * piece:(rank + 1) * piece].to(torch.float32)
+                target = self.shadow[group].narrow(0, offset, piece)
+                target.zero_()
+                target[:values.numel()].copy_(values)
+            return
         from deepspeed.utils import safe_set_full_fp32_param
         saved = [m.detach().clone() for m in self.masters]
         for name, p in engine.module.named_parameters():
-            if name not in full:
-                raise KeyError(f"EMA state has no tensor for parameter {name}")
             safe_set_full_fp32_param(p, full[name].to(p.device, torch.float32))
         for s, m in zip(self.shadow, self.masters):
             s.copy_(m)

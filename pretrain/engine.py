@@ -40,6 +40,43 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
 
 
+# train.* settings a resume takes from this run's config, on every path (pretrain.train logs each change)
+RESUME_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "wsd_decay_fraction", "max_steps",
+                   "weight_decay", "beta1", "beta2", "eps", "grad_clip")
+
+
+def torch_optimizer(engine):
+    """The torch AdamW inside DeepSpeed's ZeRO (or bf16) optimizer."""
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)
+
+
+def optimizer_settings(engine) -> list[dict]:
+    """Each parameter group's hyperparameters as this run built them (all but its params and the
+    scheduled lr): taken before a checkpoint is loaded, which replaces them with its own."""
+    return [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")}
+            for g in torch_optimizer(engine).param_groups]
+
+
+def restore_settings(engine, settings: list[dict], peak_lr: float) -> None:
+    """After a checkpoint was loaded (directly or universal, any ZeRO stage): this run's weight decay,
+    betas and eps in every group, and its peak lr at the loaded schedule position (the schedule's
+    shape is this run's already: its lambda reads this run's config; grad_clip is DeepSpeed's config)."""
+    for group, own in zip(torch_optimizer(engine).param_groups, settings):
+        group.update(own)
+    sched = engine.lr_scheduler
+    sched.base_lrs = [peak_lr] * len(sched.base_lrs)
+    for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * factor(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in sched.optimizer.param_groups]
+
+
+def describe_optimizer(engine) -> str:
+    """The optimizer's live settings, group by group (logged after a resume that changed any)."""
+    groups = torch_optimizer(engine).param_groups
+    decay = "/".join(f"{g['weight_decay']:g}" for g in groups)
+    return f"lr={groups[0]['lr']:.6g} weight_decay={decay} betas={tuple(groups[0]['betas'])} eps={groups[0]['eps']:g}"
+
+
 def build_engine(model: nn.Module, cfg, device: torch.device, load_universal: bool = False):
     """deepspeed.initialize with torch AdamW (fused on GPU) and the config's LR schedule."""
     import deepspeed

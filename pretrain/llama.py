@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from model.config_system import ConfigError
+from model.config_system import ConfigError, InputMissing
 from model.model_config import ModelConfig
 from model.special_tokens import BOS, EOS, PAD
 from model.weights import ByteProgress, Entry, LazyWeights, WeightsError, state_entries, write_weights
@@ -82,9 +82,9 @@ def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, progress: b
     from pretrain.release import stamp, write_release
     hf_dir = Path(hf_dir)
     if not (hf_dir / HF_CONFIG).is_file():
-        raise FileNotFoundError(f"{hf_dir / HF_CONFIG}: missing (not a Hugging Face model folder)")
+        raise InputMissing(f"{hf_dir / HF_CONFIG}: missing (not a Hugging Face model folder)")
     if not (hf_dir / HF_TOKENIZER).is_file():
-        raise FileNotFoundError(f"{hf_dir / HF_TOKENIZER}: missing (import-llama needs the sentencepiece "
+        raise InputMissing(f"{hf_dir / HF_TOKENIZER}: missing (import-llama needs the sentencepiece "
                                 "tokenizer: the project's shards are written with it)")
     hf = json.loads((hf_dir / HF_CONFIG).read_text())
     theirs = LazyWeights(hf_dir)
@@ -150,7 +150,7 @@ def export_llama(release: str | Path, out: str | Path, dtype: str = "fp32", prog
     from model.transformer import CONFIG_FILE
     release, out = Path(release), Path(out)
     if not (release / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{release / CONFIG_FILE}: missing (not a release folder)")
+        raise InputMissing(f"{release / CONFIG_FILE}: missing (not a release folder)")
     cfg = ModelConfig.from_dict(json.loads((release / CONFIG_FILE).read_text()))
     if cfg.qk_norm:
         raise ConfigError(f"{release / CONFIG_FILE}: qk_norm=True: a Llama has no query/key norms")

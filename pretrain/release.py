@@ -26,6 +26,7 @@ import torch
 from model.model_config import ModelConfig
 from model.transformer import UnifiedTransformer, save_model_config
 from model.weights import Entry, has_weights, state_entries, write_weights
+from model.config_system import InputMissing
 
 RELEASE_FILE, TOKENIZER_FILE, README_FILE = "release.json", "tokenizer.model", "README.md"
 WEIGHT_KNOBS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "norm_eps", "rope_theta", "qk_norm",
@@ -126,7 +127,7 @@ def checkpoint_folder(path: Path) -> Path:
         return root / read_latest(root)
     if is_checkpoint(path):
         return path
-    raise FileNotFoundError(f"{path}: not a release folder, run directory or checkpoint folder "
+    raise InputMissing(f"{path}: not a release folder, run directory or checkpoint folder "
                             "(no model.safetensors, no checkpoints/latest, no *model_states.pt)")
 
 

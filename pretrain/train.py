@@ -5,8 +5,11 @@
     deepspeed --num_gpus 8 --module pretrain.train --config configs/monoformer-1b.yaml
 
 Checkpoints go to RUN_DIR/checkpoints every `checkpoint.interval` steps, at the end, and
-when SIGTERM or SIGUSR1 arrives (then the run exits 0); `--resume auto` continues from
-`latest`. Metrics go to the console, RUN_DIR/metrics.jsonl and wandb.
+when SIGTERM or SIGUSR1 arrives (then the run exits 0), written in the background with
+`checkpoint.async`; `--resume auto` continues from `latest`, with this run's train.* settings
+(each change is logged). Metrics go to the console, RUN_DIR/metrics.jsonl and wandb.
+Bad input (a config value, a missing file) ends the run with one line and exit code 2; anything
+unexpected with its traceback and exit code 1.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch
 from data_pipelines.documents import stateless_uniform
 from data_pipelines.loader import COUNTERS, PackedLoader
 from data_pipelines.slot import DataError
-from model.config_system import ConfigError, load_config
+from model.config_system import ConfigError, InputMissing, load_config
 from model.diffusion import row_noise
 from model.layout import pack_rows
 from model.transformer import Block, UnifiedTransformer, loss_token_counts
@@ -38,7 +41,8 @@ from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any
 from pretrain.ema import ShardedEMA
 from pretrain.job_history import FINISHED
 from pretrain.process import run_and_exit
-from pretrain.engine import build_engine
+from pretrain.engine import (RESUME_SETTINGS, build_engine, describe_optimizer, optimizer_settings,
+                             restore_settings)
 from pretrain.failures import next_batch, say_error, stop_if_any_failed
 from pretrain.evaluation.in_loop import EvalSampler
 from pretrain.metrics import RunLogger, batch_flops, loss_record, peak_flops
@@ -69,7 +73,7 @@ class Trainer:
         self.loader, error = None, None
         try:
             self.loader = PackedLoader(cfg.data, cfg.model, t.micro_batch_size, dist.rank, dist.world_size)
-        except (DataError, FileNotFoundError) as e:
+        except (DataError, InputMissing) as e:
             error = e
         stop_if_any_failed(self.dist, error)
         try:  # rank 0 reads the held-out images to caption: its failure stops every rank
@@ -90,6 +94,8 @@ class Trainer:
         self.num_params, self.params_by_use = model.num_params(), model.params_by_use()  # before ZeRO-3 shards
         self.engine = build_engine(model, cfg, dist.device, load_universal=universal)
         self.ema = ShardedEMA(self.engine, t.ema_decay, t.ema_warmup) if t.ema_decay else None
+        self.checkpointer = ckpt.Checkpointer(self.engine, self.ckpt_root, dist.rank, cfg.checkpoint.keep,
+                                              cfg.checkpoint.async_save, dist.checkpoint_group)
         self.step, self.tokens = 0, 0
         self.loss_tokens = [0, 0]  # text targets, latent loss tokens trained on so far (all ranks)
         self.stop_signal: Optional[int] = None
@@ -116,8 +122,7 @@ class Trainer:
         client = {"step": self.step, "tokens": self.tokens, "loss_tokens": self.loss_tokens, "data": data_state,
                   "config": self.cfg.to_dict()}
         own = {"rng": ckpt.rng_state(), "ema": self.ema.state_dict() if self.ema else None}
-        return ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, client, own, self.cfg.checkpoint.keep,
-                                    self.dist.rank)
+        return self.checkpointer.save(self.step, client, own)
 
     def resume(self) -> list[str]:
         """Load the checkpoint chosen by --resume (a universal one may come from another world size);
@@ -125,9 +130,12 @@ class Trainer:
         if self.resume_from is None:
             return []
         root, tag = self.resume_from
+        settings = optimizer_settings(self.engine)
         client, own = ckpt.load_checkpoint(self.engine, root, tag, self.dist.rank)
+        restore_settings(self.engine, settings, self.cfg.train.lr)
         self.step, self.tokens = client["step"], client["tokens"]
-        notes = []
+        self.checkpointer.lineage = ckpt.read_lineage(root / tag) or self.checkpointer.lineage
+        notes = self.changed_settings(client.get("config", {}).get("train", {}))
         if "loss_tokens" not in client:  # checkpoints written before 2026-11-24
             notes.append(f"{root / tag} has no loss-token counts: text_tokens and latent_tokens count from 0")
         self.loss_tokens = list(client.get("loss_tokens", [0, 0]))
@@ -144,6 +152,16 @@ class Trainer:
             self.ema.reset(self.engine)
             notes.append(f"{root / tag} has no EMA: the EMA starts from its weights")
         return notes
+
+    def changed_settings(self, saved: dict) -> list[str]:
+        """A log line naming each train.* setting of RESUME_SETTINGS that differs from the checkpoint's
+        run (they take this run's value: restore_settings), and the optimizer as it now is."""
+        now = self.cfg.train.to_dict()
+        changes = [f"train.{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
+        if not changes:
+            return []
+        return [f"resume: {', '.join(changes)}: this run's values apply from step {self.step + 1} "
+                f"(optimizer: {describe_optimizer(self.engine)})"]
 
     def _on_signal(self, signum, _frame) -> None:
         if self.stop_signal is None:  # the first one says why (a SIGTERM may follow Slurm's warning)
@@ -235,7 +253,7 @@ class Trainer:
         try:  # a manifest unreadable on one rank stops every rank, with its line
             loader = PackedLoader(cfg.data.replace(num_workers=0), cfg.model, cfg.train.micro_batch_size,
                                   self.dist.rank, self.dist.world_size, datasets=cfg.data.eval_datasets, num_epochs=1)
-        except (DataError, FileNotFoundError) as e:
+        except (DataError, InputMissing) as e:
             error = e
         stop_if_any_failed(self.dist, error)
         batches = iter(loader)
@@ -336,6 +354,9 @@ class Trainer:
             log.message(f"stopping at step {self.step} (train.stop_at); --resume auto goes on to {t.max_steps}")
         if saved_at != self.step:
             log.message(f"checkpoint {self.save()}")
+        if self.checkpointer.writer.busy():
+            log.message("waiting for the checkpoint in flight to reach the disk")
+        self.checkpointer.wait()  # the end, a stop signal: the last checkpoint is on disk and `latest` names it
         if self.dist.is_main:
             job_history.record(cfg.run.dir, "end", self.step, reason=self.end_reason)
         log.close()
@@ -392,9 +413,21 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS, early_signals=()) -> Outc
         if dist.is_main:
             say_error(f"error: {e}")
         return Outcome(2)
-    except (ConfigError, DataError, FileNotFoundError) as e:  # bad input: one line, no traceback
+    except (ConfigError, DataError, InputMissing) as e:  # bad input: one line, no traceback
         say_error(f"error{f' (rank {dist.rank})' if dist.world_size > 1 else ''}: {e}")
         return Outcome(2)
+    finally:  # a failure: a checkpoint written in the background is committed if every rank gets there
+        if trainer is not None and trainer.checkpointer.writer.busy():
+            finish_writing(trainer.checkpointer)
+
+
+def finish_writing(checkpointer, timeout_s: float = 120.0) -> None:
+    """Wait a bounded time for the checkpoint in flight (a rank that died never joins its commit)."""
+    try:
+        if not checkpointer.wait(timeout_s):
+            say_error(f"checkpoint in flight not committed within {timeout_s:g} s; `latest` names the previous one")
+    except Exception as e:  # the run's own error is the one to report
+        say_error(f"checkpoint in flight not committed: {e}")
 
 
 if __name__ == "__main__":

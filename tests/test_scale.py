@@ -167,10 +167,10 @@ def test_a_resume_without_an_ema_starts_the_ema_from_the_loaded_weights(tiny_con
     from pretrain.checkpoint.reader import CheckpointReader
     from tests.launch import torchrun
     run = tmp_path / "run"
-    r = torchrun(2, train_args(tiny_config, run, "train.max_steps=3", "checkpoint.interval=3", "checkpoint.keep=0",
+    r = torchrun(2, train_args(tiny_config, run, "train.max_steps=3", "checkpoint.interval=3", "checkpoint.keep=100",
                                "train.ema_decay=0"))
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(2, train_args(tiny_config, run, "train.max_steps=4", "checkpoint.keep=0", "train.ema_decay=0.999",
+    r = torchrun(2, train_args(tiny_config, run, "train.max_steps=4", "checkpoint.keep=100", "train.ema_decay=0.999",
                                "train.ema_warmup=false"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "has no EMA: the EMA starts from its weights" in r.stdout + r.stderr

@@ -50,7 +50,7 @@ def test_resume_reproduces_losses_weights_and_ema(tiny_config, tmp_path, stage, 
     from the EMA at evaluations: the runs being equal shows that sampling leaves training untouched."""
     from pretrain.convert import to_universal
     common = [f"train.zero_stage={stage}", f"train.precision={precision}", "train.max_steps=6",
-              "checkpoint.interval=3", "checkpoint.keep=0", "train.weight_decay=0.1"]
+              "checkpoint.interval=3", "checkpoint.keep=100", "train.weight_decay=0.1"]
     straight, resumed, universal = tmp_path / "straight", tmp_path / "resumed", tmp_path / "universal"
     r = torchrun(2, args(tiny_config, straight, *common, *SAMPLING))
     assert r.returncode == 0, r.stderr[-3000:]
@@ -248,7 +248,7 @@ def test_two_ranks_to_universal_to_one_rank(tiny_config, tmp_path, stage, precis
     from pretrain.convert import to_universal
     a, b = tmp_path / "a", tmp_path / "b"
     # no EMA warmup: a slow EMA shows whether it went through the conversion (below)
-    common = ["train.max_steps=8", "checkpoint.interval=4", "checkpoint.keep=0", "train.log_samples=true",
+    common = ["train.max_steps=8", "checkpoint.interval=4", "checkpoint.keep=100", "train.log_samples=true",
               "train.ema_warmup=false", f"train.precision={precision}", f"train.zero_stage={stage}"]
     r = torchrun(2, args(tiny_config, a, *common, *SAMPLING))
     assert r.returncode == 0, r.stderr[-3000:]

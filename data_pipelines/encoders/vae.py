@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from data_pipelines.encoders.frames import as_pixels, frame_rule, latent_frames, pixel_frames
+from model.config_system import InputMissing
 
 VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLWan", "AutoencoderKLLTXVideo", "AutoencoderKLCogVideoX")
 
@@ -29,7 +30,7 @@ def vae_class(path: Path) -> str:
     """The diffusers class a VAE folder was saved from (its config.json's `_class_name`)."""
     config = path / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{path}: not a diffusers VAE folder (no config.json)")
+        raise InputMissing(f"{path}: not a diffusers VAE folder (no config.json)")
     try:
         name = json.loads(config.read_text()).get("_class_name")
     except ValueError:

@@ -31,6 +31,7 @@ from data_pipelines.tar_index import TarShard
 from data_pipelines.transport.fetch import download, download_bytes, spill_file
 from data_pipelines.transport.locations import is_http, is_remote
 from data_pipelines.transport.policy import ReadPolicy, RemoteError
+from model.config_system import InputMissing
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 INGEST_SOURCES = ("webdataset", "parquet", "files")
@@ -82,13 +83,13 @@ def list_units(source: str, inputs: list[str], policy: Optional[ReadPolicy] = No
         for item in inputs:
             root = Path(item)
             if not root.exists():
-                raise FileNotFoundError(f"{root}: no such file or folder")
+                raise InputMissing(f"{root}: no such file or folder")
             found = sorted(p for p in (root.rglob("*") if root.is_dir() else [root]) if _media_kind(p))
             base = root if root.is_dir() else root.parent
             units += [InputUnit(str(base), files=tuple(str(p) for p in found[i:i + FILES_PER_UNIT]))
                       for i in range(0, len(found), FILES_PER_UNIT)]
         if not units:
-            raise FileNotFoundError(f"{' '.join(inputs)}: no {'|'.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)} files")
+            raise InputMissing(f"{' '.join(inputs)}: no {'|'.join(IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)} files")
         return units
     raise ValueError(f"source: {source!r} is not one of {'|'.join(INGEST_SOURCES)}")
 
@@ -111,10 +112,10 @@ def _expand(item: str, suffix: str, policy: Optional[ReadPolicy]) -> list[str]:
     if path.is_dir():
         found = sorted(str(p) for p in path.iterdir() if p.name.endswith(suffix))
         if not found:
-            raise FileNotFoundError(f"{path}: no *{suffix} files")
+            raise InputMissing(f"{path}: no *{suffix} files")
         return found
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file or folder")
+        raise InputMissing(f"{path}: no such file or folder")
     return [str(path)]
 
 
@@ -135,13 +136,13 @@ def _linked(url: str, suffix: str, policy: Optional[ReadPolicy]) -> list[str]:
         page = download_bytes(base, dataclasses.replace(policy or ReadPolicy(), max_bytes=1 << 28)).decode(
             "utf-8", "replace")
     except RemoteError as e:
-        raise FileNotFoundError(f"{e}; name the shards: {base}{{00000..00099}}{suffix}") from None
+        raise InputMissing(f"{e}; name the shards: {base}{{00000..00099}}{suffix}") from None
     links = _Links()
     links.feed(page)
     urls = {urljoin(base, h) for h in links.hrefs}
     found = sorted(u for u in urls if u.startswith(base) and u.endswith(suffix) and "/" not in u[len(base):])
     if not found:
-        raise FileNotFoundError(f"{base}: its index page links no *{suffix} file; name the shards: "
+        raise InputMissing(f"{base}: its index page links no *{suffix} file; name the shards: "
                                 f"{base}{{00000..00099}}{suffix}")
     return found
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from data_pipelines.shards import Manifest, file_sha256, shard_name, temporary_path, write_manifest
+from model.config_system import InputMissing
 
 PART_FORMAT = "monofusion-part/2"
 PARTS = "parts"
@@ -121,7 +122,7 @@ def finished_units(out: str | Path) -> tuple[dict[int, dict], int, dict]:
     when the parts disagree, FileNotFoundError when there is none."""
     parts = read_parts(out)
     if not parts:
-        raise FileNotFoundError(f"{Path(out) / PARTS}: no extraction parts (write them with "
+        raise InputMissing(f"{Path(out) / PARTS}: no extraction parts (write them with "
                                 "data_pipelines.write_shards)")
     first = next(iter(parts.values()))
     _check_agreement(parts, first)
@@ -160,7 +161,7 @@ def merge_parts(out: str | Path, max_bad_fraction: Optional[float] = None) -> Ma
         if rec["shard"] is not None:
             path = Path(out) / rec["shard"]["name"]
             if not path.is_file() or path.stat().st_size != rec["bytes"]:
-                raise FileNotFoundError(f"{path}: recorded as finished, but missing or of another size")
+                raise InputMissing(f"{path}: recorded as finished, but missing or of another size")
             shards.append(rec["shard"])
         shapes.update(rec["shapes"])
     kinds = {"image": Counter(), "video": Counter()}  # C,h,w and C,T,h,w

@@ -1,19 +1,25 @@
-"""Sharded checkpoints that a kill at any moment cannot corrupt. This package is the one owner
-of the checkpoint folder: its file names, client state, EMA files and, in `reader`, reading
-whole tensors back out of the rank files (pretrain.convert and pretrain.release call it).
+"""Sharded checkpoints that a kill, or a host crash, at any moment cannot corrupt. This package is
+the one owner of the checkpoint folder: its file names, client state, EMA files, lineage and, in
+`reader`, reading whole tensors back out of the rank files (pretrain.convert and pretrain.release
+call it); `writer` puts the files on disk.
 
 Layout: CKPT/step_00000100/ holds DeepSpeed's checkpoint (model and optimizer shards,
 LR scheduler, client state: step, tokens seen, data-loader state, config), `config.json` (the
-resolved experiment config) and one `rank_RRRRR.pt` per rank (its RNG states and its EMA
-partition). A universal checkpoint (`to-universal`) holds DeepSpeed's `zero/` folder and the
-whole EMA as `ema_fp32.pt`. CKPT/latest names the newest complete one.
+resolved experiment config), `lineage` (the id of the run and of every run resumed from it) and
+one `rank_RRRRR.pt` per rank (its RNG states and its EMA partition). A universal checkpoint
+(`to-universal`) holds DeepSpeed's `zero/` folder and the whole EMA as `ema_fp32.pt`.
+CKPT/latest names the newest complete one.
 
-Writing: every rank writes into `step_N.tmp`; after a barrier (all ranks done) rank 0
-renames it to `step_N`, then replaces `latest` atomically (temp file + rename) and prunes
-to the last `keep`. A crash before the rename leaves only a `.tmp` folder, which loading
-ignores and the next save removes; `latest` always names a complete checkpoint. When a run
-resumed from an earlier checkpoint saves a step that exists already, `latest` first moves
-back to the newest earlier step, then the old folder is replaced.
+Writing (`Checkpointer.save`): every rank writes its files into `step_N.tmp`, each fsynced, then
+fsyncs the folder. Once every rank's files are on disk (an all-reduce of "written" flags on a gloo
+group of its own), rank 0 renames the folder to `step_N`, fsyncs CKPT, replaces `latest` (a temp
+file, fsynced, renamed, CKPT fsynced again) and prunes this lineage's checkpoints to the last
+`keep`. With `checkpoint.async` the files are written from a snapshot in host memory by a
+background thread and the commit runs there too: training goes on; the next save, the end of the
+run and a stop signal wait for it. A crash before the rename leaves only a `.tmp` folder, which
+loading ignores and the next save removes; `latest` always names a complete checkpoint. When a run
+resumed from an earlier checkpoint saves a step that exists already, `latest` first moves back to
+the newest earlier step, then the old folder is replaced.
 """
 from __future__ import annotations
 
@@ -22,15 +28,20 @@ import os
 import random
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 
+from pretrain.checkpoint.writer import CheckpointWriteError, FileWriter, fsync_dir
+from model.config_system import InputMissing
+
 LATEST = "latest"
 CONFIG_FILE = "config.json"  # the resolved experiment config, readable without loading any weights
 EMA_FILE = "ema_fp32.pt"     # universal checkpoints: the whole EMA, {name: fp32 tensor}
+LINEAGE_FILE = "lineage"     # the id shared by a run's checkpoints and those of the runs resumed from them
 TAG = re.compile(r"^step_(\d{8})(_universal)?$")
 FAULT_ENV = "MONOFUSION_FAULT"  # testing hook: "checkpoint-write@N" / "checkpoint-replace@N" exit inside
                                 # the save of step N (after writing / while an older step N is replaced)
@@ -84,6 +95,7 @@ def write_latest(root: Path, tag: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / LATEST)
+    fsync_dir(root)
 
 
 def read_latest(root: Path) -> Optional[str]:
@@ -98,12 +110,28 @@ def list_checkpoints(root: Path) -> list[str]:
     return sorted(p.name for p in Path(root).iterdir() if p.is_dir() and TAG.match(p.name))
 
 
-def prune(root: Path, keep: int) -> None:
-    if keep <= 0:
-        return
+def new_lineage() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def read_lineage(folder: Path) -> Optional[str]:
+    """The lineage id of a checkpoint folder (None: written before lineages, or not by a run)."""
+    path = Path(folder) / LINEAGE_FILE
+    return path.read_text().strip() or None if path.is_file() else None
+
+
+def copy_lineage(source: Path, target: Path) -> None:
+    """A converted checkpoint (to-universal) continues its source's lineage."""
+    if (Path(source) / LINEAGE_FILE).is_file():
+        shutil.copyfile(Path(source) / LINEAGE_FILE, Path(target) / LINEAGE_FILE)
+
+
+def prune(root: Path, keep: int, lineage: str) -> None:
+    """Delete all but the newest `keep` checkpoints of `lineage` (never `latest`): checkpoints of
+    another run in the same directory (after `--resume none`), universal ones and older ones stay."""
     latest = read_latest(root)
-    plain = [t for t in list_checkpoints(root) if not t.endswith("_universal")]
-    for tag in plain[:-keep]:
+    ours = [t for t in list_checkpoints(root) if not t.endswith("_universal") and read_lineage(root / t) == lineage]
+    for tag in ours[:-keep]:
         if tag != latest:
             shutil.rmtree(root / tag, ignore_errors=True)
 
@@ -123,36 +151,69 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine, root: Path, step: int, client_state: dict, rank_state: dict, keep: int,
-                    rank: int) -> Path:
-    """Write checkpoint `step_N` under root on every rank; move `latest` once all are done."""
-    root = Path(root)
+class Checkpointer:
+    """Saves a run's checkpoints under `root` (see the module's docstring); `lineage` names the run.
+    `group`: a gloo group used only by the commit (None on one rank)."""
+
+    def __init__(self, engine, root: Path, rank: int, keep: int, asynchronous: bool, group=None):
+        self.engine, self.root, self.rank, self.keep, self.group = engine, Path(root), rank, keep, group
+        self.writer = FileWriter(asynchronous)
+        engine.checkpoint_engine = self.writer  # DeepSpeed's files go through it too
+        self.lineage = new_lineage()
+
+    def save(self, step: int, client_state: dict, rank_state: dict) -> Path:
+        """Write checkpoint `step_N` on every rank (collective); `latest` moves once all are on disk:
+        before this returns, or later in the background with `checkpoint.async`."""
+        self.writer.wait()  # a second save waits for the first (and raises if it failed)
+        tag = tag_for(step)
+        tmp = self.root / (tag + ".tmp")
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob("*.tmp"):  # of a run killed while saving
+                shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
+        _barrier()
+        self.engine.save_checkpoint(str(self.root), tmp.name, client_state=client_state, save_latest=False)
+        if self.rank == 0:
+            if "config" in client_state:
+                self.writer.put(tmp / CONFIG_FILE, (json.dumps(client_state["config"], indent=2) + "\n").encode())
+            self.writer.put(tmp / LINEAGE_FILE, (self.lineage + "\n").encode())
+        self.writer.put(tmp / rank_file(self.rank), rank_state)
+        self.writer.then(lambda: (fsync_dir(tmp), _fault("checkpoint-write", step)), f"fsync {tmp}")
+        self.writer.then(lambda: self._commit(step), f"commit {tag}", always=True)
+        if not self.writer.asynchronous:
+            self.writer.wait()
+            _barrier()
+        return self.root / tag
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        """Until the checkpoint in flight is committed (False: `timeout` ran out); raises its failure."""
+        return self.writer.wait(timeout)
+
+    def _commit(self, step: int) -> None:
+        written = not self.writer.failed
+        if self.group is not None:  # every rank's files are on disk, or no rank publishes the step
+            flag = torch.tensor([int(written)])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
+            if not flag.item() and written:
+                raise CheckpointWriteError(f"checkpoint {tag_for(step)}: another rank could not write its files")
+        if written and self.rank == 0:
+            publish(self.root, step, self.keep, self.lineage)
+
+
+def publish(root: Path, step: int, keep: int, lineage: str) -> None:
+    """Rank 0, once every rank's files of `step_N.tmp` are on disk: rename, `latest`, prune."""
     tag = tag_for(step)
-    tmp = tag + ".tmp"
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob("*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink()
-    _barrier()
-    engine.save_checkpoint(str(root), tmp, client_state=client_state, save_latest=False)
-    if rank == 0 and "config" in client_state:
-        (root / tmp / CONFIG_FILE).write_text(json.dumps(client_state["config"], indent=2) + "\n")
-    torch.save(rank_state, root / tmp / rank_file(rank))
-    _fault("checkpoint-write", step)  # as if killed after writing, before the checkpoint is committed
-    _barrier()
-    if rank == 0:
-        if (root / tag).exists():  # a run resumed from an earlier step saves this step again
-            if read_latest(root) == tag:  # `latest` must not name it while it is replaced
-                earlier = [t for t in list_checkpoints(root) if int(TAG.match(t).group(1)) < step]
-                if earlier:
-                    write_latest(root, earlier[-1])
-            shutil.rmtree(root / tag)
-            _fault("checkpoint-replace", step)
-        os.replace(root / tmp, root / tag)
-        write_latest(root, tag)
-        prune(root, keep)
-    _barrier()
-    return root / tag
+    if (root / tag).exists():  # a run resumed from an earlier step saves this step again
+        if read_latest(root) == tag:  # `latest` must not name it while it is replaced
+            earlier = [t for t in list_checkpoints(root) if int(TAG.match(t).group(1)) < step]
+            if earlier:
+                write_latest(root, earlier[-1])
+        shutil.rmtree(root / tag)
+        _fault("checkpoint-replace", step)
+    os.replace(root / (tag + ".tmp"), root / tag)
+    fsync_dir(root)
+    write_latest(root, tag)
+    prune(root, keep, lineage)
 
 
 def resolve_resume(resume: str, root: Path) -> Optional[tuple[Path, str]]:
@@ -168,7 +229,7 @@ def resolve_resume(resume: str, root: Path) -> Optional[tuple[Path, str]]:
         return path, read_latest(path)
     if path.is_dir() and is_checkpoint(path):
         return path.parent, path.name
-    raise FileNotFoundError(f"--resume {resume}: not a checkpoint (no '{LATEST}' file, no *model_states.pt)")
+    raise InputMissing(f"--resume {resume}: not a checkpoint (no '{LATEST}' file, no *model_states.pt)")
 
 
 def is_universal(root: Path, tag: str) -> bool:
@@ -177,37 +238,29 @@ def is_universal(root: Path, tag: str) -> bool:
 
 
 def load_checkpoint(engine, root: Path, tag: str, rank: int) -> tuple[dict, Optional[dict]]:
-    """Load into the engine; returns (client state, this rank's own state or None)."""
+    """Load into the engine; returns (client state, this rank's own state or None). The optimizer's
+    hyperparameters are the checkpoint's afterwards: pretrain.engine.restore_settings sets this run's."""
     if not (Path(root) / tag).is_dir():
-        raise FileNotFoundError(f"{Path(root) / tag}: checkpoint not found")
-    repair = is_universal(root, tag) and engine.zero_optimization_stage() == 3
-    groups = [{k: v for k, v in g.items() if k not in SCHEDULED} for g in engine.optimizer.optimizer.param_groups] \
-        if repair else []
+        raise InputMissing(f"{Path(root) / tag}: checkpoint not found")
     path, client = engine.load_checkpoint(str(root), tag, load_module_strict=True, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if path is None:
-        raise FileNotFoundError(f"{Path(root) / tag}: DeepSpeed could not load this checkpoint")
-    if repair:
-        _repair_universal_optimizer(engine.optimizer.optimizer, groups)
+        raise InputMissing(f"{Path(root) / tag}: DeepSpeed could not load this checkpoint")
+    if is_universal(root, tag) and engine.zero_optimization_stage() == 3:
+        _unshare_step(engine.optimizer.optimizer)
     own = Path(root) / tag / rank_file(rank)
     rank_state = torch.load(own, weights_only=False) if own.is_file() else None
     return client, rank_state
 
 
-SCHEDULED = ("params", "lr", "initial_lr")  # param-group entries a checkpoint must not take from this run
-
-
-def _repair_universal_optimizer(optimizer, groups: list[dict]) -> None:
-    """Undo two things DeepSpeed 0.19.8's ZeRO-3 universal loader does to the torch optimizer (after it,
-    a resume through a universal checkpoint continues bit for bit, as a ZeRO checkpoint does):
-    it hands every parameter group's state *one shared* `step` tensor, which AdamW then increments
-    once per group and step; and it copies group 0's hyperparameters into every group (the weight
-    decay of the decayed group onto the group without). Groups get this run's values back."""
+def _unshare_step(optimizer) -> None:
+    """DeepSpeed 0.19.8's ZeRO-3 universal loader hands every parameter group's state *one shared*
+    `step` tensor, which AdamW then increments once per group and step; each group gets its own
+    back (with this and restore_settings a resume through a universal checkpoint continues bit for
+    bit, as a ZeRO checkpoint does)."""
     for state in optimizer.state.values():
         if torch.is_tensor(state.get("step")):
             state["step"] = state["step"].clone()
-    for group, own in zip(optimizer.param_groups, groups):
-        group.update(own)
 
 
 def check_model_matches(root: Path, tag: str, model_cfg) -> None:
