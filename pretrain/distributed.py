@@ -56,6 +56,9 @@ def init_distributed() -> DistInfo:
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     import deepspeed
+    if not cuda:  # its shared-memory op, built and loaded where no stale build lock can hang the run
+        from pretrain.prebuild_ops import load_cpu_ops
+        load_cpu_ops()
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:  # a site that binds one GPU per task shows each task only its own (device 0)
         local_rank %= torch.cuda.device_count()

@@ -77,6 +77,17 @@ def describe_optimizer(engine) -> str:
     return f"lr={groups[0]['lr']:.6g} weight_decay={decay} betas={tuple(groups[0]['betas'])} eps={groups[0]['eps']:g}"
 
 
+def changed_settings(saved: dict, train_cfg, engine, step: int) -> list[str]:
+    """A log line naming each RESUME_SETTINGS value that differs from the checkpoint's run's `saved`
+    train config (they take this run's value: restore_settings), and the optimizer as it now is."""
+    now = train_cfg.to_dict()
+    changes = [f"train.{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
+    if not changes:
+        return []
+    return [f"resume: {', '.join(changes)}: this run's values apply from step {step + 1} "
+            f"(optimizer: {describe_optimizer(engine)})"]
+
+
 def build_engine(model: nn.Module, cfg, device: torch.device, load_universal: bool = False):
     """deepspeed.initialize with torch AdamW (fused on GPU) and the config's LR schedule."""
     import deepspeed

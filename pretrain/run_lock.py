@@ -1,9 +1,13 @@
 """One run per run directory, and no rank outliving its launcher.
 
-Rank 0 holds an exclusive `fcntl.flock` on RUN_DIR/run.lock for the whole run, with its host
-and pid written inside: a second run into the same directory is refused with one line that
-names the holder. The kernel drops the lock when the holder dies, so the lock of a killed
-run is simply taken over (and the takeover is logged).
+Rank 0 holds an exclusive `fcntl.flock` on RUN_DIR/run.lock for the whole run, with its host,
+pid and a heartbeat (`beat=`, rewritten every HEARTBEAT_S) written inside: a second run into the
+same directory is refused with one line that names the holder. The kernel drops the lock when the
+holder dies, so the lock of a killed run on this host is simply taken over (and the takeover is
+logged). flock reaches every host on local disks, NFSv4 and GPFS; on Lustre mounted with
+`localflock`, BeeGFS without global locks and NFS mounted `nolock` it sees only the local node. So a
+lock naming another host is taken over only once its heartbeat is older than `stale_after_s`
+(the holder is dead, or cut off from the file system); until then the run is refused.
 
 torchrun starts its ranks in their own sessions: killing the launcher alone (kill -9) leaves
 them training, beside whatever is launched next into the same directory. Each rank started
@@ -28,11 +32,29 @@ class RunDirBusy(RuntimeError):
     """Another live run holds the run directory."""
 
 
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+
+
+def _beat(holder: str) -> Optional[float]:
+    """The heartbeat time written in a lock's text (None: none)."""
+    for word in holder.split():
+        if word.startswith("beat="):
+            try:
+                return float(word[5:])
+            except ValueError:
+                return None
+    return None
+
+
 class RunDirLock:
-    def __init__(self, run_dir):
+    def __init__(self, run_dir, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
         self.path = Path(run_dir) / LOCK_FILE
         self.file = None
         self.previous: Optional[str] = None  # the holder named in a lock that was taken over
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+        self.since = time.strftime('%Y-%m-%dT%H:%M:%S')
+        self.writing = threading.Lock()  # the heartbeat never writes into a released lock
 
     def acquire(self) -> "RunDirLock":
         """Take the lock or raise RunDirBusy naming its holder. On a file system without flock the
@@ -55,13 +77,40 @@ class RunDirLock:
                   "nothing stops a second run in this run.dir", file=sys.stderr)
         f.seek(0)
         self.previous = f.read().strip() or None  # a holder that died without releasing
+        host = socket.gethostname()
+        if self.previous and not self.previous.startswith(f"host={host} "):  # flock may not see that host
+            beat = _beat(self.previous)
+            age = time.time() - beat if beat is not None else float("inf")
+            if age < self.stale_after_s:
+                f.close()
+                raise RunDirBusy(f"run.dir {self.path.parent} is in use by {self.previous.split(' beat=')[0]} "
+                                 f"(its heartbeat in {self.path} is {age:.0f} s old; this file system's flock may "
+                                 f"not reach that host: it is taken over {self.stale_after_s:.0f} s after its "
+                                 "last heartbeat)")
+        self.file = f
+        self._write()
+        os.register_at_fork(after_in_child=self._close_in_child)
+        threading.Thread(target=self._heartbeat, name="run-lock-heartbeat", daemon=True).start()
+        return self
+
+    def _write(self) -> None:
+        f = self.file
         f.seek(0)
         f.truncate()
-        f.write(f"host={socket.gethostname()} pid={os.getpid()} since={time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        f.write(f"host={socket.gethostname()} pid={os.getpid()} since={self.since} beat={time.time():.0f}\n")
         f.flush()
-        self.file = f
-        os.register_at_fork(after_in_child=self._close_in_child)
-        return self
+        os.fsync(f.fileno())  # other hosts read it (a network file system sends it on fsync)
+
+    def _heartbeat(self) -> None:
+        while True:
+            time.sleep(self.heartbeat_s)
+            with self.writing:
+                if self.file is None:
+                    return
+                try:
+                    self._write()
+                except OSError:  # the file system went away: the lock goes stale for other hosts
+                    return
 
     def _close_in_child(self) -> None:
         """A forked child (a DataLoader worker) drops its copy of the locked file: a flock belongs to
@@ -74,10 +123,11 @@ class RunDirLock:
             self.file = None
 
     def release(self) -> None:
-        if self.file is not None:
-            self.file.truncate(0)  # an empty file: the run ended cleanly
-            self.file.close()      # closing drops the flock
-            self.file = None
+        with self.writing:
+            if self.file is not None:
+                self.file.truncate(0)  # an empty file: the run ended cleanly
+                self.file.close()      # closing drops the flock
+                self.file = None
 
 
 def exit_with_parent(what: str, stopping: Callable[[], bool] = lambda: False, poll_s: float = 1.0,

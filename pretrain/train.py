@@ -41,8 +41,7 @@ from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any
 from pretrain.ema import ShardedEMA
 from pretrain.job_history import FINISHED
 from pretrain.process import run_and_exit
-from pretrain.engine import (RESUME_SETTINGS, build_engine, describe_optimizer, optimizer_settings,
-                             restore_settings)
+from pretrain.engine import build_engine, changed_settings, optimizer_settings, restore_settings
 from pretrain.failures import next_batch, say_error, stop_if_any_failed
 from pretrain.evaluation.in_loop import EvalSampler
 from pretrain.metrics import RunLogger, batch_flops, loss_record, peak_flops
@@ -135,7 +134,7 @@ class Trainer:
         restore_settings(self.engine, settings, self.cfg.train.lr)
         self.step, self.tokens = client["step"], client["tokens"]
         self.checkpointer.lineage = ckpt.read_lineage(root / tag) or self.checkpointer.lineage
-        notes = self.changed_settings(client.get("config", {}).get("train", {}))
+        notes = changed_settings(client.get("config", {}).get("train", {}), self.cfg.train, self.engine, self.step)
         if "loss_tokens" not in client:  # checkpoints written before 2026-11-24
             notes.append(f"{root / tag} has no loss-token counts: text_tokens and latent_tokens count from 0")
         self.loss_tokens = list(client.get("loss_tokens", [0, 0]))
@@ -152,16 +151,6 @@ class Trainer:
             self.ema.reset(self.engine)
             notes.append(f"{root / tag} has no EMA: the EMA starts from its weights")
         return notes
-
-    def changed_settings(self, saved: dict) -> list[str]:
-        """A log line naming each train.* setting of RESUME_SETTINGS that differs from the checkpoint's
-        run (they take this run's value: restore_settings), and the optimizer as it now is."""
-        now = self.cfg.train.to_dict()
-        changes = [f"train.{k} {saved[k]!r} -> {now[k]!r}" for k in RESUME_SETTINGS if k in saved and saved[k] != now[k]]
-        if not changes:
-            return []
-        return [f"resume: {', '.join(changes)}: this run's values apply from step {self.step + 1} "
-                f"(optimizer: {describe_optimizer(self.engine)})"]
 
     def _on_signal(self, signum, _frame) -> None:
         if self.stop_signal is None:  # the first one says why (a SIGTERM may follow Slurm's warning)
@@ -418,16 +407,7 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS, early_signals=()) -> Outc
         return Outcome(2)
     finally:  # a failure: a checkpoint written in the background is committed if every rank gets there
         if trainer is not None and trainer.checkpointer.writer.busy():
-            finish_writing(trainer.checkpointer)
-
-
-def finish_writing(checkpointer, timeout_s: float = 120.0) -> None:
-    """Wait a bounded time for the checkpoint in flight (a rank that died never joins its commit)."""
-    try:
-        if not checkpointer.wait(timeout_s):
-            say_error(f"checkpoint in flight not committed within {timeout_s:g} s; `latest` names the previous one")
-    except Exception as e:  # the run's own error is the one to report
-        say_error(f"checkpoint in flight not committed: {e}")
+            trainer.checkpointer.finish(say_error)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Rank 0 writes {grads: {parameter name: full gradient}, accumulation, communicati
 Each `--variant` builds another engine in the same processes with its own overrides (after the
 common ones) and writes to its own OUT: one launch for several ZeRO stages or precisions.
 """
+import contextlib
 import dataclasses
 import sys
 
@@ -83,16 +84,55 @@ def probe(cfg, dist, out: str) -> None:
     places = [[(m * world + dist.rank) * B + b for b in range(B)] for m in range(cfg.train.grad_accum)]
     micro = [cat_rows([rows[g] for g in row_ids]) for row_ids in places]
     _, _, *counts = trainer.step_token_counts(micro)
-    trainer.accumulate(micro, counts, [[(g,) for g in row_ids] for row_ids in places])  # noise keyed by row
+    reduced = set()  # the dtypes of the gradients the ranks actually exchanged in this step
+    with record_reductions(reduced):
+        trainer.accumulate(micro, counts, [[(g,) for g in row_ids] for row_ids in places])  # noise keyed by row
     from deepspeed.utils import safe_get_full_grad
     grads = {n: safe_get_full_grad(p).detach().clone().cpu() for n, p in trainer.engine.module.named_parameters()}
     if dist.is_main:  # with the dtypes DeepSpeed accumulates and reduces gradients in
         engine = trainer.engine
         torch.save({"grads": grads, "accumulation": str(accumulated_in(engine.optimizer)),
-                    "communication": str(engine.communication_data_type)}, out)
+                    "communication": sorted(reduced)}, out)
     trainer.engine.destroy()
     if trainer.lock is not None:
         trainer.lock.release()
+
+
+REDUCTIONS = ("all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor", "all_reduce_coalesced",
+              "reduce_scatter_fn", "inference_all_reduce", "_reduce_scatter_base")
+
+
+@contextlib.contextmanager
+def record_reductions(dtypes: set):
+    """Add to `dtypes` the dtype of every floating tensor of more than one value that goes through a
+    reduction, wherever DeepSpeed calls it: its comm backend or torch.distributed (scalars such as the
+    gradient norm are left out)."""
+    import deepspeed.comm.comm as ds_comm
+    targets = [t for t in (ds_comm.cdb, torch.distributed) if t is not None]
+    saved = []
+
+    def note(values):
+        for v in values:
+            for x in v if isinstance(v, (list, tuple)) else [v]:
+                if torch.is_tensor(x) and x.is_floating_point() and x.numel() > 1:
+                    dtypes.add(str(x.dtype))
+
+    for target in targets:
+        for name in REDUCTIONS:
+            original = getattr(target, name, None)
+            if original is None:
+                continue
+
+            def wrapped(*args, _original=original, **kwargs):
+                note([*args, *kwargs.values()])
+                return _original(*args, **kwargs)
+            saved.append((target, name, original))
+            setattr(target, name, wrapped)
+    try:
+        yield dtypes
+    finally:
+        for target, name, original in saved:
+            setattr(target, name, original)
 
 
 def accumulated_in(opt) -> torch.dtype:

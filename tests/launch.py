@@ -17,11 +17,21 @@ def env(**extra) -> dict:
     return dict(e, OMP_NUM_THREADS="1", WANDB_SILENT="true", PYTHONPATH=path, **extra)
 
 
-def torchrun(n: int, args: list, extra_env: dict = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def torchrun(n: int, args: list, extra_env: dict = None, timeout: int = 300,
+             module: str = "pretrain.train") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), "--master-port",
-           str(free_port()), "-m", "pretrain.train", *args]
+           str(free_port()), "-m", module, *args]
     return subprocess.run(cmd, cwd=REPO, env=env(**(extra_env or {})), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def resume_probe(n: int, config, resume, out: Path, *overrides: str) -> dict:
+    """What the live engine holds right after a resume on n ranks (tests/resume_probe.py)."""
+    r = torchrun(n, ["--config", str(config), "--resume", str(resume), "--out", str(out), "wandb.mode=disabled",
+                     *overrides], module="tests.resume_probe")
+    assert r.returncode == 0, r.stderr[-3000:]
+    import torch
+    return torch.load(out, weights_only=False)
 
 
 def train_cli(args: list, **extra_env) -> subprocess.CompletedProcess:

@@ -189,6 +189,15 @@ class Checkpointer:
         """Until the checkpoint in flight is committed (False: `timeout` ran out); raises its failure."""
         return self.writer.wait(timeout)
 
+    def finish(self, say, timeout_s: float = 120.0) -> None:
+        """After a failure: wait a bounded time for the checkpoint in flight (a rank that died never
+        joins its commit); `say` gets one line when it did not make it."""
+        try:
+            if not self.wait(timeout_s):
+                say(f"checkpoint in flight not committed within {timeout_s:g} s; `latest` names the previous one")
+        except Exception as e:  # the run's own error is the one to report
+            say(f"checkpoint in flight not committed: {e}")
+
     def _commit(self, step: int) -> None:
         written = not self.writer.failed
         if self.group is not None:  # every rank's files are on disk, or no rank publishes the step

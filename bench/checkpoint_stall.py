@@ -1,0 +1,115 @@
+"""Training time lost per checkpoint save, blocking vs asynchronous (`checkpoint.async`), in one run.
+
+    python bench/checkpoint_stall.py                 # 2 CPU ranks, ZeRO-1 and ZeRO-3, ~150M parameters, EMA on
+    python bench/checkpoint_stall.py --stages 3 --dim 512 --layers 4 --saves 2   # a quick look
+
+Each stage is one torchrun of 2 ranks training the real Trainer (DeepSpeed engine, packed loader,
+EMA) on synthetic shards. The step time without saves is measured first; then, alternating, a save
+followed by `--steps-between` steps, blocking and asynchronous, `--saves` times each. The loss of a
+save is the wall time of that window (the save call, the steps, and the wait for a write still in
+flight: the next save would wait for it) minus as many plain steps. The first save of each kind is
+shown apart: an asynchronous one fills fresh snapshot buffers (page faults), later ones reuse them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def worker(a) -> None:
+    import torch
+    from bench.train_step import write_synthetic_shards
+    from data_pipelines.config import DataConfig, DatasetConfig
+    from model.model_config import ModelConfig
+    from pretrain.config import CheckpointConfig, ExperimentConfig, RunConfig, TrainConfig, WandbConfig
+    from pretrain.distributed import init_distributed
+    from pretrain.train import Trainer
+    dist = init_distributed()
+    with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
+        mc = ModelConfig(dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64, vocab_size=2000, latent_channels=4,
+                         patch_size=2, mode="monoformer")
+        if dist.is_main:
+            write_synthetic_shards(Path(tmp) / "shards", "monoformer", a.seq, 4, 2, mc.vocab_size)
+        torch.distributed.barrier()
+        cfg = ExperimentConfig(
+            run=RunConfig(dir=str(Path(tmp) / "run")), model=mc,
+            data=DataConfig(datasets=[DatasetConfig(path=str(Path(tmp) / "shards"))], seq_len=a.seq, num_workers=1,
+                            caption_dropout=0.0, add_bos_eos=True),
+            train=TrainConfig(zero_stage=a.stage, micro_batch_size=1, warmup_steps=0, max_steps=10 ** 6,
+                              ema_decay=0.999),
+            checkpoint=CheckpointConfig(keep=1), wandb=WandbConfig(mode="disabled"))
+        trainer = Trainer(cfg, dist, resume="none")
+        batches = iter(trainer.loader)
+
+        def steps(n: int) -> float:
+            start = time.perf_counter()
+            for _ in range(n):
+                trainer.train_step(batches)
+            return time.perf_counter() - start
+
+        steps(2)
+        plain = statistics.median(steps(1) for _ in range(a.plain_steps))
+        rows = {"blocking": [], "async": []}
+        for i in range(a.saves):
+            for mode in rows:
+                trainer.checkpointer.writer.asynchronous = mode == "async"
+                start = time.perf_counter()
+                trainer.save()
+                call = time.perf_counter() - start
+                steps(a.steps_between)
+                trainer.checkpointer.wait()
+                total = time.perf_counter() - start
+                rows[mode].append({"call": call, "lost": total - a.steps_between * plain})
+        size = sum(f.stat().st_size for f in (Path(tmp) / "run" / "checkpoints").rglob("*") if f.is_file())
+        if dist.is_main:
+            print(json.dumps({"stage": a.stage, "params": trainer.num_params, "plain_step": plain,
+                              "checkpoint_bytes": size, "rows": rows}), flush=True)
+        del trainer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", default="1,3")
+    p.add_argument("--dim", type=int, default=1024)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--saves", type=int, default=4, help="saves of each kind")
+    p.add_argument("--steps-between", type=int, default=4)
+    p.add_argument("--plain-steps", type=int, default=5)
+    p.add_argument("--dir", default=None, help="where checkpoints are written (default: the temp folder)")
+    p.add_argument("--stage", type=int, help=argparse.SUPPRESS)  # a rank of one stage's run
+    a = p.parse_args()
+    if "RANK" in os.environ:
+        from pretrain.process import run_and_exit
+        run_and_exit(lambda: worker(a))
+    from pretrain.distributed import free_port
+    print(f"{'ZeRO':>4s} {'params':>8s} {'ckpt GB':>8s} {'step s':>7s} {'mode':>9s} {'1st lost s':>10s} "
+          f"{'lost s':>7s} {'call s':>7s} {'async/blocking':>15s}")
+    for stage in a.stages.split(","):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+               str(free_port()), __file__, "--stage", stage, *sys.argv[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode != 0 or not lines:
+            sys.exit(f"stage {stage} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
+        r = json.loads(lines[-1])
+        later = {m: statistics.mean(x["lost"] for x in rows[1:]) if len(rows) > 1 else rows[0]["lost"]
+                 for m, rows in r["rows"].items()}
+        for mode, rows in r["rows"].items():
+            ratio = f"{later['async'] / later['blocking']:.1%}" if mode == "async" else ""
+            print(f"{stage:>4s} {r['params'] / 1e6:7.0f}M {r['checkpoint_bytes'] / 1e9:8.2f} {r['plain_step']:7.2f} "
+                  f"{mode:>9s} {rows[0]['lost']:10.2f} {later[mode]:7.2f} "
+                  f"{statistics.mean(x['call'] for x in rows[1:] or rows):7.2f} {ratio:>15s}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""Checkpoints at scale: the writer (durable, in the background), kills during background saves,
+universal resume with an EMA at any world size, changed settings on resume, lineage retention, and
+the config checks made before anything starts."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from pretrain.checkpoint import LINEAGE_FILE, list_checkpoints, read_latest, read_lineage
+from pretrain.checkpoint.writer import CheckpointWriteError, FileWriter, Snapshot
+from tests.launch import REPO, env, error_line, metrics, resume_probe, spawn_ranks, torchrun, train_cli
+
+
+def args(cfg, run_dir, *extra):
+    return ["--config", str(cfg), f"run.dir={run_dir}", "train.log_interval=1", "wandb.mode=disabled",
+            "data.num_workers=1", *extra]
+
+
+# ---- the writer -------------------------------------------------------------------------------------
+def test_the_writer_has_every_method_of_deepspeeds_checkpoint_engine():
+    from deepspeed.runtime.checkpoint_engine.checkpoint_engine import CheckpointEngine
+    wanted = {m for m in dir(CheckpointEngine) if not m.startswith("_")}
+    assert wanted <= {m for m in dir(FileWriter) if not m.startswith("_")}
+
+
+def test_a_snapshot_copies_views_compactly_into_the_same_buffers_each_save():
+    flat = torch.arange(10.0)
+    state = {"a": flat[2:5], "b": [flat[5:], 3], "tied": None}
+    state["tied"] = state["a"]
+    snap = Snapshot()
+    first = snap.take(state, ("f",))
+    assert first["a"].untyped_storage().nbytes() == 3 * 4  # the view alone, not the flat buffer
+    assert first["tied"] is first["a"] and first["b"][1] == 3
+    flat.add_(100)  # training goes on: the copy keeps the values of the save
+    assert first["a"].tolist() == [2.0, 3.0, 4.0]
+    second = snap.take(state, ("f",))
+    assert second["a"].data_ptr() == first["a"].data_ptr() and second["a"].tolist() == [102.0, 103.0, 104.0]
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_a_failed_write_drops_the_rest_but_not_the_commit_and_is_raised(tmp_path, asynchronous):
+    writer = FileWriter(asynchronous)
+    ran = []
+    writer.put(tmp_path / "ok.pt", {"x": torch.ones(3)})
+    writer.put(tmp_path / "missing-folder" / "bad.pt", {"x": torch.ones(3)})
+    writer.then(lambda: ran.append("after"), "after")
+    writer.then(lambda: ran.append(("commit", writer.failed)), "commit", always=True)
+    with pytest.raises(CheckpointWriteError, match="bad.pt"):
+        writer.wait()
+    assert ran == [("commit", True)]
+    assert torch.load(tmp_path / "ok.pt")["x"].tolist() == [1.0, 1.0, 1.0]
+    writer.put(tmp_path / "next.pt", {"x": torch.zeros(1)})  # the next checkpoint is written again
+    assert writer.wait() and (tmp_path / "next.pt").is_file()
+
+
+# ---- bad settings: one line before anything starts -------------------------------------------------------
+@pytest.mark.parametrize("override,key", [("checkpoint.interval=0", "checkpoint.interval"),
+                                          ("checkpoint.keep=0", "checkpoint.keep"),
+                                          ("train.log_interval=0", "train.log_interval"),
+                                          ("train.eval_interval=-1", "train.eval_interval")])
+def test_non_positive_intervals_are_refused_before_the_run_starts(tiny_config, tmp_path, override, key):
+    r = train_cli(args(tiny_config, tmp_path / "run", override))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert key.split(".")[1] in error_line(r) and key.split(".")[0] in error_line(r), error_line(r)
+    assert not (tmp_path / "run").exists()  # nothing started
+
+
+def test_an_unexpected_error_shows_its_traceback_and_exits_1(tiny_config, tmp_path):
+    """Only named bad inputs are one line with exit 2: a FileNotFoundError nobody raised on purpose
+    (here from the first training step) is a bug and keeps its traceback."""
+    script = ("import sys, pretrain.train as t\n"
+              "def broken(self, batches):\n    open('/nonexistent/internal/file')\n"
+              "t.Trainer.train_step = broken\n"
+              "from pretrain.process import run_and_exit\nrun_and_exit(lambda: t.main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", script, *args(tiny_config, tmp_path / "run")], cwd=REPO, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback" in r.stderr and "FileNotFoundError" in error_line(r), r.stderr[-2000:]
+
+
+# ---- retention -----------------------------------------------------------------------------------------
+def test_retention_prunes_only_the_checkpoints_of_this_runs_lineage(tiny_config, tmp_path):
+    run = tmp_path / "run"
+    ck = run / "checkpoints"
+    common = ["checkpoint.interval=1", "checkpoint.keep=2", "data.num_workers=0"]
+    assert train_cli(args(tiny_config, run, *common, "train.max_steps=5")).returncode == 0
+    assert list_checkpoints(ck) == ["step_00000004", "step_00000005"]
+    first = read_lineage(ck / "step_00000005")
+    r = train_cli(["--resume", "none", *args(tiny_config, run, *common, "train.max_steps=3")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    # a new run in the same directory keeps its own last two and leaves the earlier run's alone
+    assert list_checkpoints(ck) == ["step_00000002", "step_00000003", "step_00000004", "step_00000005"]
+    second = read_lineage(ck / "step_00000003")
+    assert second != first and read_latest(ck) == "step_00000003"
+    r = train_cli(args(tiny_config, run, *[c for c in common if "keep" not in c], "checkpoint.keep=1",
+                       "train.max_steps=4"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    # the resumed run continues the second lineage: steps 4 of the first run are replaced, 2 and 3 pruned
+    assert read_lineage(ck / "step_00000004") == second and read_lineage(ck / "step_00000005") == first
+    assert list_checkpoints(ck) == ["step_00000004", "step_00000005"]
+    assert (ck / "step_00000004" / LINEAGE_FILE).is_file()
+
+
+# ---- universal resume with an EMA at any size --------------------------------------------------------------
+ODD = ["train.zero_stage=3", "model.patch_size=1", "train.ema_decay=0.9", "train.ema_warmup=false",
+       "data.num_workers=0", "train.weight_decay=0.1"]  # patch 1: latent_out.bias has 1 value, the ranks cut it
+
+
+def probe(tiny_config, tmp_path, ranks, resume, name, *extra):
+    return resume_probe(ranks, tiny_config, resume, tmp_path / f"{name}.pt", f"run.dir={tmp_path / name}", *ODD, *extra)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("source,target", [(1, 2), (2, 3), (3, 2)])
+def test_zero3_universal_resume_with_an_ema_at_any_world_size_equals_the_source(tiny_config, tmp_path, source,
+                                                                                target):
+    """Parameters whose sizes the rank counts do not divide: weights, Adam moments and EMA after a
+    resume through a universal checkpoint on another number of ranks are the source's, bit for bit."""
+    from pretrain.convert import to_universal
+    run = tmp_path / "source"
+    r = torchrun(source, args(tiny_config, run, *ODD, "train.max_steps=3", "checkpoint.interval=3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = run / "checkpoints/step_00000003"
+    universal = to_universal(ckpt, tmp_path / "step_00000003_universal")
+    want = probe(tiny_config, tmp_path, source, ckpt, "direct")
+    got = probe(tiny_config, tmp_path, target, universal, "universal")
+    assert want["step"] == got["step"] == 3
+    sizes = {name: t.numel() for name, t in want["weights"].items()}
+    assert any(n % target for n in sizes.values()) and any(n % source for n in sizes.values()) == (source > 1)
+    for part in ("weights", "ema", "exp_avg", "exp_avg_sq"):
+        assert want[part].keys() == got[part].keys()
+        bad = [k for k in want[part] if not torch.equal(want[part][k], got[part][k])]
+        assert not bad, (part, bad[:5])
+    assert not torch.equal(want["ema"]["latent_out.bias"], want["weights"]["latent_out.bias"])  # a real EMA
+
+
+# ---- a changed setting on resume ---------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_resume_applies_a_changed_lr_and_weight_decay_on_the_direct_and_the_universal_path(tiny_config, tmp_path,
+                                                                                             stage):
+    """ARCHITECTURE.md: on resume, train.lr, the schedule, weight decay, betas, eps and grad_clip are this
+    run's, on every path, and the log names each change. Both paths then train the same steps alike."""
+    from pretrain.convert import to_universal
+    from pretrain.schedule import lr_factor
+    from pretrain.config import TrainConfig
+    base = [f"train.zero_stage={stage}", "data.num_workers=0", "train.warmup_steps=2", "train.max_steps=6"]
+    run = tmp_path / "source"
+    r = torchrun(2, args(tiny_config, run, *base, "train.lr=0.004", "train.weight_decay=0.5", "train.beta2=0.95",
+                         "train.stop_at=3", "checkpoint.interval=3"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = run / "checkpoints/step_00000003"
+    universal = to_universal(ckpt, tmp_path / "step_00000003_universal")
+    changed = ["train.lr=0.001", "train.weight_decay=0.05", "train.beta2=0.99"]
+    want_lr = 0.001 * lr_factor(3, TrainConfig(warmup_steps=2, max_steps=6))
+    losses = {}
+    for path, source in (("direct", ckpt), ("universal", universal)):
+        target = tmp_path / path
+        r = torchrun(2, ["--resume", str(source), *args(tiny_config, target, *base, *changed)])
+        assert r.returncode == 0, r.stderr[-3000:]
+        line = next(l for l in r.stdout.splitlines() + r.stderr.splitlines() if "resume: " in l)
+        for change in ("train.lr 0.004 -> 0.001", "train.weight_decay 0.5 -> 0.05", "train.beta2 0.95 -> 0.99"):
+            assert change in line, line
+        assert f"lr={want_lr:.6g} weight_decay=0.05/0 betas=(0.9, 0.99)" in line, line
+        m = metrics(target)
+        # logged after step 4: the lr of the next step, at this run's peak
+        assert abs(m[4]["lr"] - 0.001 * lr_factor(4, TrainConfig(warmup_steps=2, max_steps=6))) < 1e-12, m[4]
+        losses[path] = [m[s]["loss"] for s in (4, 5, 6)]
+    assert losses["direct"] == pytest.approx(losses["universal"], rel=1e-5)
+
+
+# ---- kills during background saves ---------------------------------------------------------------------------
+def kill_tree(procs) -> None:
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # the rank, its DataLoader workers and its writer thread
+        except ProcessLookupError:
+            pass
+    for p in procs:
+        p.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_kill_9_of_every_rank_during_background_saves_always_resumes_from_a_complete_checkpoint(tiny_config,
+                                                                                               tmp_path):
+    """A checkpoint every step, written in the background under ZeRO-3 with an EMA; every rank killed
+    (-9) at a random moment, 8 times: each restart resumes from `latest`, which is always complete
+    (every rank's files readable), and the run finishes."""
+    from pretrain.checkpoint.reader import CheckpointReader
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    logs.mkdir()
+    common = args(tiny_config, run, "train.zero_stage=3", "train.ema_decay=0.9", "checkpoint.interval=1",
+                  "checkpoint.keep=2", "checkpoint.async=true", "train.max_steps=400")
+    rng, resumed_at = random.Random(0), []
+    for trial in range(8):
+        procs = spawn_ranks(2, common, logs)
+        time.sleep(rng.uniform(6.0, 12.0))
+        kill_tree(procs)
+        latest = read_latest(run / "checkpoints")
+        if latest is None:
+            continue
+        reader = CheckpointReader(run / "checkpoints" / latest)  # every rank's files there and readable
+        reader.state_dict(), reader.state_dict(ema=True)
+        assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir() if p.name == latest)
+        resumed_at.append(int(latest.split("_")[1]))
+    assert len(resumed_at) >= 6, resumed_at
+    assert resumed_at == sorted(resumed_at) and resumed_at[-1] > resumed_at[0], resumed_at  # it went on each time
+    r = torchrun(2, [*common, "train.stop_at=" + str(resumed_at[-1] + 2)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"from step {resumed_at[-1]}" in r.stdout + r.stderr
+
+
+# ---- DeepSpeed's JIT build lock ------------------------------------------------------------------------------
+def test_a_build_lock_left_by_a_killed_build_is_removed_with_a_line_instead_of_hanging(tmp_path):
+    """torch's FileBaton `lock` of the shared-memory op, as a build killed by kill -9 leaves it: the next
+    process that loads the op says it removes it and goes on (before: it slept forever, silently)."""
+    from pretrain.prebuild_ops import extensions_dir
+    code = "from pretrain.prebuild_ops import load_cpu_ops; print(load_cpu_ops())"
+    first = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True,
+                           timeout=600)
+    assert "ready" in first.stdout, first.stdout + first.stderr
+    batons = list(extensions_dir().glob("**/deepspeed_shm_comm"))
+    assert len(batons) == 1, batons  # built inside this environment
+    (batons[0] / "lock").touch()
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True, timeout=120)
+    assert "ready" in r.stdout and "removing a stale build lock" in r.stderr, r.stdout + r.stderr
+    assert not (batons[0] / "lock").exists()
+
+
+# ---- the run-directory lock across hosts ---------------------------------------------------------------------
+def test_a_lock_of_another_host_is_taken_over_only_once_its_heartbeat_is_stale(tmp_path):
+    """flock may not reach other hosts (Lustre localflock, NFS nolock): the lock file's heartbeat decides."""
+    from pretrain.run_lock import LOCK_FILE, RunDirBusy, RunDirLock
+    (tmp_path / LOCK_FILE).write_text(f"host=node-b pid=4242 since=2026-12-04T10:00:00 beat={time.time() - 20:.0f}\n")
+    with pytest.raises(RunDirBusy, match="in use by host=node-b pid=4242"):
+        RunDirLock(tmp_path, stale_after_s=300).acquire()
+    (tmp_path / LOCK_FILE).write_text(f"host=node-b pid=4242 since=2026-12-04T10:00:00 beat={time.time() - 400:.0f}\n")
+    lock = RunDirLock(tmp_path, heartbeat_s=0.2, stale_after_s=300).acquire()
+    assert lock.previous.startswith("host=node-b pid=4242")
+    first = (tmp_path / LOCK_FILE).read_text()
+    time.sleep(1.5)
+    assert (tmp_path / LOCK_FILE).read_text() != first  # it beats
+    lock.release()
+    assert (tmp_path / LOCK_FILE).read_text() == ""
