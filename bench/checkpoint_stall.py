@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,8 @@ def worker(a) -> None:
     from pretrain.distributed import init_distributed
     from pretrain.train import Trainer
     dist = init_distributed()
-    with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
+    tmp = Path(a.dir or tempfile.gettempdir()) / f"checkpoint_stall-{os.environ['MASTER_PORT']}"  # one for all ranks
+    try:
         mc = ModelConfig(dim=a.dim, n_layers=a.layers, n_heads=a.dim // 64, vocab_size=2000, latent_channels=4,
                          patch_size=2, mode="monoformer")
         if dist.is_main:
@@ -74,6 +76,10 @@ def worker(a) -> None:
             print(json.dumps({"stage": a.stage, "params": trainer.num_params, "plain_step": plain,
                               "checkpoint_bytes": size, "rows": rows}), flush=True)
         del trainer
+        torch.distributed.barrier()
+    finally:
+        if dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:
