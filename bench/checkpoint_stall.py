@@ -4,11 +4,12 @@
     python bench/checkpoint_stall.py --stages 3 --dim 512 --layers 4 --saves 2   # a quick look
 
 Each stage is one torchrun of 2 ranks training the real Trainer (DeepSpeed engine, packed loader,
-EMA) on synthetic shards. The step time without saves is measured first; then, alternating, a save
-followed by `--steps-between` steps, blocking and asynchronous, `--saves` times each. The loss of a
-save is the wall time of that window (the save call, the steps, and the wait for a write still in
-flight: the next save would wait for it) minus as many plain steps. The first save of each kind is
-shown apart: an asynchronous one fills fresh snapshot buffers (page faults), later ones reuse them.
+EMA) on synthetic shards. Windows of `--steps-between` steps, `--saves` times each kind in turn:
+no save, a blocking save first, an asynchronous save first. The loss of a save is the wall time
+of its window (the save call, the steps, and the wait for a write still in flight: the next save
+would wait for it) minus that of a window without a save (their mean, the first left out). The
+first save of each kind is shown apart: an asynchronous one fills fresh snapshot buffers (page
+faults), later ones reuse them.
 """
 from __future__ import annotations
 
@@ -59,21 +60,25 @@ def worker(a) -> None:
             return time.perf_counter() - start
 
         steps(2)
-        plain = statistics.median(steps(1) for _ in range(a.plain_steps))
-        rows = {"blocking": [], "async": []}
-        for i in range(a.saves):
+        rows = {"plain": [], "blocking": [], "async": []}
+        for i in range(a.saves):  # the windows interleaved: the plain ones are the baseline of their time
             for mode in rows:
                 trainer.checkpointer.writer.asynchronous = mode == "async"
                 start = time.perf_counter()
-                trainer.save()
+                if mode != "plain":
+                    trainer.save()
                 call = time.perf_counter() - start
                 steps(a.steps_between)
                 trainer.checkpointer.wait()
-                total = time.perf_counter() - start
-                rows[mode].append({"call": call, "lost": total - a.steps_between * plain})
+                rows[mode].append({"call": call, "window": time.perf_counter() - start})
+        windows = rows.pop("plain")
+        plain = statistics.mean(x["window"] for x in windows[1:] or windows)
+        for mode in rows:
+            for x in rows[mode]:
+                x["lost"] = x["window"] - plain
         size = sum(f.stat().st_size for f in (Path(tmp) / "run" / "checkpoints").rglob("*") if f.is_file())
         if dist.is_main:
-            print(json.dumps({"stage": a.stage, "params": trainer.num_params, "plain_step": plain,
+            print(json.dumps({"stage": a.stage, "params": trainer.num_params, "plain_step": plain / a.steps_between,
                               "checkpoint_bytes": size, "rows": rows}), flush=True)
         del trainer
         torch.distributed.barrier()
@@ -90,7 +95,6 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--saves", type=int, default=4, help="saves of each kind")
     p.add_argument("--steps-between", type=int, default=4)
-    p.add_argument("--plain-steps", type=int, default=5)
     p.add_argument("--dir", default=None, help="where checkpoints are written (default: the temp folder)")
     p.add_argument("--stage", type=int, help=argparse.SUPPRESS)  # a rank of one stage's run
     a = p.parse_args()

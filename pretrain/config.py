@@ -103,11 +103,10 @@ class CheckpointConfig(Config):
     async_save: bool = knob(True, "write checkpoint files in a background thread from a host-memory snapshot: "
                                   "training goes on meanwhile; `latest` moves once every rank's files are on disk",
                             key="async")
-    write_timeout: float = knob(3600.0, "seconds the commit of a checkpoint waits for the slowest rank's files")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("interval", "keep", "write_timeout"):
+        for name in ("interval", "keep"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
 

@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import os
 import socket
+import sys
 
 import torch
 
@@ -58,7 +59,9 @@ def init_distributed() -> DistInfo:
     import deepspeed
     if not cuda:  # its shared-memory op, built and loaded where no stale build lock can hang the run
         from pretrain.prebuild_ops import load_cpu_ops
-        load_cpu_ops()
+        loaded, outcome = load_cpu_ops()
+        if not loaded:
+            print(f"warning: DeepSpeed's shared-memory op: {outcome}", file=sys.stderr, flush=True)
     local_rank = int(os.environ["LOCAL_RANK"])
     if cuda:  # a site that binds one GPU per task shows each task only its own (device 0)
         local_rank %= torch.cuda.device_count()

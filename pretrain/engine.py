@@ -57,12 +57,15 @@ def optimizer_settings(engine) -> list[dict]:
             for g in torch_optimizer(engine).param_groups]
 
 
-def restore_settings(engine, settings: list[dict], peak_lr: float) -> None:
+def restore_settings(engine, settings: list[dict], peak_lr: float, grad_clip: float) -> None:
     """After a checkpoint was loaded (directly or universal, any ZeRO stage): this run's weight decay,
-    betas and eps in every group, and its peak lr at the loaded schedule position (the schedule's
-    shape is this run's already: its lambda reads this run's config; grad_clip is DeepSpeed's config)."""
+    betas and eps in every group, its gradient clipping (DeepSpeed's ZeRO-1/2 and bf16 optimizers
+    load the checkpoint's), and its peak lr at the loaded schedule position (the schedule's shape is
+    this run's already: its lambda reads this run's config)."""
     for group, own in zip(torch_optimizer(engine).param_groups, settings):
         group.update(own)
+    if hasattr(engine.optimizer, "clip_grad"):
+        engine.optimizer.clip_grad = grad_clip
     sched = engine.lr_scheduler
     sched.base_lrs = [peak_lr] * len(sched.base_lrs)
     for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
@@ -74,7 +77,9 @@ def describe_optimizer(engine) -> str:
     """The optimizer's live settings, group by group (logged after a resume that changed any)."""
     groups = torch_optimizer(engine).param_groups
     decay = "/".join(f"{g['weight_decay']:g}" for g in groups)
-    return f"lr={groups[0]['lr']:.6g} weight_decay={decay} betas={tuple(groups[0]['betas'])} eps={groups[0]['eps']:g}"
+    clip = f" grad_clip={engine.optimizer.clip_grad:g}" if hasattr(engine.optimizer, "clip_grad") else ""
+    return (f"lr={groups[0]['lr']:.6g} weight_decay={decay} betas={tuple(groups[0]['betas'])} "
+            f"eps={groups[0]['eps']:g}{clip}")
 
 
 def changed_settings(saved: dict, train_cfg, engine, step: int) -> list[str]:

@@ -26,10 +26,20 @@ STALE_AFTER_S = 600.0  # a build takes about a minute; a torch lock this old is 
 
 
 def extensions_dir() -> Path:
-    """Where this environment's JIT ops are built (TORCH_EXTENSIONS_DIR, set to it when unset)."""
+    """Where this environment's JIT ops are built: TORCH_EXTENSIONS_DIR, set to the environment's
+    folder when unset and the environment is writable (else torch's default, in the home)."""
     if "TORCH_EXTENSIONS_DIR" not in os.environ:
-        os.environ["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
-    return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+        mine = Path(sys.prefix) / "torch_extensions"
+        try:
+            mine.mkdir(exist_ok=True)
+            if os.access(mine, os.W_OK):
+                os.environ["TORCH_EXTENSIONS_DIR"] = str(mine)
+        except OSError:
+            pass
+    if "TORCH_EXTENSIONS_DIR" in os.environ:
+        return Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    from torch.utils.cpp_extension import get_default_build_root
+    return Path(get_default_build_root())
 
 
 def _say(line: str) -> None:
@@ -61,10 +71,14 @@ def build_guard(poll_s: float = 1.0, report_every_s: float = 30.0):
         for baton in [*root.glob("*/lock"), *root.glob("*/*/lock")]:  # torch's FileBaton of one op's build
             age = time.time() - baton.stat().st_mtime
             if holder and f"host={host} " not in holder + " " and age < STALE_AFTER_S:
-                _say(f"{baton}: a build by {holder} may be running on another host; waiting for it "
-                     f"(removed as stale after {STALE_AFTER_S:.0f} s)")
+                waited = time.time()
                 while baton.exists() and time.time() - baton.stat().st_mtime < STALE_AFTER_S:
+                    if time.time() >= waited:
+                        _say(f"{baton}: a build by {holder} may be running on another host; waiting for it "
+                             f"(removed as stale {STALE_AFTER_S:.0f} s after it began)")
+                        waited = time.time() + report_every_s
                     time.sleep(poll_s)
+                age = time.time() - baton.stat().st_mtime if baton.exists() else 0.0
             if baton.exists():
                 _say(f"{baton}: removing a stale build lock (its build was killed; {age:.0f} s old)")
                 baton.unlink(missing_ok=True)
@@ -81,27 +95,31 @@ def build_guard(poll_s: float = 1.0, report_every_s: float = 30.0):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def load_cpu_ops() -> str:
+def load_cpu_ops() -> tuple[bool, str]:
     """Build (once) and load the CPU accelerator's shared-memory op under the guard, before
-    deepspeed.init_distributed loads it; returns what happened, for a log line."""
+    deepspeed.init_distributed loads it -> (False when it failed, what happened)."""
     import torch
     if torch.cuda.is_available():
-        return "CUDA present, nothing to build for the CPU accelerator"
+        return True, "CUDA present, nothing to build for the CPU accelerator"
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         from deepspeed.accelerator import get_accelerator
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
         if builder is None:
-            return "this DeepSpeed has no ShareMemCommBuilder"
-        with build_guard():
-            builder.load(verbose=False)
+            return True, "this DeepSpeed has no ShareMemCommBuilder"
+        root, name = extensions_dir(), builder.name
+        if any(root.glob(f"**/{name}/{name}.so")) and not any(root.glob(f"**/{name}/lock")):
+            builder.load(verbose=False)  # built and no build under way: loading needs no guard (ranks in parallel)
+        else:
+            with build_guard():
+                builder.load(verbose=False)
     except Exception as e:  # the op is optional: DeepSpeed falls back to plain torch.distributed
-        return f"not built ({type(e).__name__}: {e}); the first run will try again"
-    return f"{builder.absolute_name()} ready in {extensions_dir()}"
+        return False, f"not built ({type(e).__name__}: {e}); the next run will try again"
+    return True, f"{builder.absolute_name()} ready in {extensions_dir()}"
 
 
 def main() -> int:
-    print(f"prebuild_ops: {load_cpu_ops()}")
+    print(f"prebuild_ops: {load_cpu_ops()[1]}")
     return 0
 
 

@@ -33,6 +33,7 @@ class RunDirBusy(RuntimeError):
 
 
 HEARTBEAT_S = 30.0
+LINE_WIDTH = 160  # the holder line, padded: rewritten in place
 STALE_AFTER_S = 300.0
 
 
@@ -60,7 +61,7 @@ class RunDirLock:
         """Take the lock or raise RunDirBusy naming its holder. On a file system without flock the
         run goes on unlocked (a warning says so)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        f = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+")  # no O_APPEND: pwrite at 0
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -87,6 +88,7 @@ class RunDirLock:
                                  f"(its heartbeat in {self.path} is {age:.0f} s old; this file system's flock may "
                                  f"not reach that host: it is taken over {self.stale_after_s:.0f} s after its "
                                  "last heartbeat)")
+        f.truncate(0)
         self.file = f
         self._write()
         os.register_at_fork(after_in_child=self._close_in_child)
@@ -94,23 +96,33 @@ class RunDirLock:
         return self
 
     def _write(self) -> None:
-        f = self.file
-        f.seek(0)
-        f.truncate()
-        f.write(f"host={socket.gethostname()} pid={os.getpid()} since={self.since} beat={time.time():.0f}\n")
-        f.flush()
-        os.fsync(f.fileno())  # other hosts read it (a network file system sends it on fsync)
+        """The holder line, written over the old one in one write of a fixed width: a reader on
+        another host never sees the file empty or half written."""
+        line = f"host={socket.gethostname()} pid={os.getpid()} since={self.since} beat={time.time():.0f}"
+        os.pwrite(self.file.fileno(), (line.ljust(LINE_WIDTH - 1) + "\n").encode(), 0)
+        os.fsync(self.file.fileno())  # other hosts read it (a network file system sends it on fsync)
 
     def _heartbeat(self) -> None:
+        failing = False
         while True:
             time.sleep(self.heartbeat_s)
             with self.writing:
                 if self.file is None:
                     return
                 try:
+                    held = os.pread(self.file.fileno(), LINE_WIDTH, 0).decode(errors="replace").strip()
+                    mine = f"host={socket.gethostname()} pid={os.getpid()} "
+                    if held and not held.startswith(mine):  # a host whose flock did not see this one's
+                        print(f"error: {self.path} now names {held.split(' beat=')[0]}: another run took this "
+                              "run.dir over (its file system's flock does not reach across hosts); stop one of them",
+                              file=sys.stderr, flush=True)
                     self._write()
-                except OSError:  # the file system went away: the lock goes stale for other hosts
-                    return
+                    failing = False
+                except OSError as e:  # retried: a lock that stops beating is taken over after stale_after_s
+                    if not failing:
+                        print(f"warning: {self.path}: heartbeat not written ({e.strerror}); retrying",
+                              file=sys.stderr, flush=True)
+                    failing = True
 
     def _close_in_child(self) -> None:
         """A forked child (a DataLoader worker) drops its copy of the locked file: a flock belongs to

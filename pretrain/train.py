@@ -131,7 +131,7 @@ class Trainer:
         root, tag = self.resume_from
         settings = optimizer_settings(self.engine)
         client, own = ckpt.load_checkpoint(self.engine, root, tag, self.dist.rank)
-        restore_settings(self.engine, settings, self.cfg.train.lr)
+        restore_settings(self.engine, settings, self.cfg.train.lr, self.cfg.train.grad_clip)
         self.step, self.tokens = client["step"], client["tokens"]
         self.checkpointer.lineage = ckpt.read_lineage(root / tag) or self.checkpointer.lineage
         notes = changed_settings(client.get("config", {}).get("train", {}), self.cfg.train, self.engine, self.step)
@@ -330,7 +330,7 @@ class Trainer:
             if stop or self.step % cfg.checkpoint.interval == 0:
                 path = self.save()
                 saved_at = self.step
-                log.message(f"checkpoint {path}")
+                log.message(f"checkpoint {path}" + (" (writing)" if self.checkpointer.writer.busy() else ""))
             if stop and self.step < t.max_steps:  # a signal in the last step: the run is finished
                 received = all_gather_objects(self.stop_signal, self.dist.control_group) \
                     if self.dist.world_size > 1 else [self.stop_signal]
@@ -342,21 +342,24 @@ class Trainer:
             self.end_reason = f"train.stop_at={t.stop_at}"
             log.message(f"stopping at step {self.step} (train.stop_at); --resume auto goes on to {t.max_steps}")
         if saved_at != self.step:
-            log.message(f"checkpoint {self.save()}")
+            log.message(f"checkpoint {self.save()}" + (" (writing)" if self.checkpointer.writer.busy() else ""))
         if self.checkpointer.writer.busy():
             log.message("waiting for the checkpoint in flight to reach the disk")
-        self.checkpointer.wait()  # the end, a stop signal: the last checkpoint is on disk and `latest` names it
+        code = 0  # the end, a stop signal: the last checkpoint is on disk and `latest` names it
+        if not self.checkpointer.settle():
+            self.end_reason, code = f"{self.end_reason}; its last checkpoint could not be written", 1
         if self.dist.is_main:
             job_history.record(cfg.run.dir, "end", self.step, reason=self.end_reason)
         log.close()
         if self.lock is not None:
             self.lock.release()
-        return 0
+        return code
 
 
 @dataclasses.dataclass
 class Outcome:
-    code: int  # the exit code: 0 = finished or stopped by a signal (checkpointed), 2 = bad input
+    code: int  # the exit code: 0 = finished or stopped by a signal (checkpointed), 1 = its last checkpoint
+               # could not be written, 2 = bad input
     stop_signals: tuple = ()  # the signals (received by any rank) that stopped the run before its end
     step: int = 0
 

@@ -21,15 +21,17 @@ def main(argv=None) -> int:
     p.add_argument("--config", required=True)
     p.add_argument("--resume", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--moments", action="store_true", help="also the Adam moments (ZeRO-3: DeepSpeed links them "
+                                                          "for ZeRO-1/2 only once a step was taken)")
     p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)
     cfg = load_config(ExperimentConfig, a.config, a.overrides)
     dist = init_distributed()
     trainer = Trainer(cfg, dist, a.resume)
     notes = trainer.resume()
     from deepspeed.utils import safe_get_full_optimizer_state
     engine, keep = trainer.engine, dist.is_main
-    moments = {key: {} for key in ("exp_avg", "exp_avg_sq")}
+    moments = {key: {} for key in ("exp_avg", "exp_avg_sq")} if a.moments else {}
     for name, param in engine.module.named_parameters():
         for key in moments:
             full = safe_get_full_optimizer_state(param, key)

@@ -112,7 +112,8 @@ ODD = ["train.zero_stage=3", "model.patch_size=1", "train.ema_decay=0.9", "train
 
 
 def probe(tiny_config, tmp_path, ranks, resume, name, *extra):
-    return resume_probe(ranks, tiny_config, resume, tmp_path / f"{name}.pt", f"run.dir={tmp_path / name}", *ODD, *extra)
+    return resume_probe(ranks, tiny_config, resume, tmp_path / f"{name}.pt", "--moments", f"run.dir={tmp_path / name}",
+                        *ODD, *extra)
 
 
 @pytest.mark.slow
@@ -143,37 +144,43 @@ def test_zero3_universal_resume_with_an_ema_at_any_world_size_equals_the_source(
 # ---- a changed setting on resume ---------------------------------------------------------------------------
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [1, 3])
-def test_a_resume_applies_a_changed_lr_and_weight_decay_on_the_direct_and_the_universal_path(tiny_config, tmp_path,
-                                                                                             stage):
+@pytest.mark.parametrize("stage,precision", [(1, "bf16"), (3, "fp32")])  # ZeRO-2 shares ZeRO-1's optimizer
+def test_a_resume_applies_changed_optimizer_settings_on_the_direct_and_the_universal_path(tiny_config, tmp_path,
+                                                                                          stage, precision):
     """ARCHITECTURE.md: on resume, train.lr, the schedule, weight decay, betas, eps and grad_clip are this
-    run's, on every path, and the log names each change. Both paths then train the same steps alike."""
+    run's, on every path (ZeRO-1 in bf16 is DeepSpeed's BF16_Optimizer), and the log names each change
+    and the optimizer as it then is. Both paths then train the same steps alike."""
     from pretrain.convert import to_universal
     from pretrain.schedule import lr_factor
     from pretrain.config import TrainConfig
-    base = [f"train.zero_stage={stage}", "data.num_workers=0", "train.warmup_steps=2", "train.max_steps=6"]
+    base = [f"train.zero_stage={stage}", f"train.precision={precision}", "data.num_workers=0",
+            "train.warmup_steps=2", "train.max_steps=6"]
     run = tmp_path / "source"
-    r = torchrun(2, args(tiny_config, run, *base, "train.lr=0.004", "train.weight_decay=0.5", "train.beta2=0.95",
-                         "train.stop_at=3", "checkpoint.interval=3"))
+    r = torchrun(2, args(tiny_config, run, *base, "train.lr=0.004", "train.weight_decay=0.5", "train.stop_at=3",
+                         "checkpoint.interval=3"))
     assert r.returncode == 0, r.stderr[-3000:]
     ckpt = run / "checkpoints/step_00000003"
     universal = to_universal(ckpt, tmp_path / "step_00000003_universal")
-    changed = ["train.lr=0.001", "train.weight_decay=0.05", "train.beta2=0.99"]
-    want_lr = 0.001 * lr_factor(3, TrainConfig(warmup_steps=2, max_steps=6))
+    changed = ["train.lr=0.001", "train.weight_decay=0.05", "train.beta1=0.8", "train.beta2=0.99", "train.eps=1e-6",
+               "train.grad_clip=0.5"]
+    schedule = TrainConfig(warmup_steps=2, max_steps=6)
     losses = {}
     for path, source in (("direct", ckpt), ("universal", universal)):
         target = tmp_path / path
         r = torchrun(2, ["--resume", str(source), *args(tiny_config, target, *base, *changed)])
         assert r.returncode == 0, r.stderr[-3000:]
         line = next(l for l in r.stdout.splitlines() + r.stderr.splitlines() if "resume: " in l)
-        for change in ("train.lr 0.004 -> 0.001", "train.weight_decay 0.5 -> 0.05", "train.beta2 0.95 -> 0.99"):
+        for change in ("train.lr 0.004 -> 0.001", "train.weight_decay 0.5 -> 0.05", "train.beta1 0.9 -> 0.8",
+                       "train.beta2 0.95 -> 0.99", "train.eps 1e-08 -> 1e-06", "train.grad_clip 1.0 -> 0.5"):
             assert change in line, line
-        assert f"lr={want_lr:.6g} weight_decay=0.05/0 betas=(0.9, 0.99)" in line, line
+        # the optimizer as it is after the load: this run's values, read back from its param groups
+        assert (f"lr={0.001 * lr_factor(3, schedule):.6g} weight_decay=0.05/0 betas=(0.8, 0.99) eps=1e-06 "
+                "grad_clip=0.5") in line, line
         m = metrics(target)
         # logged after step 4: the lr of the next step, at this run's peak
-        assert abs(m[4]["lr"] - 0.001 * lr_factor(4, TrainConfig(warmup_steps=2, max_steps=6))) < 1e-12, m[4]
+        assert abs(m[4]["lr"] - 0.001 * lr_factor(4, schedule)) < 1e-12, m[4]
         losses[path] = [m[s]["loss"] for s in (4, 5, 6)]
-    assert losses["direct"] == pytest.approx(losses["universal"], rel=1e-5)
+    assert losses["direct"] == pytest.approx(losses["universal"], rel=1e-5 if precision == "fp32" else 1e-2)
 
 
 # ---- kills during background saves ---------------------------------------------------------------------------
@@ -202,14 +209,14 @@ def test_kill_9_of_every_rank_during_background_saves_always_resumes_from_a_comp
     rng, resumed_at = random.Random(0), []
     for trial in range(8):
         procs = spawn_ranks(2, common, logs)
-        time.sleep(rng.uniform(6.0, 12.0))
+        time.sleep(rng.uniform(5.0, 9.0))  # the ranks start in ~4 s, then save every step
         kill_tree(procs)
         latest = read_latest(run / "checkpoints")
         if latest is None:
             continue
         reader = CheckpointReader(run / "checkpoints" / latest)  # every rank's files there and readable
         reader.state_dict(), reader.state_dict(ema=True)
-        assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir() if p.name == latest)
+        assert not latest.endswith(".tmp") and (run / "checkpoints" / latest).is_dir()
         resumed_at.append(int(latest.split("_")[1]))
     assert len(resumed_at) >= 6, resumed_at
     assert resumed_at == sorted(resumed_at) and resumed_at[-1] > resumed_at[0], resumed_at  # it went on each time
@@ -223,7 +230,7 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_with_a_line_instead_of_h
     """torch's FileBaton `lock` of the shared-memory op, as a build killed by kill -9 leaves it: the next
     process that loads the op says it removes it and goes on (before: it slept forever, silently)."""
     from pretrain.prebuild_ops import extensions_dir
-    code = "from pretrain.prebuild_ops import load_cpu_ops; print(load_cpu_ops())"
+    code = "from pretrain.prebuild_ops import load_cpu_ops; print(load_cpu_ops()[1])"
     first = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env(), capture_output=True, text=True,
                            timeout=600)
     assert "ready" in first.stdout, first.stdout + first.stderr
@@ -250,3 +257,20 @@ def test_a_lock_of_another_host_is_taken_over_only_once_its_heartbeat_is_stale(t
     assert (tmp_path / LOCK_FILE).read_text() != first  # it beats
     lock.release()
     assert (tmp_path / LOCK_FILE).read_text() == ""
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_checkpoint_one_rank_cannot_write_is_published_by_no_rank_and_the_run_goes_on(tiny_config, tmp_path):
+    """Rank 1's files of step 4 fail as on a full disk, in the background: the commit tells rank 0,
+    no rank publishes step 4, each rank says so in one line, `latest` stays at step 2, and step 6
+    (the run's end) is written and published as usual."""
+    run = tmp_path / "run"
+    r = torchrun(2, args(tiny_config, run, "train.max_steps=6", "checkpoint.interval=2", "checkpoint.keep=3",
+                         "checkpoint.async=true"), extra_env={"MONOFUSION_FAULT": "checkpoint-enospc@4:1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [l for l in r.stderr.splitlines() if l.startswith("error (rank")]
+    assert sorted(l.split(")")[0] for l in lines) == ["error (rank 0", "error (rank 1"], r.stderr[-3000:]
+    assert any("No space left on device" in l for l in lines) and any("another rank" in l for l in lines), lines
+    assert list_checkpoints(run / "checkpoints") == ["step_00000002", "step_00000006"]
+    assert read_latest(run / "checkpoints") == "step_00000006" and sorted(metrics(run)) == [1, 2, 3, 4, 5, 6]

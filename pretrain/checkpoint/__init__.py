@@ -23,11 +23,13 @@ the newest earlier step, then the old folder is replaced.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -44,11 +46,16 @@ EMA_FILE = "ema_fp32.pt"     # universal checkpoints: the whole EMA, {name: fp32
 LINEAGE_FILE = "lineage"     # the id shared by a run's checkpoints and those of the runs resumed from them
 TAG = re.compile(r"^step_(\d{8})(_universal)?$")
 FAULT_ENV = "MONOFUSION_FAULT"  # testing hook: "checkpoint-write@N" / "checkpoint-replace@N" exit inside
-                                # the save of step N (after writing / while an older step N is replaced)
+                                # the save of step N (after writing / while an older step N is replaced);
+                                # "checkpoint-enospc@N:R": rank R's files of step N fail as on a full disk
 
 
-def _fault(point: str, step: int) -> None:
-    if os.environ.get(FAULT_ENV) == f"{point}@{step}":
+def _fault(point: str, step: int, rank: Optional[int] = None) -> None:
+    wanted = os.environ.get(FAULT_ENV)
+    if point == "checkpoint-enospc":
+        if wanted == f"{point}@{step}:{rank}":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    elif wanted == f"{point}@{step}":
         os._exit(17)
 
 
@@ -133,7 +140,16 @@ def prune(root: Path, keep: int, lineage: str) -> None:
     ours = [t for t in list_checkpoints(root) if not t.endswith("_universal") and read_lineage(root / t) == lineage]
     for tag in ours[:-keep]:
         if tag != latest:
-            shutil.rmtree(root / tag, ignore_errors=True)
+            remove(root, tag)
+
+
+def remove(root: Path, tag: str) -> None:
+    """Delete a checkpoint folder so that a crash midway leaves no half-deleted `step_N`: it is
+    renamed to a `.tmp` name first (loading ignores those, the next save removes them)."""
+    doomed = root / f"{tag}.old.tmp"
+    os.replace(root / tag, doomed)
+    fsync_dir(root)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def rng_state() -> dict:
@@ -163,8 +179,10 @@ class Checkpointer:
 
     def save(self, step: int, client_state: dict, rank_state: dict) -> Path:
         """Write checkpoint `step_N` on every rank (collective); `latest` moves once all are on disk:
-        before this returns, or later in the background with `checkpoint.async`."""
-        self.writer.wait()  # a second save waits for the first (and raises if it failed)
+        before this returns, or later in the background with `checkpoint.async`. A previous
+        checkpoint that failed (on every rank alike: the commit tells them) is reported, and this
+        one is tried: the run goes on, `latest` still names the last complete one."""
+        self.settle()  # a second save waits for the first
         tag = tag_for(step)
         tmp = self.root / (tag + ".tmp")
         if self.rank == 0:
@@ -178,12 +196,23 @@ class Checkpointer:
                 self.writer.put(tmp / CONFIG_FILE, (json.dumps(client_state["config"], indent=2) + "\n").encode())
             self.writer.put(tmp / LINEAGE_FILE, (self.lineage + "\n").encode())
         self.writer.put(tmp / rank_file(self.rank), rank_state)
-        self.writer.then(lambda: (fsync_dir(tmp), _fault("checkpoint-write", step)), f"fsync {tmp}")
+        self.writer.then(lambda: (_fault("checkpoint-enospc", step, self.rank), fsync_dir(tmp),
+                                  _fault("checkpoint-write", step)), f"fsync {tmp}")
         self.writer.then(lambda: self._commit(step), f"commit {tag}", always=True)
         if not self.writer.asynchronous:
-            self.writer.wait()
-            _barrier()
+            self.settle()  # the commit's last all-reduce follows rank 0's publish: `latest` has moved
         return self.root / tag
+
+    def settle(self) -> bool:
+        """Wait for the checkpoint in flight; False (and a line on stderr) when it failed, on every
+        rank alike (the commit tells them)."""
+        try:
+            self.writer.wait()
+            return True
+        except CheckpointWriteError as e:
+            sys.stderr.write(f"error (rank {self.rank}): {e}; `latest` names the previous checkpoint\n")
+            sys.stderr.flush()
+            return False
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         """Until the checkpoint in flight is committed (False: `timeout` ran out); raises its failure."""
@@ -199,14 +228,32 @@ class Checkpointer:
             say(f"checkpoint in flight not committed: {e}")
 
     def _commit(self, step: int) -> None:
+        """On the writer thread of every rank: agree that every rank's files are on disk, rank 0
+        publishes the step, and every rank learns whether it did (a failure is every rank's)."""
         written = not self.writer.failed
-        if self.group is not None:  # every rank's files are on disk, or no rank publishes the step
-            flag = torch.tensor([int(written)])
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.group)
-            if not flag.item() and written:
-                raise CheckpointWriteError(f"checkpoint {tag_for(step)}: another rank could not write its files")
+        if self.group is not None:
+            written = self._all(written)
+        published = False
         if written and self.rank == 0:
-            publish(self.root, step, self.keep, self.lineage)
+            try:
+                publish(self.root, step, self.keep, self.lineage)
+                published = True
+            except BaseException:
+                if self.group is not None:
+                    self._all(False)
+                raise
+        if self.group is not None and written:
+            published = self._all(published or self.rank != 0)
+        if not written and not self.writer.failed:
+            raise CheckpointWriteError(f"checkpoint {tag_for(step)}: another rank could not write its files")
+        if written and not published:
+            raise CheckpointWriteError(f"checkpoint {tag_for(step)}: rank 0 could not publish it")
+
+    def _all(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on every rank (the writers' own gloo group)."""
+        t = torch.tensor([int(flag)])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.group)
+        return bool(t.item())
 
 
 def publish(root: Path, step: int, keep: int, lineage: str) -> None:
@@ -217,7 +264,7 @@ def publish(root: Path, step: int, keep: int, lineage: str) -> None:
             earlier = [t for t in list_checkpoints(root) if int(TAG.match(t).group(1)) < step]
             if earlier:
                 write_latest(root, earlier[-1])
-        shutil.rmtree(root / tag)
+        remove(root, tag)
         _fault("checkpoint-replace", step)
     os.replace(root / (tag + ".tmp"), root / tag)
     fsync_dir(root)

@@ -27,6 +27,9 @@ from typing import Callable, Optional
 import torch
 
 
+WRITER_NICE = 19  # the background writer's priority: training steps first (bench/checkpoint_stall.py)
+
+
 class CheckpointWriteError(RuntimeError):
     """A checkpoint file could not be written (the previous checkpoint stays `latest`)."""
 
@@ -158,6 +161,10 @@ class FileWriter:
         return self.error is not None
 
     def _work(self) -> None:
+        try:  # Linux: a thread's own nice value. The writer takes the cores the training leaves idle
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
+        except (AttributeError, OSError):
+            pass
         while True:
             job, what, always = self.jobs.get()
             self._run(job, what, always)
@@ -173,10 +180,11 @@ class FileWriter:
             self.error = self.error or f"checkpoint: {what}: {type(e).__name__}: {e}\n{traceback.format_exc()}"
 
     def wait(self, timeout: Optional[float] = None) -> bool:
-        """Block until every queued job ran (False when `timeout` ran out first); raise a failed job's error."""
+        """Block until every queued job ran (False when `timeout` ran out first); then raise a failed job's error."""
         with self.done:
             finished = self.done.wait_for(lambda: self.pending == 0, timeout)
-        self.raise_error()
+        if finished:  # else jobs of the failed checkpoint may still run, and must see the failure
+            self.raise_error()
         return finished
 
     def busy(self) -> bool:
