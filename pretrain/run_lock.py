@@ -152,17 +152,23 @@ def exit_with_parent(what: str, stopping: Callable[[], bool] = lambda: False, po
     if parent <= 1:
         return None
 
+    def say(line: str) -> None:  # the launcher's pipe may be gone with it: a write then fails
+        try:
+            print(line, file=sys.stderr, flush=True)
+        except (OSError, ValueError):
+            pass
+
     def watch():
         while os.getppid() == parent:
             time.sleep(poll_s)
         time.sleep(2 * poll_s)  # a signal that killed the launcher may reach this rank a moment later
-        if stopping():
-            print(f"{what}: the launcher (pid {parent}) is gone; finishing the checkpoint of the stop signal",
-                  file=sys.stderr, flush=True)
-            time.sleep(grace_s)
-        print(f"{what}: the launcher (pid {parent}) is gone; exiting without a checkpoint", file=sys.stderr,
-              flush=True)
-        os._exit(1)
+        try:
+            if stopping():
+                say(f"{what}: the launcher (pid {parent}) is gone; finishing the checkpoint of the stop signal")
+                time.sleep(grace_s)
+            say(f"{what}: the launcher (pid {parent}) is gone; exiting without a checkpoint")
+        finally:
+            os._exit(1)
 
     thread = threading.Thread(target=watch, name="exit-with-launcher", daemon=True)
     thread.start()

@@ -202,12 +202,12 @@ def test_one_run_per_run_directory_and_no_rank_outlives_its_launcher(tiny_config
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "pretrain.train", *train_args(tiny_config, run, "train.max_steps=100000", "checkpoint.interval=100000")]
-    launcher = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                                stderr=open(tmp_path / "launcher.log", "w"))
+    # its output goes to a pipe, as under a test runner or a CI job: gone with the launcher's reader
+    launcher = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 180
         while max(metrics(run), default=0) < 2:
-            assert time.time() < deadline and launcher.poll() is None, (tmp_path / "launcher.log").read_text()[-3000:]
+            assert time.time() < deadline and launcher.poll() is None, launcher.stderr.read()[-3000:]
             time.sleep(0.5)
         holder = (run / "run.lock").read_text().split()
         assert holder[0].startswith("host=") and holder[1].startswith("pid=")
@@ -217,6 +217,7 @@ def test_one_run_per_run_directory_and_no_rank_outlives_its_launcher(tiny_config
         # (b) kill -9 of the launcher alone: its ranks (own sessions) exit by themselves, without a checkpoint
         launcher.send_signal(signal.SIGKILL)
         launcher.wait()
+        launcher.stderr.close()  # the ranks' stderr is that pipe: a rank's last words now fail to write
         deadline = time.time() + 60
         while processes_with(str(run)):
             assert time.time() < deadline, f"ranks still running after the launcher died: {processes_with(str(run))}"
