@@ -27,9 +27,6 @@ from typing import Callable, Optional
 import torch
 
 
-WRITER_NICE = 19  # the background writer's priority: training steps first (bench/checkpoint_stall.py)
-
-
 class CheckpointWriteError(RuntimeError):
     """A checkpoint file could not be written (the previous checkpoint stays `latest`)."""
 
@@ -161,10 +158,6 @@ class FileWriter:
         return self.error is not None
 
     def _work(self) -> None:
-        try:  # Linux: a thread's own nice value. The writer takes the cores the training leaves idle
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICE)
-        except (AttributeError, OSError):
-            pass
         while True:
             job, what, always = self.jobs.get()
             self._run(job, what, always)
