@@ -7,7 +7,9 @@ Each stage is one torchrun of 2 ranks training the real Trainer (DeepSpeed engin
 EMA) on synthetic shards. Windows of `--steps-between` steps, `--saves` times each kind in turn:
 no save, a blocking save first, an asynchronous save first. The loss of a save is the wall time
 of its window (the save call, the steps, and the wait for a write still in flight: the next save
-would wait for it) minus that of a window without a save (their mean, the first left out). The
+would wait for it) minus that of a window without a save (their median, the first left out); the
+table shows the median loss of the saves after the first, their range, and the range of the plain
+windows (on a shared 2-core machine single windows vary by seconds: use --saves 5 or more). The
 first save of each kind is shown apart: an asynchronous one fills fresh snapshot buffers (page
 faults), later ones reuse them.
 """
@@ -71,14 +73,15 @@ def worker(a) -> None:
                 steps(a.steps_between)
                 trainer.checkpointer.wait()
                 rows[mode].append({"call": call, "window": time.perf_counter() - start})
-        windows = rows.pop("plain")
-        plain = statistics.mean(x["window"] for x in windows[1:] or windows)
+        windows = [x["window"] for x in rows.pop("plain")]
+        plain = statistics.median(windows[1:] or windows)
         for mode in rows:
             for x in rows[mode]:
                 x["lost"] = x["window"] - plain
         size = sum(f.stat().st_size for f in (Path(tmp) / "run" / "checkpoints").rglob("*") if f.is_file())
         if dist.is_main:
             print(json.dumps({"stage": a.stage, "params": trainer.num_params, "plain_step": plain / a.steps_between,
+                              "plain_windows": windows,
                               "checkpoint_bytes": size, "rows": rows}), flush=True)
         del trainer
         torch.distributed.barrier()
@@ -93,7 +96,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=1024)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--seq", type=int, default=64)
-    p.add_argument("--saves", type=int, default=4, help="saves of each kind")
+    p.add_argument("--saves", type=int, default=5, help="saves of each kind")
     p.add_argument("--steps-between", type=int, default=4)
     p.add_argument("--dir", default=None, help="where checkpoints are written (default: the temp folder)")
     p.add_argument("--stage", type=int, help=argparse.SUPPRESS)  # a rank of one stage's run
@@ -103,7 +106,7 @@ def main() -> None:
         run_and_exit(lambda: worker(a))
     from pretrain.distributed import free_port
     print(f"{'ZeRO':>4s} {'params':>8s} {'ckpt GB':>8s} {'step s':>7s} {'mode':>9s} {'1st lost s':>10s} "
-          f"{'lost s':>7s} {'call s':>7s} {'async/blocking':>15s}")
+          f"{'lost s':>7s} {'range s':>13s} {'call s':>7s} {'async/blocking':>15s}")
     for stage in a.stages.split(","):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(free_port()), __file__, "--stage", stage, *sys.argv[1:]]
@@ -112,13 +115,16 @@ def main() -> None:
         if out.returncode != 0 or not lines:
             sys.exit(f"stage {stage} failed: {(out.stderr.strip().splitlines() or ['?'])[-1]}")
         r = json.loads(lines[-1])
-        later = {m: statistics.mean(x["lost"] for x in rows[1:]) if len(rows) > 1 else rows[0]["lost"]
-                 for m, rows in r["rows"].items()}
+        later = {m: [x["lost"] for x in rows[1:] or rows] for m, rows in r["rows"].items()}
+        lost = {m: statistics.median(v) for m, v in later.items()}  # the median: single windows vary by seconds
+        spread = f"{min(r['plain_windows']):.1f}-{max(r['plain_windows']):.1f}"
         for mode, rows in r["rows"].items():
-            ratio = f"{later['async'] / later['blocking']:.1%}" if mode == "async" else ""
+            ratio = f"{lost['async'] / lost['blocking']:.1%}" if mode == "async" else ""
             print(f"{stage:>4s} {r['params'] / 1e6:7.0f}M {r['checkpoint_bytes'] / 1e9:8.2f} {r['plain_step']:7.2f} "
-                  f"{mode:>9s} {rows[0]['lost']:10.2f} {later[mode]:7.2f} "
+                  f"{mode:>9s} {rows[0]['lost']:10.2f} {lost[mode]:7.2f} "
+                  f"{min(later[mode]):6.2f}-{max(later[mode]):<6.2f} "
                   f"{statistics.mean(x['call'] for x in rows[1:] or rows):7.2f} {ratio:>15s}", flush=True)
+        print(f"     plain windows of {a.steps_between} steps: {spread} s", flush=True)
 
 
 if __name__ == "__main__":
