@@ -71,7 +71,7 @@ def worker(a) -> None:
                     trainer.save()
                 call = time.perf_counter() - start
                 steps(a.steps_between)
-                trainer.checkpointer.wait()
+                trainer.checkpointer.settle()
                 rows[mode].append({"call": call, "window": time.perf_counter() - start})
         windows = [x["window"] for x in rows.pop("plain")]
         plain = statistics.median(windows[1:] or windows)

@@ -330,7 +330,7 @@ class Trainer:
             if stop or self.step % cfg.checkpoint.interval == 0:
                 path = self.save()
                 saved_at = self.step
-                log.message(f"checkpoint {path}" + (" (writing)" if self.checkpointer.writer.busy() else ""))
+                log.message(f"checkpoint {path}" + (" (writing)" if self.checkpointer.busy() else ""))
             if stop and self.step < t.max_steps:  # a signal in the last step: the run is finished
                 received = all_gather_objects(self.stop_signal, self.dist.control_group) \
                     if self.dist.world_size > 1 else [self.stop_signal]
@@ -342,8 +342,8 @@ class Trainer:
             self.end_reason = f"train.stop_at={t.stop_at}"
             log.message(f"stopping at step {self.step} (train.stop_at); --resume auto goes on to {t.max_steps}")
         if saved_at != self.step:
-            log.message(f"checkpoint {self.save()}" + (" (writing)" if self.checkpointer.writer.busy() else ""))
-        if self.checkpointer.writer.busy():
+            log.message(f"checkpoint {self.save()}" + (" (writing)" if self.checkpointer.busy() else ""))
+        if self.checkpointer.busy():
             log.message("waiting for the checkpoint in flight to reach the disk")
         code = 0  # the end, a stop signal: the last checkpoint is on disk and `latest` names it
         if not self.checkpointer.settle():
@@ -409,8 +409,8 @@ def run_training(argv=None, stop_signals=STOP_SIGNALS, early_signals=()) -> Outc
         say_error(f"error{f' (rank {dist.rank})' if dist.world_size > 1 else ''}: {e}")
         return Outcome(2)
     finally:  # a failure: a checkpoint written in the background is committed if every rank gets there
-        if trainer is not None and trainer.checkpointer.writer.busy():
-            trainer.checkpointer.finish(say_error)
+        if trainer is not None and trainer.checkpointer.busy():
+            trainer.checkpointer.settle(timeout_s=120.0)
 
 
 if __name__ == "__main__":

@@ -203,29 +203,22 @@ class Checkpointer:
             self.settle()  # the commit's last all-reduce follows rank 0's publish: `latest` has moved
         return self.root / tag
 
-    def settle(self) -> bool:
-        """Wait for the checkpoint in flight; False (and a line on stderr) when it failed, on every
-        rank alike (the commit tells them)."""
+    def settle(self, timeout_s: Optional[float] = None) -> bool:
+        """Wait for the checkpoint in flight (at most `timeout_s`: after a failure, a rank that died
+        never joins its commit); False, with one line on stderr, when it failed (on every rank alike:
+        the commit tells them) or did not finish in time."""
         try:
-            self.writer.wait()
-            return True
+            if self.writer.wait(timeout_s):
+                return True
+            line = f"checkpoint in flight not committed within {timeout_s:g} s"
         except CheckpointWriteError as e:
-            sys.stderr.write(f"error (rank {self.rank}): {e}; `latest` names the previous checkpoint\n")
-            sys.stderr.flush()
-            return False
+            line = str(e)
+        sys.stderr.write(f"error (rank {self.rank}): {line}; `latest` names the previous checkpoint\n")
+        sys.stderr.flush()
+        return False
 
-    def wait(self, timeout: Optional[float] = None) -> bool:
-        """Until the checkpoint in flight is committed (False: `timeout` ran out); raises its failure."""
-        return self.writer.wait(timeout)
-
-    def finish(self, say, timeout_s: float = 120.0) -> None:
-        """After a failure: wait a bounded time for the checkpoint in flight (a rank that died never
-        joins its commit); `say` gets one line when it did not make it."""
-        try:
-            if not self.wait(timeout_s):
-                say(f"checkpoint in flight not committed within {timeout_s:g} s; `latest` names the previous one")
-        except Exception as e:  # the run's own error is the one to report
-            say(f"checkpoint in flight not committed: {e}")
+    def busy(self) -> bool:
+        return self.writer.busy()
 
     def _commit(self, step: int) -> None:
         """On the writer thread of every rank: agree that every rank's files are on disk, rank 0
@@ -251,9 +244,8 @@ class Checkpointer:
 
     def _all(self, flag: bool) -> bool:
         """True on every rank when `flag` is true on every rank (the writers' own gloo group)."""
-        t = torch.tensor([int(flag)])
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=self.group)
-        return bool(t.item())
+        from pretrain.distributed import any_rank
+        return not any_rank(not flag, self.group)
 
 
 def publish(root: Path, step: int, keep: int, lineage: str) -> None:
