@@ -2,7 +2,9 @@
 one slurmd (node `localhost`), or two slurmd each in a network and UTS namespace of its own
 (nodes `mfnode1`, `mfnode2` on a private /24 behind a bridge), so that a job's ranks rendezvous
 across two hosts. Every file (config, state, spool, logs) lives in one folder; munged's (it runs as user munge)
-in a folder of its own under the system's temp folder.
+in a folder of its own under the system's temp folder. Ports, bridge, subnet and namespaces come from
+a host-wide slot (slurm.cluster_slots): clusters on one machine do not collide, and what a killed
+run left behind is cleaned up by the next start.
 
     python -m slurm.local_cluster up --dir /tmp/mf-slurm [--nodes 2]
     python -m slurm.local_cluster down --dir /tmp/mf-slurm
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import shutil
 import socket
@@ -24,18 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from slurm import cluster_slots
+from slurm.cluster_slots import Slot, SlotError, run
+
 PACKAGES = ("slurm-wlm", "munge")
-BRIDGE, SUBNET = "mfbr0", "10.213.77"  # the host's end is .1, node i is .(i+1)
-PORTS = {1: (16817, 16818), 2: (16827, 16828)}  # (slurmctld, slurmd) by node count
-STATE_FILE = "cluster.json"
 
 
 class ClusterError(RuntimeError):
     """Slurm could not be installed or started here (the message says why)."""
-
-
-def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
 
 
 def ensure_installed() -> None:
@@ -56,20 +53,25 @@ def node_names(nodes: int) -> list[str]:
     return ["localhost"] if nodes == 1 else [f"mfnode{i + 1}" for i in range(nodes)]
 
 
-def slurm_conf(root: Path, munge_socket: Path, nodes: int, cpus: int, memory_mb: int) -> str:
-    """slurm.conf for `nodes` nodes of `cpus` CPUs each, every path under `root`."""
+def hostname() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def slurm_conf(root: Path, munge_socket: Path, nodes: int, cpus: int, memory_mb: int, slot: Slot) -> str:
+    """slurm.conf for `nodes` nodes of `cpus` CPUs each, every path under `root`, ports and
+    addresses from `slot`."""
     names = node_names(nodes)
     if nodes == 1:
         ctld, node_lines = "localhost", [f"NodeName=localhost NodeAddr=127.0.0.1"]
     else:
-        ctld = f"{socket.gethostname().split('.')[0]}({SUBNET}.1)"  # slurmctld wants its own hostname
-        node_lines = [f"NodeName={n} NodeAddr={SUBNET}.{i + 2}" for i, n in enumerate(names)]
+        ctld = f"{hostname()}({slot.subnet}.1)"  # slurmctld wants its own hostname
+        node_lines = [f"NodeName={n} NodeAddr={slot.subnet}.{i + 2}" for i, n in enumerate(names)]
     hw = f"CPUs={cpus} Sockets=1 CoresPerSocket={cpus} ThreadsPerCore=1 RealMemory={memory_mb} State=UNKNOWN"
     lines = [
         "ClusterName=monofusion",
         f"SlurmctldHost={ctld}",
-        f"SlurmctldPort={PORTS[nodes][0]}",
-        f"SlurmdPort={PORTS[nodes][1]}",
+        f"SlurmctldPort={slot.ports[0]}",
+        f"SlurmdPort={slot.ports[1]}",
         "SlurmUser=root",
         "AuthType=auth/munge",
         "CredType=cred/munge",
@@ -104,15 +106,16 @@ def slurm_conf(root: Path, munge_socket: Path, nodes: int, cpus: int, memory_mb:
 
 
 class LocalCluster:
-    """Start and stop the daemons of a cluster whose files all live in `root`."""
+    """Start and stop the daemons of a cluster whose files all live in `root`. With `owner` (a pid)
+    the cluster is stale once that process is gone: the next start on this machine removes it."""
 
-    def __init__(self, root: Path, nodes: int = 1, cpus: int = 2):
+    def __init__(self, root: Path, nodes: int = 1, cpus: int = 2, owner: int | None = None):
         if nodes not in (1, 2):
             raise ValueError(f"nodes: 1 or 2, got {nodes}")
-        self.root, self.nodes, self.cpus = Path(root).resolve(), nodes, cpus
+        self.root, self.nodes, self.cpus, self.owner = Path(root).resolve(), nodes, cpus, owner
         self.conf = self.root / "slurm.conf"
-        # munged runs as user munge, which may not reach into `root` (pytest's tmp is 0700)
-        self.munge_dir = Path(tempfile.gettempdir()) / f"monofusion-munge-{hashlib.sha1(bytes(self.root)).hexdigest()[:10]}"
+        self.munge_dir = munge_dir(self.root)
+        self.slot: Slot | None = None
 
     @property
     def env(self) -> dict:
@@ -127,11 +130,16 @@ class LocalCluster:
         for sub in ("state", "log", *(f"spool/{n}" for n in node_names(self.nodes))):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         memory_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 20 * 0.8 / self.nodes)
-        self.conf.write_text(slurm_conf(self.root, self.munge_dir / "munge.socket", self.nodes, self.cpus, memory_mb))
-        self._save_state({"nodes": self.nodes, "namespaces": []})
+        try:
+            self.slot = cluster_slots.claim(self.root, self.owner, node_names(self.nodes), leftovers)
+        except SlotError as e:
+            raise ClusterError(str(e)) from None
+        self.conf.write_text(slurm_conf(self.root, self.munge_dir / "munge.socket", self.nodes, self.cpus,
+                                        memory_mb, self.slot))
         self._start_munge()
-        if self.nodes > 1:
-            self._make_network()
+        if self.nodes > 1:  # the nodes' /etc/hosts
+            hosts = cluster_slots.make_network(self.slot, node_names(self.nodes), hostname())
+            (self.root / "hosts").write_text("\n".join(hosts) + "\n")
         run(["slurmctld", "-f", str(self.conf)])
         for name in node_names(self.nodes):
             self.start_node(name)
@@ -144,15 +152,15 @@ class LocalCluster:
         if self.nodes > 1:  # its own network, hostname and /etc/hosts, as on a separate host
             cmd = ["unshare", "--mount", "--uts", "sh", "-c",
                    f"mount --bind {self.root}/hosts /etc/hosts && hostname {name} && "
-                   f"exec nsenter --net=/run/netns/{name} {' '.join(cmd)}"]
+                   f"exec nsenter --net=/run/netns/{self.slot.netns(name)} {' '.join(cmd)}"]
         run(cmd)
 
     def kill_node(self, name: str) -> int:
         """SIGKILL everything running on node `name` (two-node cluster): its slurmd, its job steps and
         their tasks, as when a host dies. Returns how many processes were killed."""
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        pids = cluster_slots.netns_pids(self.slot.netns(name))
         for pid in pids:
-            _kill(int(pid), 9)
+            _kill(pid, 9)
         return len(pids)
 
     def _start_munge(self) -> None:
@@ -167,28 +175,6 @@ class LocalCluster:
         key.chmod(0o400)
         run(["runuser", "-u", "munge", "--", "munged", f"--socket={m}/munge.socket", f"--key-file={key}",
              f"--pid-file={m}/munged.pid", f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed", "--force"])
-
-    def _make_network(self) -> None:
-        """A bridge with the host at .1 and each node's namespace (veth) at .(i+2)."""
-        state = self._load_state()
-        run(["ip", "link", "add", BRIDGE, "type", "bridge"])
-        run(["ip", "addr", "add", f"{SUBNET}.1/24", "dev", BRIDGE])
-        run(["ip", "link", "set", BRIDGE, "up"])
-        hosts = ["127.0.0.1 localhost", f"{SUBNET}.1 {socket.gethostname().split('.')[0]}"]
-        hosts += [f"{SUBNET}.{i + 2} {n}" for i, n in enumerate(node_names(self.nodes))]
-        (self.root / "hosts").write_text("\n".join(hosts) + "\n")  # the nodes' /etc/hosts
-        for i, name in enumerate(node_names(self.nodes)):
-            state["namespaces"].append(name)
-            self._save_state(state)
-            host_end, node_end = f"mfv{i + 1}h", f"mfv{i + 1}n"
-            run(["ip", "netns", "add", name])
-            run(["ip", "link", "add", host_end, "type", "veth", "peer", "name", node_end])
-            run(["ip", "link", "set", host_end, "master", BRIDGE, "up"])
-            run(["ip", "link", "set", node_end, "netns", name])
-            ns = ["ip", "netns", "exec", name]
-            run(ns + ["ip", "addr", "add", f"{SUBNET}.{i + 2}/24", "dev", node_end])
-            run(ns + ["ip", "link", "set", node_end, "up"])
-            run(ns + ["ip", "link", "set", "lo", "up"])
 
     def wait_idle(self, timeout: float) -> None:
         """Until every node is idle (ClusterError naming the states and the log otherwise)."""
@@ -205,8 +191,7 @@ class LocalCluster:
 
     # ---- stop --------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop the daemons (and the job steps they left) and remove the network it made."""
-        state = self._load_state()
+        """Stop the daemons (and the job steps they left), remove the network it made, free its slot."""
         if self.conf.exists() and (self.root / "slurmctld.pid").exists():  # end this cluster's jobs first
             subprocess.run(["scancel", "--full", "--user", str(os.geteuid())], env={**os.environ, **self.env},
                            capture_output=True, timeout=30)
@@ -214,20 +199,21 @@ class LocalCluster:
         for pid_file in [*self.root.glob("slurmd.*.pid"), self.root / "slurmctld.pid",
                          self.munge_dir / "munged.pid"]:
             _kill_pid_file(pid_file)
-        for name in state.get("namespaces", []):
-            for pid in subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split():
-                _kill(int(pid), 9)
-            subprocess.run(["ip", "netns", "del", name], capture_output=True)
-        if state.get("namespaces"):
-            subprocess.run(["ip", "link", "del", BRIDGE], capture_output=True)
+        found = cluster_slots.find(self.root)
+        if found:
+            cluster_slots.reclaim(*found, leftovers(self.root))
         shutil.rmtree(self.munge_dir, ignore_errors=True)
 
-    def _save_state(self, state: dict) -> None:
-        (self.root / STATE_FILE).write_text(json.dumps(state))
 
-    def _load_state(self) -> dict:
-        path = self.root / STATE_FILE
-        return json.loads(path.read_text()) if path.exists() else {}
+def munge_dir(root: Path) -> Path:
+    """munged's folder for the cluster in `root`: munged runs as user munge, which may not reach
+    into `root` (pytest's tmp is 0700)."""
+    return Path(tempfile.gettempdir()) / f"monofusion-munge-{hashlib.sha1(bytes(root)).hexdigest()[:10]}"
+
+
+def leftovers(root: Path) -> list[str]:
+    """What names the processes of the cluster in `root` on their command lines."""
+    return [f"{root}/", str(munge_dir(root))]
 
 
 def _kill(pid: int, sig: int) -> None:

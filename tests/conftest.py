@@ -75,21 +75,25 @@ def tiny_wan_vae(tmp_path_factory):
     return save_video_vae("AutoencoderKLWan", tmp_path_factory.mktemp("vae"))
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster(tmp_path_factory):
-    """A real two-node Slurm (slurm.local_cluster): nodes mfnode1 and mfnode2, each slurmd in a
-    network and UTS namespace of its own. Started once per test session. Where it cannot be
-    installed or started the Slurm tests are skipped with the reason, except on CI (CI set),
-    where they fail."""
+def start_local_cluster(root, nodes: int = 2, owner: int | None = None):
+    """Start a slurm.local_cluster in `root`; where it cannot be installed or started the test is
+    skipped with the reason, except on CI (CI set), where it fails."""
     from slurm.local_cluster import ClusterError, LocalCluster
-    cluster = LocalCluster(tmp_path_factory.mktemp("slurm"), nodes=2)
+    cluster = LocalCluster(root, nodes=nodes, owner=owner)
     try:
-        cluster.start()
+        return cluster.start()
     except (ClusterError, OSError, subprocess.CalledProcessError) as e:
         cluster.stop()
         why = f"no local Slurm: {(getattr(e, 'stderr', None) or str(e)).strip()}"
         if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(why)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """A real two-node Slurm (slurm.local_cluster): nodes mfnode1 and mfnode2, each slurmd in a
+    network and UTS namespace of its own. Started once per test session, owned by it."""
+    cluster = start_local_cluster(tmp_path_factory.mktemp("slurm"), owner=os.getpid())
     yield cluster
     cluster.stop()
