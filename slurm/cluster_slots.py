@@ -7,6 +7,8 @@ subnet 10.213.(100+k).0/24 and the namespaces `<node>-s<k>`. Its record, `/run/m
 slot<k>.json`, names the cluster's folder and its owner: the process whose life bounds the cluster
 (a pytest session), or none for a cluster that lives until `down` (then it is alive while its
 daemons are). A slot whose owner is gone is stale: its leftovers are killed and removed before reuse.
+A slot whose bridge or namespaces exist without a record (another container sharing this network
+namespace) or whose ports are taken is skipped.
 """
 from __future__ import annotations
 
@@ -73,7 +75,9 @@ def claim(root: Path, owner: int | None, nodes: list[str], leftovers: Callable[[
                 continue
             if record:
                 reclaim(slot, record.get("nodes", nodes), leftovers(Path(record["root"])))
-            remove_network(slot, nodes)  # what an older run may have left without a record
+            elif _network_exists(slot, nodes):  # not ours to remove: it has no record here
+                held.append(f"slot {slot.index}: {slot.bridge} exists without a record")
+                continue
             if not all(_port_free(p) for p in slot.ports):
                 held.append(f"slot {slot.index}: ports {slot.ports} in use")
                 continue
@@ -142,6 +146,11 @@ def remove_network(slot: Slot, nodes: list[str]) -> None:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         subprocess.run(["ip", "link", "del", slot.veth(i + 1)[0]], capture_output=True)
     subprocess.run(["ip", "link", "del", slot.bridge], capture_output=True)
+
+
+def _network_exists(slot: Slot, nodes: list[str]) -> bool:
+    bridge = subprocess.run(["ip", "link", "show", "dev", slot.bridge], capture_output=True).returncode == 0
+    return bridge or any(Path(f"/run/netns/{slot.netns(n)}").exists() for n in nodes)
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:

@@ -39,12 +39,19 @@ def test_a_killed_runs_cluster_is_reclaimed_and_two_clusters_run_side_by_side(tm
         assert not Path(f"/proc/{stale_ctld}").exists() and not _pids_mentioning(f"{stale.root}/")
         assert not any(ns.endswith(f"-s{stale.slot.index}") for ns in namespaces() - {
             first.slot.netns(n) for n in ("mfnode1", "mfnode2")})
-        second = start_local_cluster(tmp_path / "second", owner=os.getpid())
+        # a bridge without a record, as another container sharing this network would leave: not touched
+        foreign = next(s for s in map(cluster_slots.Slot, range(cluster_slots.SLOTS)) if not s.record.exists())
+        subprocess.run(["ip", "link", "add", foreign.bridge, "type", "bridge"], check=True)
         try:
-            assert second.slot != first.slot and second.slot.ports != first.slot.ports
-            assert hostnames(first) == hostnames(second) == ["mfnode1", "mfnode2"]
+            second = start_local_cluster(tmp_path / "second", owner=os.getpid())
+            try:
+                assert second.slot not in (first.slot, foreign) and second.slot.ports != first.slot.ports
+                assert hostnames(first) == hostnames(second) == ["mfnode1", "mfnode2"]
+            finally:
+                second.stop()
+            assert subprocess.run(["ip", "link", "show", "dev", foreign.bridge]).returncode == 0
         finally:
-            second.stop()
+            subprocess.run(["ip", "link", "del", foreign.bridge])
         assert hostnames(first) == ["mfnode1", "mfnode2"], "stopping one cluster must not touch the other"
     finally:
         first.stop()
