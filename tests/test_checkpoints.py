@@ -6,12 +6,14 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
 
 from pretrain.checkpoint import LINEAGE_FILE, list_checkpoints, read_latest, read_lineage
+from pretrain.checkpoint import write_process
 from pretrain.checkpoint.writer import CheckpointWriteError, FileWriter, Snapshot
 from tests.launch import REPO, env, error_line, metrics, resume_probe, spawn_ranks, torchrun, train_cli
 
@@ -56,6 +58,51 @@ def test_a_failed_write_drops_the_rest_but_not_the_commit_and_is_raised(tmp_path
     assert torch.load(tmp_path / "ok.pt")["x"].tolist() == [1.0, 1.0, 1.0]
     writer.put(tmp_path / "next.pt", {"x": torch.zeros(1)})  # the next checkpoint is written again
     assert writer.wait() and (tmp_path / "next.pt").is_file()
+
+
+def test_the_writer_process_writes_every_dtype_from_shared_buffers_and_outlives_no_failure(tmp_path, monkeypatch,
+                                                                                          capfd):
+    """Asynchronous files are written by a process of the rank's own from shared memory: the files
+    load equal to the state at the save (every dtype, a view compactly, tied tensors once), a buffer
+    whose shape changed is replaced, and a writer process that died fails its write with one line and
+    is replaced by the next."""
+    writer = FileWriter(asynchronous=True)
+    flat = torch.arange(12.0)
+    state = {"w": flat[4:8], "bf16": torch.randn(3, 5).to(torch.bfloat16), "ids": torch.arange(7),
+             "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 4), "step": 3, "name": "x"}
+    state["tied"] = state["w"]
+    writer.put(tmp_path / "a.pt", state)
+    flat.add_(100)  # training goes on while the process writes
+    assert writer.wait()
+    loaded = torch.load(tmp_path / "a.pt")
+    assert loaded["w"].tolist() == [4.0, 5.0, 6.0, 7.0] and loaded["w"].untyped_storage().nbytes() == 16
+    assert loaded["tied"].data_ptr() == loaded["w"].data_ptr()
+    for key in ("bf16", "ids", "mask", "empty"):
+        assert loaded[key].dtype == state[key].dtype and torch.equal(loaded[key], state[key]), key
+    assert (loaded["step"], loaded["name"]) == (3, "x")
+    first = writer.process.proc.pid
+    writer.put(tmp_path / "b.pt", {**state, "ids": torch.arange(9)})  # a new shape: a new buffer
+    assert writer.wait() and torch.load(tmp_path / "b.pt")["ids"].tolist() == list(range(9))
+    assert writer.process.proc.pid == first
+    # killed while it writes (stopped first, so that the request is sent to it): this file fails
+    os.kill(first, signal.SIGSTOP)
+    sent, send = threading.Event(), write_process._send
+    monkeypatch.setattr(write_process, "_send", lambda sock, msg, fds: (send(sock, msg, fds), sent.set()))
+    writer.put(tmp_path / "c.pt", state)
+    assert sent.wait(60)
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(CheckpointWriteError, match="c.pt.*writer process ended"):
+        writer.wait()
+    assert not (tmp_path / "c.pt").exists() or (tmp_path / "c.pt").stat().st_size == 0
+    writer.put(tmp_path / "d.pt", state)  # the next save starts another process
+    assert writer.wait() and torch.equal(torch.load(tmp_path / "d.pt")["bf16"], state["bf16"])
+    second = writer.process.proc.pid
+    assert second != first
+    writer.process.proc.kill()  # killed between saves: replaced, with a warning
+    writer.process.proc.wait()
+    writer.put(tmp_path / "e.pt", state)
+    assert writer.wait() and torch.load(tmp_path / "e.pt")["step"] == 3
+    assert writer.process.proc.pid != second and "writer process ended (exit code -9)" in capfd.readouterr().err
 
 
 # ---- bad settings: one line before anything starts -------------------------------------------------------

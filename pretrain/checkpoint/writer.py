@@ -7,6 +7,8 @@ DeepSpeed's CheckpointEngine, without importing DeepSpeed) and the writer of the
 project's own files in a checkpoint folder. Jobs (a file to write, a step of the commit) run in
 the order they were queued, on one thread per rank; after a failed job the rest of the queue is
 dropped (a later commit must not publish a checkpoint with a missing file) and `wait` raises it.
+The thread hands each snapshot file to the rank's writer process (write_process.py), so that
+writing never holds this process's GIL; without memfd_create (not Linux) the thread writes it.
 
 The copy (`Snapshot`) goes into buffers kept from one save to the next: a first copy into fresh
 memory costs about what writing costs on a local disk (the kernel zeroes every page on first
@@ -18,6 +20,7 @@ from __future__ import annotations
 import copy
 import os
 import queue
+import sys
 import threading
 import traceback
 from collections import OrderedDict
@@ -56,8 +59,9 @@ class Snapshot:
     save where the structure repeats. Tensors are copied compactly: a view of a flat buffer is
     saved as its own values, not the whole buffer (DeepSpeed's clone_tensors_for_torch_save)."""
 
-    def __init__(self):
+    def __init__(self, shared=None):
         self.buffers: dict[tuple, torch.Tensor] = {}
+        self.shared = shared  # a write_process.SharedBuffers to allocate from, or host memory of this process
 
     def take(self, obj, where: tuple) -> object:
         return self._copy(obj, where, {})
@@ -69,8 +73,10 @@ class Snapshot:
             src = obj.detach()
             buf = self.buffers.get(where)
             if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-                buf = torch.empty(src.shape, dtype=src.dtype, device="cpu",
-                                  pin_memory=src.is_cuda and torch.cuda.is_available())
+                if buf is not None and self.shared is not None:
+                    self.shared.free(buf)
+                buf = self.shared.empty(src.shape, src.dtype) if self.shared is not None else \
+                    torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=src.is_cuda and torch.cuda.is_available())
                 self.buffers[where] = buf
             buf.copy_(src, non_blocking=src.is_cuda)
             seen[id(obj)] = (obj, buf)
@@ -88,10 +94,13 @@ class Snapshot:
 class FileWriter:
     """Writes checkpoint files durably; with `asynchronous`, from snapshots on a background thread."""
 
-    def __init__(self, asynchronous: bool):
+    def __init__(self, asynchronous: bool, separate_process: bool = True):
+        from pretrain.checkpoint.write_process import SharedBuffers
         self.name = "monofusion.FileWriter"
         self.asynchronous = asynchronous
-        self.snapshot = Snapshot()
+        self.separate_process = separate_process and hasattr(os, "memfd_create")
+        self.snapshot = Snapshot(SharedBuffers() if self.separate_process else None)
+        self.process = None  # the write_process.WriteProcess, started at the first asynchronous write
         self.jobs: queue.Queue = queue.Queue()
         self.pending, self.done = 0, threading.Condition()
         self.error: Optional[str] = None
@@ -138,7 +147,22 @@ class FileWriter:
             obj = self.snapshot.take(obj, (Path(path).name,))
             if torch.cuda.is_available():
                 torch.cuda.current_stream().synchronize()  # the pinned copies are complete before written
-        self.then(lambda: write_file(path, obj), f"write {path}")
+            self.then(lambda: self._write_from_snapshot(str(path), obj), f"write {path}")
+        else:
+            self.then(lambda: write_file(path, obj), f"write {path}")
+
+    def _write_from_snapshot(self, path: str, obj) -> None:
+        if not self.separate_process:
+            write_file(path, obj)
+            return
+        from pretrain.checkpoint.write_process import WriteProcess
+        if self.process is not None and self.process.proc.poll() is not None:
+            print(f"warning: the checkpoint writer process ended (exit code {self.process.proc.returncode}) "
+                  f"between saves; starting another", file=sys.stderr, flush=True)
+            self.process = None
+        if self.process is None:
+            self.process = WriteProcess(self.snapshot.shared)
+        self.process.write(path, obj)
 
     def then(self, job: Callable[[], None], what: str, always: bool = False) -> None:
         """Run `job` after everything queued before it (now, when not asynchronous). A job is skipped
