@@ -11,7 +11,9 @@ would wait for it) minus that of a window without a save (their median, the firs
 table shows the median loss of the saves after the first, their range, and the range of the plain
 windows (on a shared 2-core machine single windows vary by seconds: use --saves 5 or more). The
 first save of each kind is shown apart: an asynchronous one fills fresh snapshot buffers (page
-faults), later ones reuse them.
+faults), later ones reuse them. "writer cpu s" is the CPU time rank 0's writer process used for
+one asynchronous save (median): where training keeps every core busy, as here, the asynchronous
+save cannot lose less than that, so "cpu/blocking" is the floor of "async/blocking" on this machine.
 """
 from __future__ import annotations
 
@@ -61,18 +63,26 @@ def worker(a) -> None:
                 trainer.train_step(batches)
             return time.perf_counter() - start
 
+        def writer_cpu() -> float:
+            """CPU seconds used so far by this rank's writer process (asynchronous files)."""
+            process = trainer.checkpointer.writer.process
+            if process is None or process.proc.poll() is not None:
+                return 0.0
+            fields = Path(f"/proc/{process.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
         steps(2)
         rows = {"plain": [], "blocking": [], "async": []}
         for i in range(a.saves):  # the windows interleaved: the plain ones are the baseline of their time
             for mode in rows:
                 trainer.checkpointer.writer.asynchronous = mode == "async"
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), writer_cpu()
                 if mode != "plain":
                     trainer.save()
                 call = time.perf_counter() - start
                 steps(a.steps_between)
                 trainer.checkpointer.settle()
-                rows[mode].append({"call": call, "window": time.perf_counter() - start})
+                rows[mode].append({"call": call, "window": time.perf_counter() - start, "writer_cpu": writer_cpu() - cpu})
         windows = [x["window"] for x in rows.pop("plain")]
         plain = statistics.median(windows[1:] or windows)
         for mode in rows:
@@ -106,7 +116,8 @@ def main() -> None:
         run_and_exit(lambda: worker(a))
     from pretrain.distributed import free_port
     print(f"{'ZeRO':>4s} {'params':>8s} {'ckpt GB':>8s} {'step s':>7s} {'mode':>9s} {'1st lost s':>10s} "
-          f"{'lost s':>7s} {'range s':>13s} {'call s':>7s} {'async/blocking':>15s}")
+          f"{'lost s':>7s} {'range s':>13s} {'call s':>7s} {'writer cpu s':>12s} {'async/blocking':>15s} "
+          f"{'cpu/blocking':>12s}")
     for stage in a.stages.split(","):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(free_port()), __file__, "--stage", stage, *sys.argv[1:]]
@@ -118,12 +129,16 @@ def main() -> None:
         later = {m: [x["lost"] for x in rows[1:] or rows] for m, rows in r["rows"].items()}
         lost = {m: statistics.median(v) for m, v in later.items()}  # the median: single windows vary by seconds
         spread = f"{min(r['plain_windows']):.1f}-{max(r['plain_windows']):.1f}"
+        cpu = statistics.median(x["writer_cpu"] for x in r["rows"]["async"][1:] or r["rows"]["async"])
         for mode, rows in r["rows"].items():
             ratio = f"{lost['async'] / lost['blocking']:.1%}" if mode == "async" else ""
+            floor = f"{cpu / lost['blocking']:.1%}" if mode == "async" else ""
+            writer = f"{cpu:.2f}" if mode == "async" else ""
             print(f"{stage:>4s} {r['params'] / 1e6:7.0f}M {r['checkpoint_bytes'] / 1e9:8.2f} {r['plain_step']:7.2f} "
                   f"{mode:>9s} {rows[0]['lost']:10.2f} {lost[mode]:7.2f} "
                   f"{min(later[mode]):6.2f}-{max(later[mode]):<6.2f} "
-                  f"{statistics.mean(x['call'] for x in rows[1:] or rows):7.2f} {ratio:>15s}", flush=True)
+                  f"{statistics.mean(x['call'] for x in rows[1:] or rows):7.2f} {writer:>12s} {ratio:>15s} "
+                  f"{floor:>12s}", flush=True)
         print(f"     plain windows of {a.steps_between} steps: {spread} s", flush=True)
 
 
