@@ -12,8 +12,8 @@ table shows the median loss of the saves after the first, their range, and the r
 windows (on a shared 2-core machine single windows vary by seconds: use --saves 5 or more). The
 first save of each kind is shown apart: an asynchronous one fills fresh snapshot buffers (page
 faults), later ones reuse them. "writer cpu s" is the CPU time rank 0's writer process used for
-one asynchronous save (median): where training keeps every core busy, as here, the asynchronous
-save cannot lose less than that, so "cpu/blocking" is the floor of "async/blocking" on this machine.
+one asynchronous save (median): what it takes from the cores training leaves idle (waits in the
+collectives) or, where there are none, from training.
 """
 from __future__ import annotations
 
@@ -116,8 +116,7 @@ def main() -> None:
         run_and_exit(lambda: worker(a))
     from pretrain.distributed import free_port
     print(f"{'ZeRO':>4s} {'params':>8s} {'ckpt GB':>8s} {'step s':>7s} {'mode':>9s} {'1st lost s':>10s} "
-          f"{'lost s':>7s} {'range s':>13s} {'call s':>7s} {'writer cpu s':>12s} {'async/blocking':>15s} "
-          f"{'cpu/blocking':>12s}")
+          f"{'lost s':>7s} {'range s':>13s} {'call s':>7s} {'writer cpu s':>12s} {'async/blocking':>15s}")
     for stage in a.stages.split(","):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                str(free_port()), __file__, "--stage", stage, *sys.argv[1:]]
@@ -132,13 +131,12 @@ def main() -> None:
         cpu = statistics.median(x["writer_cpu"] for x in r["rows"]["async"][1:] or r["rows"]["async"])
         for mode, rows in r["rows"].items():
             ratio = f"{lost['async'] / lost['blocking']:.1%}" if mode == "async" else ""
-            floor = f"{cpu / lost['blocking']:.1%}" if mode == "async" else ""
             writer = f"{cpu:.2f}" if mode == "async" else ""
             print(f"{stage:>4s} {r['params'] / 1e6:7.0f}M {r['checkpoint_bytes'] / 1e9:8.2f} {r['plain_step']:7.2f} "
                   f"{mode:>9s} {rows[0]['lost']:10.2f} {lost[mode]:7.2f} "
                   f"{min(later[mode]):6.2f}-{max(later[mode]):<6.2f} "
-                  f"{statistics.mean(x['call'] for x in rows[1:] or rows):7.2f} {writer:>12s} {ratio:>15s} "
-                  f"{floor:>12s}", flush=True)
+                  f"{statistics.mean(x['call'] for x in rows[1:] or rows):7.2f} {writer:>12s} {ratio:>15s}",
+                  flush=True)
         print(f"     plain windows of {a.steps_between} steps: {spread} s", flush=True)
 
 
