@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     checkpoint_mb = sum(f.stat().st_size for f in ckpt.iterdir() if f.is_file()) / MB
     os.chdir(REPO)
     base, _ = child_peak(  # everything to_release imports and builds but the tensors: a meta-device model
-        "import json, torch, deepspeed, tqdm, pretrain.convert, pretrain.release, model.weights, data_pipelines.shards\n"
+        "import json, torch, deepspeed, tqdm, pretrain.convert, pretrain.export.release, model.weights, data_pipelines.shards\n"
         "from model.model_config import ModelConfig\nfrom model.transformer import UnifiedTransformer\n"
         f"cfg = ModelConfig.from_dict(json.load(open({str(ckpt / 'config.json')!r}))['model'])\n"
         "with torch.device('meta'):\n    UnifiedTransformer(cfg)")

@@ -47,7 +47,12 @@ class Tokenizer:
         return self.sp.decode([int(i) for i in ids if int(i) >= len(SPECIAL_TOKENS)])
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:16]
+        return fingerprint_of(self.path.read_bytes())
+
+
+def fingerprint_of(content: bytes) -> str:
+    """The fingerprint of a tokenizer file's bytes, as manifests and checkpoints record it."""
+    return hashlib.sha256(content).hexdigest()[:16]
 
 
 def train_tokenizer(texts: Iterable[str], out: str | Path, vocab_size: int, model_type: str = "bpe",

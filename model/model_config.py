@@ -18,6 +18,13 @@ class ModelConfig(Config):
     vocab_size: int = knob(512, "text vocabulary size (tokenizer pieces)")
     norm_eps: float = knob(1e-5, "RMSNorm epsilon")
     rope_theta: float = knob(10000.0, "rotary base frequency")
+    rope_scaling: Literal["none", "linear", "llama3"] = knob(
+        "none", "rotary frequency scaling, as Hugging Face's rope_type: linear (all divided by rope_factor) or "
+                "llama3 (Llama 3.1's: low frequencies divided, high ones kept, smoothed between)")
+    rope_factor: float = knob(1.0, "linear/llama3: the factor low rotary frequencies are divided by")
+    rope_low_freq_factor: float = knob(1.0, "llama3: wavelengths past original_max_seq_len / this are divided")
+    rope_high_freq_factor: float = knob(4.0, "llama3: wavelengths under original_max_seq_len / this are kept")
+    rope_original_max_seq_len: int = knob(8192, "llama3: the context length the unscaled frequencies were trained at")
     qk_norm: bool = knob(False, "RMSNorm on queries and keys per head (ACDiT)")
     max_seq_len: int = knob(4096, "longest sequence the model is trained/sampled with")
     init_std: float = knob(0.02, "std of the normal init of linear and embedding weights")
@@ -62,6 +69,11 @@ class ModelConfig(Config):
             raise ConfigError(f"dim: head size {self.dim // self.n_heads} must be even for rotary embedding")
         if self.objective == "flow" and self.prediction != "epsilon":
             raise ConfigError(f"prediction: {self.prediction!r} is for objective ddpm (flow predicts the velocity)")
+        if self.rope_factor <= 0:
+            raise ConfigError(f"rope_factor: must be positive, got {self.rope_factor}")
+        if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise ConfigError(f"rope_high_freq_factor: {self.rope_high_freq_factor} must exceed "
+                              f"rope_low_freq_factor={self.rope_low_freq_factor}")
         if self.block_size < 0:
             raise ConfigError(f"block_size: must be >= 0, got {self.block_size}")
 

@@ -130,7 +130,7 @@ class UnifiedTransformer(nn.Module):
         self.norm = nn.RMSNorm(D, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(D, cfg.vocab_size, bias=False)
         self.latent_out = nn.Linear(D, P)       # zero init
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg)
         self.diffusion = Diffusion(cfg)
         self.activation_checkpointing = False
         self.reset_parameters()

@@ -7,23 +7,23 @@
 `to-universal` runs DeepSpeed's `ds_to_universal` (with `--inject_missing_state`, needed for
 ZeRO-1/2) and adds `ema_fp32.pt`: the EMA reassembled from the per-rank partitions, which a
 resumed run on any number of ranks cuts into its own partitions again. `to-release` writes a
-release folder (pretrain.release) from any checkpoint, reading one tensor at a time
+release folder (pretrain.export.release) from any checkpoint, reading one tensor at a time
 (pretrain.checkpoint.reader): its memory is bounded by the largest tensor, not the model.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint import CONFIG_FILE, copy_lineage, is_checkpoint, write_full_ema
+from pretrain.checkpoint import CONFIG_FILE, copy_side_files, is_checkpoint, write_full_ema
 from pretrain.checkpoint.reader import CheckpointError, CheckpointReader
 from model.config_system import InputMissing
+from pretrain.export.staging import staged_folder
 
 
 def to_universal(ckpt: str | Path, out: str | Path) -> Path:
@@ -31,40 +31,33 @@ def to_universal(ckpt: str | Path, out: str | Path) -> Path:
     ckpt, out = Path(ckpt), Path(out)
     if not is_checkpoint(ckpt):
         raise InputMissing(f"{ckpt}: not a DeepSpeed checkpoint folder (no *model_states.pt)")
-    if out.exists():
-        raise FileExistsError(f"{out}: already exists")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt),
-           "--output_folder", str(tmp), "--inject_missing_state", "--num_extract_workers", "1",
-           "--num_merge_workers", "1"]
-    try:
-        r = subprocess.run(cmd, capture_output=True, text=True)
+           "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    with staged_folder(out) as tmp:
+        r = subprocess.run(cmd + ["--output_folder", str(tmp)], capture_output=True, text=True)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise RuntimeError(f"ds_to_universal failed on {ckpt}: {last}")
         reader = CheckpointReader(ckpt)
         if reader.has_ema():
             write_full_ema(tmp, reader.state_dict(ema=True))
-        if (ckpt / CONFIG_FILE).is_file():
-            shutil.copy2(ckpt / CONFIG_FILE, tmp / CONFIG_FILE)
-        copy_lineage(ckpt, tmp)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        copy_side_files(ckpt, tmp)
     return out
 
 
 def to_release(source: str | Path, out: str | Path, ema: bool = True, dtype: str = "fp32",
-               max_shard_size: str | int = "5GB", progress: bool = False) -> Path:
+               max_shard_size: str | int = "5GB", progress: bool = False, tokenizer: bool = True,
+               latents: bool = True) -> Path:
     """A checkpoint folder (ZeRO-1/2/3 from any number of ranks, or universal), a checkpoint root or
-    a run directory (its `latest`) -> a release folder (pretrain.release), EMA weights when the run
+    a run directory (its `latest`) -> a release folder (pretrain.export.release), EMA weights when the run
     kept an EMA (else or with ema=False the raw ones). The weights are streamed: one tensor in
-    memory at a time, the optimizer moments never read."""
+    memory at a time, the optimizer moments never read. The tokenizer, encoder and latent shapes
+    come from the checkpoint itself; without them it refuses (CheckpointError) unless `tokenizer`
+    (--no-tokenizer) or `latents` (--text-only) is False."""
     from model.model_config import ModelConfig
     from model.transformer import UnifiedTransformer, check_state_shapes
     from model.weights import ByteProgress, parse_size, state_entries
-    from pretrain.release import checkpoint_folder, data_info, stamp, write_release
+    from pretrain.export.release import checkpoint_data, checkpoint_folder, stamp, write_release
     folder = checkpoint_folder(Path(source))
     reader = CheckpointReader(folder)
     config = reader.config
@@ -78,13 +71,19 @@ def to_release(source: str | Path, out: str | Path, ema: bool = True, dtype: str
     use_ema = ema and reader.has_ema()
     out_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     entries = state_entries(model.state_dict(), out_dtype)
-    info, tokenizer = data_info(config.get("data", {}))
+    info, tokenizer_file, why = checkpoint_data(folder, config)
+    if tokenizer_file is None and tokenizer:
+        raise CheckpointError(f"{folder}: no tokenizer to release ({why}); --no-tokenizer writes a release without one")
+    if latents and (not info.get("encoder") or not info.get("latent_shapes")):
+        raise CheckpointError(f"{folder}: its data record names no latent encoder or latent shapes; --text-only "
+                              "writes a release that samples text only")
+    info = {k: v for k, v in info.items() if k != "tokenizer"} if tokenizer_file is None else info
     info["provenance"] = stamp({"source": str(folder.resolve()), "step": reader.client.get("step"),
                                 "tokens_seen": reader.client.get("tokens"), "weights": "ema" if use_ema else "raw",
                                 "dtype": dtype, "config_sha256": config_hash(config)})
     try:
         with ByteProgress(entries, f"to-release {folder.name}", progress) as bar:
-            return write_release(out, cfg, entries, lambda name: reader.tensor(name, use_ema), info, tokenizer,
+            return write_release(out, cfg, entries, lambda name: reader.tensor(name, use_ema), info, tokenizer_file,
                                  parse_size(max_shard_size), progress=bar)
     finally:
         reader.release()
@@ -128,6 +127,10 @@ def main(argv=None) -> int:
     r.add_argument("--raw", action="store_true", help="raw weights even when the run kept an EMA")
     r.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     r.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    r.add_argument("--no-tokenizer", action="store_true", help="write the release although the checkpoint "
+                                                                 "carries no tokenizer")
+    r.add_argument("--text-only", action="store_true", help="write the release although the checkpoint names no "
+                                                              "latent encoder or shapes (it samples text only)")
     i = sub.add_parser("import-llama", help="Hugging Face Llama folder -> release folder (latent parts fresh)")
     i.add_argument("hf_dir", help="folder with config.json, *.safetensors and tokenizer.model")
     i.add_argument("out", help="release folder to write")
@@ -138,13 +141,14 @@ def main(argv=None) -> int:
     e.add_argument("out", help="folder to write")
     e.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     a = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)  # unwinds like Ctrl-C: the staged output folder is removed
     try:
         if a.command == "import-llama":
-            from pretrain.llama import import_llama
+            from pretrain.export.llama import import_llama
             out = import_llama(a.hf_dir, a.out, progress=True, **latent_knobs(a.overrides))
             print(f"wrote {out}; train from it with train.init_from={out} (shards: --tokenizer {out}/tokenizer.model)")
         elif a.command == "export-llama":
-            from pretrain.llama import export_llama
+            from pretrain.export.llama import export_llama
             out = export_llama(a.release, a.out, a.dtype, progress=True)
             print(f"wrote {out}; load with transformers.LlamaForCausalLM.from_pretrained({str(out)!r})")
         elif a.command == "to-universal":
@@ -152,12 +156,20 @@ def main(argv=None) -> int:
             print(f"wrote {out}; resume with --resume {out}")
         else:
             out = to_release(a.checkpoint, a.out, ema=not a.raw, dtype=a.dtype, max_shard_size=a.max_shard_size,
-                             progress=True)
+                             progress=True, tokenizer=not a.no_tokenizer, latents=not a.text_only)
             print(f"wrote {out}; sample with python -m pretrain.sample --model {out}")
     except (OSError, ValueError, RuntimeError) as e:  # CheckpointError, WeightsError, ConfigError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:
+        name = e.args[0] if e.args else "SIGINT"
+        print(f"error: interrupted ({name}): nothing written at {a.out}", file=sys.stderr)
+        return 128 + signal.Signals[name].value
     return 0
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -202,7 +202,7 @@ def get_scorer(name: str) -> Scorer:
 
 def evaluate_digits(loaded, per_digit: int = 10, steps: int = 25, cfg_scale: float = 3.0, seed: int = 0,
                     sampler: str = "auto", out: Optional[Path] = None, progress: bool = False) -> dict:
-    """Sample `per_digit` images of each digit from a loaded model (pretrain.release.load_for_sampling),
+    """Sample `per_digit` images of each digit from a loaded model (pretrain.export.release.load_for_sampling),
     score them; with `out`, write the grid (a row per digit) and `out`.npz (images in [0, 1], the
     digit asked for, the digit read). Returns the scores, the classifier's own held-out accuracy and
     the sampling time."""
@@ -234,7 +234,7 @@ def format_digit_scores(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from pretrain.release import load_for_sampling
+    from pretrain.export.release import load_for_sampling
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="release folder, run directory or checkpoint folder")
     p.add_argument("--task", default="image", choices=("image", "caption", "both"),

@@ -26,7 +26,7 @@ from data_pipelines.encoders import latent_frames
 from model.generate import generate_text
 from model.sample import SAMPLERS, check_prompts, sample_latents
 from pretrain.images import VIDEO_SUFFIXES, decode, save_image_grid, save_video_grid
-from pretrain.release import Loaded, load_for_sampling
+from pretrain.export.release import Loaded, load_for_sampling
 
 
 class SampleError(ValueError):

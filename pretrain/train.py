@@ -45,7 +45,7 @@ from pretrain.engine import build_engine, changed_settings, optimizer_settings, 
 from pretrain.failures import next_batch, say_error, stop_if_any_failed
 from pretrain.evaluation.in_loop import EvalSampler
 from pretrain.metrics import RunLogger, batch_flops, loss_record, peak_flops
-from pretrain.release import init_from_release
+from pretrain.export.release import data_record, init_from_release
 from pretrain.run_lock import RunDirBusy, RunDirLock, exit_with_parent
 
 NOISE, EVAL = 11, 12  # hash domains of the diffusion noise seeds
@@ -95,6 +95,10 @@ class Trainer:
         self.ema = ShardedEMA(self.engine, t.ema_decay, t.ema_warmup) if t.ema_decay else None
         self.checkpointer = ckpt.Checkpointer(self.engine, self.ckpt_root, dist.rank, cfg.checkpoint.keep,
                                               cfg.checkpoint.async_save, dist.checkpoint_group)
+        record, tokenizer, problem = data_record(self.loader.manifests)  # every checkpoint carries them
+        if problem and dist.is_main:
+            warnings.warn(f"checkpoints will carry no tokenizer (a release from them needs --no-tokenizer): {problem}")
+        self.checkpointer.data_files = ckpt.data_files(record, tokenizer)
         self.step, self.tokens = 0, 0
         self.loss_tokens = [0, 0]  # text targets, latent loss tokens trained on so far (all ranks)
         self.stop_signal: Optional[int] = None

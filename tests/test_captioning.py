@@ -164,7 +164,7 @@ def test_two_ranks_train_both_directions_and_caption_held_out_digits_from_the_em
     from data_pipelines.write_shards import write_shards
     from pretrain.distributed import free_port
     from pretrain.evaluation.captioning import caption_latent_batches, caption_set, one_line, score_captions
-    from pretrain.release import load_for_sampling
+    from pretrain.export.release import load_for_sampling
     from tests.launch import REPO, env, metrics
     common = dict(tokenizer=str(test_data["tokenizer"]), encoder="pixels", channels=1, progress=False)
     write_shards("digits", str(tmp_path / "held"), split="heldout", num_samples=24, samples_per_shard=12, **common)
@@ -202,7 +202,7 @@ def captioner(test_data, tmp_path_factory):
     from data_pipelines.encoders import PixelEncoder
     from data_pipelines.shards import iter_shard_documents
     from model.diffusion import Diffusion, assign_timesteps
-    from pretrain.release import save_release
+    from pretrain.export.release import save_release
     from tests.data_fixtures import model_config
     docs = list(iter_shard_documents(test_data["digits"]))[:10]  # digits 0..9, in the source's order
     cfg = model_config(max_seq_len=64)
@@ -304,7 +304,7 @@ def test_quality_task_caption_scores_the_300_held_out_digits(captioner, tmp_path
     import subprocess
     import sys
     from pretrain.evaluation.captioning import evaluate_heldout_captions, heldout_digits
-    from pretrain.release import load_for_sampling
+    from pretrain.export.release import load_for_sampling
     from tests.launch import REPO, env
     r = subprocess.run([sys.executable, "-m", "pretrain.quality", "--model", str(captioner), "--task", "caption",
                         "--json", str(tmp_path / "q.json")], cwd=REPO, env=env(), capture_output=True, text=True)

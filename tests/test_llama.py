@@ -1,5 +1,6 @@
 """import-llama / export-llama against transformers' own LlamaForCausalLM (tiny, random, saved locally),
 and a training run started from an imported Llama."""
+import dataclasses
 import json
 import shutil
 
@@ -52,6 +53,16 @@ def hf_ids(folder, text="The Python tutorial: a for statement iterates over the 
     return [1] + spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).encode(text)
 
 
+def logit_gap(ours, theirs, folder, new_id) -> float:
+    """Largest difference between our logits and transformers' on a sentence of the Llama's tokenizer
+    (our ids and rows are the adopted tokenizer's)."""
+    rows = new_id + [i + (ours.cfg.vocab_size - VOCAB) for i in range(len(new_id), VOCAB)]
+    ids = hf_ids(folder)
+    with torch.no_grad():
+        want = theirs(torch.tensor([ids])).logits[0]
+    return float((our_logits(ours, [new_id[i] for i in ids])[:, rows] - want).abs().max())
+
+
 @pytest.mark.parametrize("tied", [False, True])
 def test_imported_llama_gives_transformers_logits(tiny_llamas, tmp_path, tied):
     from data_pipelines.tokenizer import Tokenizer, adopt_tokenizer
@@ -65,16 +76,59 @@ def test_imported_llama_gives_transformers_logits(tiny_llamas, tmp_path, tied):
     ours = UnifiedTransformer.from_pretrained(tmp_path / "release")
     assert ours.cfg.latent_channels == 1 and ours.cfg.rope_theta == 500000.0 and ours.cfg.n_kv_heads == 2
     _, new_id = adopt_tokenizer(folder / "tokenizer.model", tmp_path / "again.model")
-    rows = new_id + [i + (ours.cfg.vocab_size - VOCAB) for i in range(len(new_id), VOCAB)]
-    ids = hf_ids(folder)
-    theirs = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
-    with torch.no_grad():
-        want = theirs(torch.tensor([ids])).logits[0]
-    got = our_logits(ours, [new_id[i] for i in ids])[:, rows]
-    assert (got - want).abs().max() < 1e-4
+    assert logit_gap(ours, transformers.LlamaForCausalLM.from_pretrained(folder).eval(), folder, new_id) < 1e-4
     # the release's tokenizer is the Llama's with the reserved tokens first: the same text, the same pieces
     tok = Tokenizer(tmp_path / "release" / "tokenizer.model")
     assert tok.encode("a for statement") == [new_id[i] for i in hf_ids(folder, "a for statement")[1:]]
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("rope,knobs", [
+    ({"rope_parameters": dict(LLAMA3, rope_theta=500000.0)}, dict(rope_scaling="llama3", rope_factor=8.0)),
+    ({"rope_parameters": {"rope_type": "linear", "rope_theta": 500000.0, "factor": 4.0}},
+     dict(rope_scaling="linear", rope_factor=4.0)),
+    # both set (an edited config): transformers reads rope_scaling, and so does the import
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "rope_scaling": dict(LLAMA3, factor=2.0)},
+     dict(rope_scaling="llama3", rope_factor=2.0, rope_theta=10000.0))])
+def test_scaled_rotary_round_trips_with_transformers_logits(tiny_llamas, tmp_path, rope, knobs):
+    from data_pipelines.tokenizer import adopt_tokenizer
+    from model.transformer import UnifiedTransformer
+    from pretrain.convert import main
+    folder = tmp_path / "llama"
+    shutil.copytree(tiny_llamas[True], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.pop("rope_theta", None)
+    config.pop("rope_scaling", None)
+    (folder / "config.json").write_text(json.dumps({**config, **rope}))
+    theirs = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+    _, new_id = adopt_tokenizer(folder / "tokenizer.model", tmp_path / "again.model")
+    assert main(["import-llama", str(folder), str(tmp_path / "release")]) == 0
+    ours = UnifiedTransformer.from_pretrained(tmp_path / "release")
+    assert {k: getattr(ours.cfg, k) for k in knobs} == knobs
+    gap = logit_gap(ours, theirs, folder, new_id)
+    plain = UnifiedTransformer.from_state_dict(dataclasses.replace(ours.cfg, rope_scaling="none"), ours.state_dict())
+    assert gap < 1e-5 and logit_gap(plain, theirs, folder, new_id) > 1e-3  # the scaling matters to these logits
+    assert main(["export-llama", str(tmp_path / "release"), str(tmp_path / "hf")]) == 0
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = [2, 40, 77, 120, 400, 9, 11, 300, 301, 5, 17, 250]
+    with torch.no_grad():
+        assert (our_logits(ours, ids) - back(torch.tensor([ids])).logits[0]).abs().max() < 1e-4
+
+
+def test_an_unknown_rope_type_or_a_missing_field_is_named(tiny_llamas, tmp_path, capsys):
+    from pretrain.convert import main
+    for params, what in (({"rope_type": "yarn", "factor": 2.0}, "rope_type='yarn' is not supported"),
+                         ({"rope_type": "llama3", "factor": 8.0}, "rope_type='llama3' without low_freq_factor")):
+        folder = tmp_path / params["rope_type"]
+        shutil.copytree(tiny_llamas[True], folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "rope_parameters": params}))
+        assert main(["import-llama", str(folder), str(tmp_path / f"release-{params['rope_type']}")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and what in err[0], err
 
 
 def test_exported_model_loads_in_transformers_with_the_same_logits(tiny_llamas, tmp_path):
@@ -100,7 +154,7 @@ def test_exported_tokenizer_encodes_as_ours(tiny_llamas, test_data, tmp_path, to
     from model.model_config import ModelConfig
     from model.transformer import UnifiedTransformer
     from pretrain.convert import main
-    from pretrain.release import save_release
+    from pretrain.export.release import save_release
     if tokenizer == "adopted":
         assert main(["import-llama", str(tiny_llamas[True]), str(tmp_path / "release")]) == 0
     else:
@@ -143,7 +197,7 @@ def test_a_run_starts_from_an_imported_llama_and_refuses_other_shards(tiny_llama
     unchanged); shards written with the demo tokenizer are refused with one line."""
     from data_pipelines.write_shards import write_shards
     from pretrain.convert import main
-    from tests.launch import error_line, metrics, torchrun
+    from tests.launch import metrics, torchrun
     release = tmp_path / "release"
     assert main(["import-llama", str(tiny_llamas[False]), str(release), "model.latent_channels=1"]) == 0
     common = dict(encoder="pixels", channels=1, progress=False)

@@ -1,9 +1,14 @@
 """to-release from 2-rank ZeRO-1/2/3 checkpoints (fp32 and bf16 training): the release folders load
 with from_pretrained and hold the live trainer's weights and EMA; sharded output loads the same;
 bad checkpoints give one-line errors and leave nothing at OUT."""
+import json
+import os
+import re
+import socket
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,10 +92,10 @@ def broken(tiny_config, tmp_path_factory, tmp_path):
     return ckpt
 
 
-def assert_fails_naming(ckpt, out, what, capsys):
+def assert_fails_naming(ckpt, out, what, capsys, *flags):
     from pretrain.convert import main
-    assert main(["to-release", str(ckpt), str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    assert main(["to-release", str(ckpt), str(out), *flags]) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "B/s]" not in line]  # not progress
     assert len(err) == 1 and what in err[0], err
     assert not out.exists() and not list(out.parent.glob(f".{out.name}.tmp*"))
 
@@ -121,9 +126,120 @@ def test_a_shape_mismatch_names_the_parameter(broken, tmp_path, capsys):
 
 def test_the_encoder_recorded_is_that_of_the_first_set_with_latents():
     from data_pipelines.shards import Manifest
-    from pretrain.release import info_from_manifests
+    from pretrain.export.release import info_from_manifests
     text = Manifest("t", (), 1, "", {"type": "pixels", "channels": 1}, 1, {}, {"path": "tok.model"})
     photos = Manifest("p", (), 1, "", {"type": "vae", "path": "vae"}, 4, {"image": [4, 8, 8]}, {"path": "tok.model"})
     info, tokenizer = info_from_manifests([text, photos])
     assert info["encoder"]["type"] == "vae" and info["latent_shapes"] == {"image": [4, 8, 8]}
     assert str(tokenizer) == "tok.model"
+
+
+def line_has_meaning(readme: str, row: str) -> bool:
+    line = next(line for line in readme.splitlines() if line.startswith(f"| `{row}`"))
+    return bool(line.rstrip(" |").rsplit("|", 1)[1].strip())
+
+
+def to_release_cli(ckpt, out, *flags, cwd):
+    return subprocess.run([sys.executable, "-m", "pretrain.convert", "to-release", str(ckpt), str(out), *flags],
+                          cwd=cwd, env=env(), capture_output=True, text=True, timeout=300)
+
+
+def test_a_release_from_another_directory_after_the_shards_moved_is_complete_and_samples(tiny_config,
+                                                                                         tmp_path_factory, tmp_path):
+    """Each checkpoint carries its tokenizer and its data record, so to-release needs neither the shards
+    nor the directory the run was started in; without the tokenizer it refuses, one line."""
+    from data_pipelines.shards import load_manifest
+    from data_pipelines.tokenizer import fingerprint_of
+    run = trained(tiny_config, tmp_path_factory, 1, "fp32")
+    ckpt = tmp_path / "step_00000003"
+    shutil.copytree(run / "checkpoints/step_00000003", ckpt)
+    config = json.loads((ckpt / "config.json").read_text())
+    manifests = [load_manifest(d["path"]) for d in config["data"]["datasets"]]
+    for d in config["data"]["datasets"]:  # the shards moved away
+        d["path"] = str(tmp_path / "moved" / Path(d["path"]).name)
+    (ckpt / "config.json").write_text(json.dumps(config))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = to_release_cli(ckpt, "release", cwd=elsewhere)
+    assert r.returncode == 0, r.stderr[-2000:]
+    release = elsewhere / "release"
+    assert fingerprint_of((release / "tokenizer.model").read_bytes()) == manifests[0].tokenizer["fingerprint"]
+    info = json.loads((release / "release.json").read_text())
+    assert info["encoder"] == next(m.encoder for m in manifests if m.latent_shapes)
+    assert info["latent_shapes"] == {"image": next(m.latent_shapes["image"] for m in manifests if m.latent_shapes)}
+    # its README shows how to read the weights with safetensors alone, and what every tensor is
+    text = (release / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    r = subprocess.run([sys.executable, "-I", "-c", "import torch\n" + code + "torch.save(weights, 'plain.pt')\n"],
+                       cwd=release, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    from model.weights import load_weights
+    plain, ours = torch.load(release / "plain.pt"), load_weights(release)
+    assert set(plain) == set(ours) and all(torch.equal(plain[k], ours[k]) for k in ours)
+    rows = [line.split("`")[1] for line in text.splitlines() if line.startswith("| `")]
+    patterns = {r: re.escape(re.sub(r"\{0\.\.\d+\}", "N", r)).replace("N", r"\d+") for r in rows}
+    assert all(any(re.fullmatch(patterns[r], name) and line_has_meaning(text, r) for r in rows)
+               for name in ours if not name.endswith("bias")), rows
+    (release / "plain.pt").unlink()
+    for kind, out in (("text", "words.txt"), ("image", "digits.png")):
+        s = subprocess.run([sys.executable, "-m", "pretrain.sample", "--model", "release", "--kind", kind,
+                            "--prompt", "a seven", "--n", "2", "--steps", "2", "--max-new-tokens", "4", "--out", out],
+                           cwd=elsewhere, env=env(), capture_output=True, text=True, timeout=300)
+        assert s.returncode == 0 and (elsewhere / out).stat().st_size > 0, s.stderr[-2000:]
+
+    (ckpt / "tokenizer.model").write_bytes(b"not the run's tokenizer")
+    r = to_release_cli(ckpt, "other", cwd=elsewhere)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "is not the run's tokenizer" in r.stderr and "--no-tokenizer" in r.stderr
+    (ckpt / "tokenizer.model").unlink()
+    r = to_release_cli(ckpt, "other", cwd=elsewhere)
+    assert r.returncode == 2 and "tokenizer.model is missing" in r.stderr and "--no-tokenizer" in r.stderr, r.stderr
+    assert not (elsewhere / "other").exists()
+    r = to_release_cli(ckpt, "other", "--no-tokenizer", cwd=elsewhere)
+    assert r.returncode == 0 and not (elsewhere / "other" / "tokenizer.model").exists(), r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("weights", ["raw", "ema"])
+def test_garbage_inside_a_rank_files_fp32_values_is_refused_naming_the_file(broken, tmp_path, capsys, weights):
+    """4 KiB of random bytes written over rank 1's master weights (in its optimizer file) or its EMA
+    shadow (rank_00001.pt): torch.load checks no checksum, the reader checks the values."""
+    if weights == "raw":
+        rank1 = next(broken.glob("*zero_pp_rank_1_*optim_states.pt"))
+        state = torch.load(rank1, mmap=True, weights_only=False)["optimizer_state_dict"]
+        flat = state[next(k for k in state if "fp32" in k and "flat" in k)][0]
+    else:
+        rank1 = broken / "rank_00001.pt"
+        flat = torch.load(rank1, mmap=True, weights_only=False)["ema"]["shadow"][0]
+    content = bytearray(rank1.read_bytes())
+    start = content.find(flat[:64].numpy().tobytes())
+    assert start > 0 and flat.numel() * 4 > 8192
+    content[start + 4096:start + 8192] = torch.randint(0, 256, (4096,), dtype=torch.uint8,
+                                                       generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+    rank1.write_bytes(bytes(content))
+    assert_fails_naming(broken, tmp_path / "out", f"{rank1}: corrupt", capsys, *(["--raw"] if weights == "raw" else []))
+
+
+def test_an_interrupted_conversion_leaves_nothing_and_a_killed_ones_folder_is_removed_by_the_next(
+        broken, tmp_path, capsys, monkeypatch):
+    from pretrain import convert
+    from pretrain.export import release
+    out = tmp_path / "out"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a conversion killed with SIGKILL left its staged folder behind
+    stale = tmp_path / f".out.tmp-{socket.gethostname()}-{dead.pid}"
+    (stale / "half").mkdir(parents=True)
+    live = tmp_path / f".out.tmp-{socket.gethostname()}-{os.getppid()}"
+    live.mkdir()  # one of a process still running (its conversion may be under way): kept
+    write_weights = release.write_weights
+
+    def interrupted(directory, *args, **kwargs):
+        write_weights(directory, *args, **kwargs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(release, "write_weights", interrupted)
+    assert convert.main(["to-release", str(broken), str(out)]) == 130
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if "B/s]" not in line]  # not progress
+    assert err == [f"error: interrupted (SIGINT): nothing written at {out}"]
+    assert not out.exists() and not stale.exists() and live.is_dir()
+    assert sorted(p.name for p in tmp_path.glob(".out.tmp-*")) == [live.name]
+    monkeypatch.setattr(release, "write_weights", write_weights)
+    assert convert.main(["to-release", str(broken), str(out)]) == 0 and (out / "release.json").is_file()

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from data_pipelines.write_shards import write_shards
-from pretrain.release import load_for_sampling
+from pretrain.export.release import load_for_sampling
 from tests.launch import REPO, cleanup_shm, env, train_cli
 
 pytestmark = pytest.mark.slow

@@ -137,7 +137,7 @@ def test_sharded_evaluation_over_mixed_held_out_data_samples_from_the_ema(tiny_c
     from model.sample import sample_latents
     from pretrain.images import decode
     from pretrain.quality import score_digits
-    from pretrain.release import load_for_sampling
+    from pretrain.export.release import load_for_sampling
     loaded = load_for_sampling(run)
     ids = [Tokenizer(loaded.tokenizer).encode(p) for p in prompts for _ in range(3)]
     pixels = decode(load_encoder(loaded.info["encoder"]), sample_latents(

@@ -105,7 +105,7 @@ def test_pixel_encoder_round_trip():
 def test_a_release_carries_its_vae(tiny_vae, tmp_path):
     from model.model_config import ModelConfig
     from model.transformer import UnifiedTransformer
-    from pretrain.release import load_for_sampling, save_release
+    from pretrain.export.release import load_for_sampling, save_release
     enc = VAEEncoder(tiny_vae, device="cpu")
     model = UnifiedTransformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=64, latent_channels=4))
     release = save_release(model, tmp_path / "release", {"encoder": enc.describe(), "latent_shapes": {}}, None)

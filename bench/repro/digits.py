@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     from model.config_system import load_config
     from pretrain.config import ExperimentConfig
     from pretrain.quality import evaluate_digits, format_digit_scores
-    from pretrain.release import load_for_sampling
+    from pretrain.export.release import load_for_sampling
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/repro-digits.yaml")
     p.add_argument("--ranks", type=int, default=2)

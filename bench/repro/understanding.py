@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     from model.transformer import UnifiedTransformer
     from pretrain.config import ExperimentConfig
     from pretrain.evaluation.captioning import evaluate_heldout_captions, heldout_digits
-    from pretrain.release import load_for_sampling
+    from pretrain.export.release import load_for_sampling
     from data_pipelines.sources import digit_split
     from sklearn.datasets import load_digits
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -52,7 +52,7 @@ def main(argv=None) -> int:
     from model.config_system import load_config
     from pretrain.config import ExperimentConfig
     from pretrain.images import save_video_grid
-    from pretrain.release import load_for_sampling
+    from pretrain.export.release import load_for_sampling
     from pretrain.sample import sample_pixels
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/repro-video.yaml")

@@ -1,6 +1,6 @@
 """Sharded checkpoints that a kill, or a host crash, at any moment cannot corrupt. This package is
 the one owner of the checkpoint folder: its file names, client state, EMA files, lineage and, in
-`reader`, reading whole tensors back out of the rank files (pretrain.convert and pretrain.release
+`reader`, reading whole tensors back out of the rank files (pretrain.convert and pretrain.export.release
 call it); `writer` puts the files on disk.
 
 Layout: CKPT/step_00000100/ holds DeepSpeed's checkpoint (model and optimizer shards,
@@ -44,6 +44,9 @@ LATEST = "latest"
 CONFIG_FILE = "config.json"  # the resolved experiment config, readable without loading any weights
 EMA_FILE = "ema_fp32.pt"     # universal checkpoints: the whole EMA, {name: fp32 tensor}
 LINEAGE_FILE = "lineage"     # the id shared by a run's checkpoints and those of the runs resumed from them
+DATA_FILE = "data.json"      # what a release needs from the run's shards: encoder, latent shapes, tokenizer fingerprint
+TOKENIZER_FILE = "tokenizer.model"  # the shards' tokenizer (when it was found and matched their fingerprint)
+SIDE_FILES = (CONFIG_FILE, LINEAGE_FILE, DATA_FILE, TOKENIZER_FILE)  # rank 0's files beside DeepSpeed's
 TAG = re.compile(r"^step_(\d{8})(_universal)?$")
 FAULT_ENV = "MONOFUSION_FAULT"  # testing hook: "checkpoint-write@N" / "checkpoint-replace@N" exit inside
                                 # the save of step N (after writing / while an older step N is replaced);
@@ -127,10 +130,29 @@ def read_lineage(folder: Path) -> Optional[str]:
     return path.read_text().strip() or None if path.is_file() else None
 
 
-def copy_lineage(source: Path, target: Path) -> None:
-    """A converted checkpoint (to-universal) continues its source's lineage."""
-    if (Path(source) / LINEAGE_FILE).is_file():
-        shutil.copyfile(Path(source) / LINEAGE_FILE, Path(target) / LINEAGE_FILE)
+def copy_side_files(source: Path, target: Path) -> None:
+    """A converted checkpoint (to-universal) keeps its source's config, lineage, data record and tokenizer."""
+    for name in SIDE_FILES:
+        if (Path(source) / name).is_file():
+            shutil.copyfile(Path(source) / name, Path(target) / name)
+
+
+def data_files(record: dict, tokenizer: Optional[bytes]) -> dict[str, bytes]:
+    """The files a checkpoint carries about its data (Checkpointer.data_files): `record` (encoder,
+    latent shapes, tokenizer fingerprint) and the tokenizer itself."""
+    files = {DATA_FILE: (json.dumps(record, indent=2) + "\n").encode()}
+    if tokenizer is not None:
+        files[TOKENIZER_FILE] = tokenizer
+    return files
+
+
+def read_data(folder: Path) -> tuple[Optional[dict], Optional[Path]]:
+    """(data record, tokenizer file) a checkpoint carries; (None, None) for one written before them."""
+    folder = Path(folder)
+    if not (folder / DATA_FILE).is_file():
+        return None, None
+    tokenizer = folder / TOKENIZER_FILE
+    return json.loads((folder / DATA_FILE).read_text()), tokenizer if tokenizer.is_file() else None
 
 
 def prune(root: Path, keep: int, lineage: str) -> None:
@@ -176,6 +198,7 @@ class Checkpointer:
         self.writer = FileWriter(asynchronous)
         engine.checkpoint_engine = self.writer  # DeepSpeed's files go through it too
         self.lineage = new_lineage()
+        self.data_files: dict[str, bytes] = {}  # rank 0 writes them into every checkpoint (data_files())
 
     def save(self, step: int, client_state: dict, rank_state: dict) -> Path:
         """Write checkpoint `step_N` on every rank (collective); `latest` moves once all are on disk:
@@ -195,6 +218,8 @@ class Checkpointer:
             if "config" in client_state:
                 self.writer.put(tmp / CONFIG_FILE, (json.dumps(client_state["config"], indent=2) + "\n").encode())
             self.writer.put(tmp / LINEAGE_FILE, (self.lineage + "\n").encode())
+            for name, content in self.data_files.items():
+                self.writer.put(tmp / name, content)
         self.writer.put(tmp / rank_file(self.rank), rank_state)
         self.writer.then(lambda: (_fault("checkpoint-enospc", step, self.rank), fsync_dir(tmp),
                                   _fault("checkpoint-write", step)), f"fsync {tmp}")

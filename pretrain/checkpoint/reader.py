@@ -33,6 +33,19 @@ class CheckpointError(ValueError):
     pass
 
 
+MAX_ABS = 1e6  # no weight of a trained model comes near; bytes of garbage read as fp32 almost all go past it or are NaN
+
+
+def check_values(values: torch.Tensor, name: str, where: Path) -> None:
+    """CheckpointError naming the file when `values` (of parameter `name`) hold non-finite or wildly
+    out-of-range numbers: a corrupt file (torch.load checks no checksum)."""
+    bad = ~torch.isfinite(values) | (values.abs() > MAX_ABS)
+    if bool(bad.any()):
+        first = values.reshape(-1)[bad.reshape(-1)][0].item()
+        raise CheckpointError(f"{where}: corrupt: {int(bad.sum())} values of {name} are not finite or beyond "
+                              f"±{MAX_ABS:g} (e.g. {first:g})")
+
+
 def _drop_pages(address: int, nbytes: int) -> bool:
     """madvise(MADV_DONTNEED) over [address, address + nbytes) of a file mapping; False where unavailable."""
     global _LIBC
@@ -230,6 +243,7 @@ class CheckpointReader:
                 piece = self._flat(r, g, ema)[lo:hi]
                 if hi > piece.numel() + lo:
                     raise CheckpointError(f"{self.folder}: rank {r} holds too few values for {name}")
+                check_values(piece, name, (self._ema() if ema else self.optim)[r].path)
                 out[filled:filled + hi - lo] = piece
                 filled += hi - lo
                 self._touch(piece)
@@ -253,6 +267,7 @@ class CheckpointReader:
             if self._ema_ranks is None:
                 self._ema_ranks = [_Mapped(self.folder / EMA_FILE)]
             source = self._ema_ranks[0].get()[name]
+            check_values(source, name, self.folder / EMA_FILE)
             out = source.clone()
             self._touch(source)  # one mapping holds the whole EMA: give each tensor's pages back
             return out
@@ -260,7 +275,9 @@ class CheckpointReader:
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (universal checkpoint without parameter {name!r})")
         state = _load(path)  # its own mapping, gone with `state`
-        return (state["param"] if isinstance(state, dict) else state).clone()
+        values = state["param"] if isinstance(state, dict) else state
+        check_values(values, name, path)
+        return values.clone()
 
     def state_dict(self, ema: bool = False) -> dict[str, torch.Tensor]:
         """Every tensor at once (fp32): for models that fit in memory."""

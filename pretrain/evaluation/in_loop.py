@@ -40,7 +40,7 @@ class EvalSampler:
         (`is_main`) keeps the encoder and the images."""
         from data_pipelines.encoders import load_encoder
         from pretrain.quality import get_scorer
-        from pretrain.release import info_from_manifests
+        from pretrain.export.release import info_from_manifests
         self.cfg, t = cfg, cfg.train
         self.scorer = get_scorer(t.sample_quality) if t.sample_quality else None
         self.images = self.captions = False
@@ -62,7 +62,7 @@ class EvalSampler:
 
     def _check_prompts(self, shell) -> None:
         from model.sample import check_prompts
-        from pretrain.release import Loaded
+        from pretrain.export.release import Loaded
         from pretrain.sample import tokenizer_of
         t = self.cfg.train
         self.prompts = list(t.sample_prompts)
@@ -148,7 +148,7 @@ class EvalSampler:
         return result if dist.is_main else (None, {})
 
     def _sample_and_score(self, state: dict, step: int, device) -> tuple[Optional[Path], dict]:
-        from pretrain.release import Loaded
+        from pretrain.export.release import Loaded
         model = UnifiedTransformer.from_state_dict(self.cfg.model, state).to(device).eval()
         loaded = Loaded(model, self.tokenizer, self.info)
         path, metrics = self._images(loaded, step) if self.images else (None, {})

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ from model.config_system import ConfigError, InputMissing
 from model.model_config import ModelConfig
 from model.special_tokens import BOS, EOS, PAD
 from model.weights import ByteProgress, Entry, LazyWeights, WeightsError, state_entries, write_weights
+from pretrain.export.staging import staged_folder
 
 HF_CONFIG, HF_TOKENIZER = "config.json", "tokenizer.model"
 VOCAB_ROWS = ("tok_emb.weight", "lm_head.weight")  # rows indexed by token id
@@ -46,12 +46,41 @@ def llama_names(n_layers: int) -> dict[str, str]:
     return names
 
 
-def _rope_theta(hf: dict, where: Path) -> float:
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+ROPE_FIELDS = {"linear": {"factor": "rope_factor"},
+               "llama3": {"factor": "rope_factor", "low_freq_factor": "rope_low_freq_factor",
+                          "high_freq_factor": "rope_high_freq_factor",
+                          "original_max_position_embeddings": "rope_original_max_seq_len"}}  # theirs -> our knob
+
+
+def rope_knobs(hf: dict, where: Path) -> dict:
+    """Our rotary knobs for a Hugging Face config, read as transformers reads it: `rope_scaling` (the
+    older name) wins over `rope_parameters` when both are set, a `rope_theta` inside it over the
+    top-level one, and llama3's original context length is the top-level
+    `original_max_position_embeddings`, else the one inside, else `max_position_embeddings`."""
+    params = dict(hf.get("rope_scaling") or hf.get("rope_parameters") or {})
     kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", None):
-        raise ConfigError(f"{where}: rope_type={kind!r} is not supported (plain rotary only)")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    knobs = {"rope_theta": float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))}
+    if kind == "default":
+        return knobs
+    if kind not in ROPE_FIELDS:
+        raise ConfigError(f"{where}: rope_type={kind!r} is not supported (default, linear and llama3 are)")
+    if kind == "llama3":
+        params["original_max_position_embeddings"] = hf.get(
+            "original_max_position_embeddings", params.get("original_max_position_embeddings",
+                                                           hf.get("max_position_embeddings", 2048)))
+    for theirs, ours in ROPE_FIELDS[kind].items():
+        if theirs not in params:
+            raise ConfigError(f"{where}: rope_type={kind!r} without {theirs}")
+        knobs[ours] = type(getattr(ModelConfig(), ours))(params[theirs])
+    return dict(knobs, rope_scaling=kind)
+
+
+def rope_parameters(cfg: ModelConfig) -> dict:
+    """The Hugging Face `rope_parameters` of our rotary knobs."""
+    params = {"rope_type": "default" if cfg.rope_scaling == "none" else cfg.rope_scaling, "rope_theta": cfg.rope_theta}
+    for theirs, ours in ROPE_FIELDS.get(cfg.rope_scaling, {}).items():
+        params[theirs] = getattr(cfg, ours)
+    return params
 
 
 def model_config_from_llama(hf: dict, where: Path, **latent) -> ModelConfig:
@@ -71,7 +100,7 @@ def model_config_from_llama(hf: dict, where: Path, **latent) -> ModelConfig:
     return ModelConfig(dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"], n_heads=heads,
                        n_kv_heads=hf.get("num_key_value_heads") or heads, ffn_dim=hf["intermediate_size"],
                        vocab_size=hf["vocab_size"], norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       rope_theta=_rope_theta(hf, where),
+                       **rope_knobs(hf, where),
                        max_seq_len=hf.get("max_position_embeddings", 4096), **latent)
 
 
@@ -79,7 +108,7 @@ def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, progress: b
     """A release folder whose text path is the Llama in `hf_dir` (see the module doc)."""
     from data_pipelines.tokenizer import adopt_tokenizer
     from model.transformer import UnifiedTransformer
-    from pretrain.release import stamp, write_release
+    from pretrain.export.release import stamp, write_release
     hf_dir = Path(hf_dir)
     if not (hf_dir / HF_CONFIG).is_file():
         raise InputMissing(f"{hf_dir / HF_CONFIG}: missing (not a Hugging Face model folder)")
@@ -154,16 +183,12 @@ def export_llama(release: str | Path, out: str | Path, dtype: str = "fp32", prog
     cfg = ModelConfig.from_dict(json.loads((release / CONFIG_FILE).read_text()))
     if cfg.qk_norm:
         raise ConfigError(f"{release / CONFIG_FILE}: qk_norm=True: a Llama has no query/key norms")
-    if out.exists():
-        raise FileExistsError(f"{out}: already exists")
     ours = LazyWeights(release)
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     names = llama_names(cfg.n_layers)
     entries = [Entry(theirs, ours.shape(name), torch_dtype) for name, theirs in names.items()]
     back = {theirs: name for name, theirs in names.items()}
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_folder(out) as tmp:
         with ByteProgress(entries, "export-llama", progress) as bar:
             write_weights(tmp, entries, lambda theirs: ours.get(back[theirs]), progress=bar)
         (tmp / HF_CONFIG).write_text(json.dumps(llama_config(cfg, dtype), indent=2) + "\n")
@@ -173,9 +198,6 @@ def export_llama(release: str | Path, out: str | Path, dtype: str = "fp32", prog
                 {"tokenizer_class": "LlamaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
                  "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False,
                  "legacy": False, "add_prefix_space": adds_prefix_space(release / HF_TOKENIZER)}, indent=2) + "\n")
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -196,7 +218,8 @@ def llama_config(cfg: ModelConfig, dtype: str = "fp32") -> dict:
             "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layers,
             "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
             "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size, "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta, "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu",
+            "rope_theta": cfg.rope_theta, "rope_parameters": rope_parameters(cfg),
+            "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu",
             "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
             "bos_token_id": BOS, "eos_token_id": EOS, "pad_token_id": PAD,
             "dtype": {"fp32": "float32", "bf16": "bfloat16"}[dtype]}

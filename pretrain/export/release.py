@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,9 +26,12 @@ from model.model_config import ModelConfig
 from model.transformer import UnifiedTransformer, save_model_config
 from model.weights import Entry, has_weights, state_entries, write_weights
 from model.config_system import InputMissing
+from pretrain.export import readme
+from pretrain.export.staging import staged_folder
 
 RELEASE_FILE, TOKENIZER_FILE, README_FILE = "release.json", "tokenizer.model", "README.md"
-WEIGHT_KNOBS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "norm_eps", "rope_theta", "qk_norm",
+WEIGHT_KNOBS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "norm_eps", "rope_theta", "rope_scaling",
+                "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len", "qk_norm",
                 "latent_channels", "patch_size")  # model knobs that give the weights their meaning
 
 
@@ -40,17 +42,55 @@ class Loaded:
     info: dict  # {"encoder": {...}, "latent_shapes": {"image": [C,H,W], ...}, ...}
 
 
-def data_info(data_cfg: dict) -> tuple[dict, Optional[Path]]:
-    """Encoder, latent shapes and tokenizer of a run, from its datasets' manifests (those still
-    readable: a release may be made after the shards moved)."""
+def data_record(manifests: list) -> tuple[dict, Optional[bytes], Optional[str]]:
+    """What a checkpoint carries about its data (pretrain.checkpoint.data_files): the record (encoder,
+    latent shapes, clip timing, the tokenizer's fingerprint and size) and the tokenizer file's bytes
+    when the file the manifests name is there and is the one the shards were written with; else the
+    third item says why it is not carried."""
+    from data_pipelines.tokenizer import fingerprint_of
+    info, path = info_from_manifests(manifests)
+    wanted = next((m.tokenizer for m in manifests if m.tokenizer.get("fingerprint")), {})
+    record = dict(info, tokenizer={k: wanted.get(k) for k in ("fingerprint", "vocab_size")} if wanted else None)
+    if path is None:
+        return record, None, "the shards name no tokenizer" if wanted else None
+    try:
+        content = Path(path).read_bytes()
+    except OSError as e:
+        return record, None, f"{path}: {e.strerror or e}"
+    if wanted and fingerprint_of(content) != wanted["fingerprint"]:
+        return record, None, (f"{path} is not the tokenizer the shards were written with (fingerprint "
+                              f"{fingerprint_of(content)}, the manifests record {wanted['fingerprint']})")
+    return record, content, None
+
+
+def checkpoint_data(folder: Path, config: dict) -> tuple[dict, Optional[Path], Optional[str]]:
+    """(record, tokenizer file, why there is none) of a checkpoint folder: the files it carries (the
+    tokenizer only if it matches the fingerprint recorded with it), or for a checkpoint written before
+    checkpoints carried them, the manifests of its datasets given by absolute paths (a relative path
+    would be read from wherever this runs)."""
     from data_pipelines.shards import load_manifest
-    manifests = []
-    for entry in data_cfg.get("datasets", []):
-        try:
-            manifests.append(load_manifest(entry["path"]))
-        except (FileNotFoundError, ValueError):
-            continue
-    return info_from_manifests(manifests)
+    from data_pipelines.tokenizer import fingerprint_of
+    from pretrain.checkpoint import DATA_FILE, TOKENIZER_FILE, read_data
+    record, tokenizer = read_data(folder)
+    if record is None:
+        manifests = []
+        for entry in config.get("data", {}).get("datasets", []):
+            try:
+                if Path(entry["path"]).is_absolute():
+                    manifests.append(load_manifest(entry["path"]))
+            except (FileNotFoundError, ValueError):
+                continue
+        record, content, why = data_record(manifests)
+        path = info_from_manifests(manifests)[1]
+        if content is None:
+            return record, None, f"{folder} has no {DATA_FILE} and " + (why or "its datasets' manifests are not found")
+        return record, path, None
+    if tokenizer is None:
+        return record, None, f"{folder / TOKENIZER_FILE} is missing"
+    wanted, got = (record.get("tokenizer") or {}).get("fingerprint"), fingerprint_of(tokenizer.read_bytes())
+    if wanted and got != wanted:
+        return record, None, f"{tokenizer} is not the run's tokenizer (fingerprint {got}, {DATA_FILE} records {wanted})"
+    return record, tokenizer, None
 
 
 def info_from_manifests(manifests: list) -> tuple[dict, Optional[Path]]:
@@ -68,27 +108,12 @@ def info_from_manifests(manifests: list) -> tuple[dict, Optional[Path]]:
     return info, tokenizer
 
 
-def _readme(cfg: ModelConfig, info: dict) -> str:
-    p = info.get("provenance", {})
-    lines = [f"# monofusion release", "",
-             f"A {cfg.mode} UnifiedTransformer (dim {cfg.dim}, {cfg.n_layers} layers, vocabulary {cfg.vocab_size}, "
-             f"objective {cfg.objective}).", ""]
-    lines += [f"- {k.replace('_', ' ')}: {v}" for k, v in p.items()]
-    lines += ["", "Sample: `python -m pretrain.sample --model THIS_FOLDER --prompt \"...\" --out out.png`", ""]
-    return "\n".join(lines)
-
-
 def write_release(out: str | Path, cfg: ModelConfig, entries: list[Entry], get_tensor: Callable[[str], torch.Tensor],
                   info: dict, tokenizer: Optional[Path], max_shard_bytes: int = 5 * 10**9,
                   progress: Optional[Callable] = None) -> Path:
     """Write a release folder at `out` (which must not exist), streaming the weights through
     `get_tensor`; nothing is left at `out` if anything fails."""
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out}: already exists")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with staged_folder(out) as tmp:
         write_weights(tmp, entries, get_tensor, max_shard_bytes, progress=progress)
         save_model_config(tmp, cfg)
         info = dict(info)
@@ -97,13 +122,10 @@ def write_release(out: str | Path, cfg: ModelConfig, entries: list[Entry], get_t
             shutil.copytree(encoder["path"], tmp / "vae")
             info["encoder"] = dict(encoder, path="vae")
         (tmp / RELEASE_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        (tmp / README_FILE).write_text(_readme(cfg, info))
+        (tmp / README_FILE).write_text(readme.render(cfg, info, {e.name: tuple(e.shape) for e in entries}))
         if tokenizer is not None and Path(tokenizer).is_file():
             shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return Path(out)
 
 
 def save_release(model: UnifiedTransformer, out: str | Path, info: dict, tokenizer: Optional[Path],
@@ -153,16 +175,19 @@ def init_from_release(model: UnifiedTransformer, path: str | Path, manifests: li
     if not has_weights(path) or not (path / CONFIG_FILE).is_file():
         raise ConfigError(f"train.init_from={path}: not a release folder (no {CONFIG_FILE} and weights)")
     theirs, ours = json.loads((path / CONFIG_FILE).read_text()), model.cfg.to_dict()
+    theirs = {**ModelConfig().to_dict(), **theirs}  # a knob added since the release was written: its default
     differ = [f"model.{k} is {theirs.get(k)!r} there, {ours[k]!r} here" for k in WEIGHT_KNOBS if theirs.get(k) != ours[k]]
     if differ:
         raise ConfigError(f"train.init_from={path}: the run's model is not the release's ({'; '.join(differ)})")
     tokenizer = path / TOKENIZER_FILE
-    if tokenizer.is_file():
-        own = Tokenizer(tokenizer).fingerprint()
-        for m in manifests:
-            if m.tokenizer.get("fingerprint") not in (None, own):
-                raise ConfigError(f"train.init_from={path}: {m.root} was tokenized with {m.tokenizer_path}, not the "
-                                  f"release's {tokenizer} (write the shards with --tokenizer {tokenizer})")
+    if not tokenizer.is_file():
+        raise ConfigError(f"train.init_from={path}: the release has no {TOKENIZER_FILE}, so the shards' tokenizer "
+                          "cannot be checked against its embeddings (write it with its tokenizer)")
+    own = Tokenizer(tokenizer).fingerprint()
+    for m in manifests:
+        if m.tokenizer.get("fingerprint") not in (None, own):
+            raise ConfigError(f"train.init_from={path}: {m.root} was tokenized with {m.tokenizer_path}, not the "
+                              f"release's {tokenizer} (write the shards with --tokenizer {tokenizer})")
     state = load_weights(path)
     try:
         check_state_shapes(model, {k: v.shape for k, v in state.items()})
@@ -183,6 +208,7 @@ def load_for_sampling(path: str | Path, device="cpu", ema: bool = True) -> Loade
             info["encoder"]["path"] = str(path / info["encoder"]["path"])  # relative to the release
         tok = path / TOKENIZER_FILE
         return Loaded(model, tok if tok.is_file() else None, info)
-    model, config, _ = model_from_checkpoint(checkpoint_folder(path), ema)
-    info, tokenizer = data_info(config.get("data", {}))
+    folder = checkpoint_folder(path)
+    model, config, _ = model_from_checkpoint(folder, ema)
+    info, tokenizer, _ = checkpoint_data(folder, config)
     return Loaded(model.to(device), tokenizer, info)
