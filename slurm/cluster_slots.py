@@ -68,9 +68,16 @@ def claim(root: Path, owner: int | None, nodes: list[str], leftovers: Callable[[
     with open(REGISTRY / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         held = []
+        for slot in map(Slot, range(SLOTS)):  # this folder's own cluster first: one cluster per folder
+            record = _read(slot)
+            if record and record["root"] == str(root):
+                if _alive(record) and record.get("owner") != owner:
+                    raise SlotError(f"{root}: its cluster is running (slot {slot.index}); stop it first with "
+                                    f"python -m slurm.local_cluster down --dir {root}")
+                reclaim(slot, record.get("nodes", nodes), leftovers(root))
         for slot in map(Slot, range(SLOTS)):
             record = _read(slot)
-            if record and record["root"] != str(root) and _alive(record):
+            if record and _alive(record):
                 held.append(f"slot {slot.index}: {record['root']}")
                 continue
             if record:
@@ -81,11 +88,16 @@ def claim(root: Path, owner: int | None, nodes: list[str], leftovers: Callable[[
             if not all(_port_free(p) for p in slot.ports):
                 held.append(f"slot {slot.index}: ports {slot.ports} in use")
                 continue
-            slot.record.write_text(json.dumps({"root": str(root), "nodes": nodes, "owner": owner,
-                                               "owner_start": _start_time(owner) if owner else None}))
+            write_record(slot, root, nodes, owner)
             return slot
     raise SlotError(f"all {SLOTS} local Slurm slots are held ({'; '.join(held)}); "
                     f"stop one with python -m slurm.local_cluster down --dir DIR")
+
+
+def write_record(slot: Slot, root: Path, nodes: list[str], owner: int | None) -> None:
+    """Record the slot's cluster: `owner` bounds its life (None: alive while its slurmctld is)."""
+    slot.record.write_text(json.dumps({"root": str(root), "nodes": nodes, "owner": owner,
+                                       "owner_start": _start_time(owner) if owner else None}))
 
 
 def find(root: Path) -> tuple[Slot, list[str]] | None:
@@ -173,7 +185,7 @@ def _alive(record: dict) -> bool:
     owner = record.get("owner")
     if owner:
         return _start_time(owner) == record.get("owner_start")
-    return bool(_pids_mentioning(f"{record['root']}/slurm.conf"))
+    return bool(_pids_mentioning(f"{record['root']}/slurm.conf", ("slurmctld",)))
 
 
 def _start_time(pid: int) -> int | None:
@@ -184,18 +196,30 @@ def _start_time(pid: int) -> int | None:
         return None
 
 
-def _pids_mentioning(text: str) -> list[int]:
-    """Processes (not this one) whose command line contains `text`."""
+DAEMONS = ("slurmctld", "slurmd", "munged", "slurmstepd")
+
+
+def _pids_mentioning(text: str, names: tuple = DAEMONS) -> list[int]:
+    """Live processes named one of `names` (Slurm's and munge's daemons: never a shell, an editor or
+    an ancestor of this process) whose command line contains `text`."""
     pids = []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         try:
-            if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+            if (proc / "comm").read_text().strip() in names and not _zombie(int(proc.name)) and \
+                    text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
                 pids.append(int(proc.name))
         except OSError:
             pass
     return pids
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _port_free(port: int) -> bool:
@@ -218,6 +242,6 @@ def _kill(pid: int, sig: int) -> None:
 def wait_gone(pid: int, timeout: float) -> bool:
     """Whether process `pid` ended within `timeout` seconds."""
     deadline = time.time() + timeout
-    while time.time() < deadline and Path(f"/proc/{pid}").exists():
+    while time.time() < deadline and not _zombie(pid):  # a zombie is gone (a PID 1 may never reap it)
         time.sleep(0.1)
-    return not Path(f"/proc/{pid}").exists()
+    return _zombie(pid)

@@ -124,6 +124,13 @@ class LocalCluster:
 
     # ---- start -------------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> "LocalCluster":
+        try:
+            return self._start(timeout)
+        except BaseException:  # nothing half-started stays behind, whatever stopped it
+            self.stop()
+            raise
+
+    def _start(self, timeout: float) -> "LocalCluster":
         ensure_installed()
         if os.geteuid() != 0:
             raise ClusterError("starting slurmd needs root")
@@ -131,7 +138,8 @@ class LocalCluster:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         memory_mb = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2 ** 20 * 0.8 / self.nodes)
         try:
-            self.slot = cluster_slots.claim(self.root, self.owner, node_names(self.nodes), leftovers)
+            # owned by this process while it starts, so that no other start takes it for stale meanwhile
+            self.slot = cluster_slots.claim(self.root, self.owner or os.getpid(), node_names(self.nodes), leftovers)
         except SlotError as e:
             raise ClusterError(str(e)) from None
         self.conf.write_text(slurm_conf(self.root, self.munge_dir / "munge.socket", self.nodes, self.cpus,
@@ -144,6 +152,8 @@ class LocalCluster:
         for name in node_names(self.nodes):
             self.start_node(name)
         self.wait_idle(timeout)
+        if self.owner is None:  # from now on alive while its slurmctld is
+            cluster_slots.write_record(self.slot, self.root, node_names(self.nodes), None)
         return self
 
     def start_node(self, name: str) -> None:

@@ -81,6 +81,8 @@ def test_the_writer_process_writes_every_dtype_from_shared_buffers_and_outlives_
         assert loaded[key].dtype == state[key].dtype and torch.equal(loaded[key], state[key]), key
     assert (loaded["step"], loaded["name"]) == (3, "x")
     first = writer.process.proc.pid
+    for sig in (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT):  # Slurm signals every process of a step
+        os.kill(first, sig)
     writer.put(tmp_path / "b.pt", {**state, "ids": torch.arange(9)})  # a new shape: a new buffer
     assert writer.wait() and torch.load(tmp_path / "b.pt")["ids"].tolist() == list(range(9))
     assert writer.process.proc.pid == first
@@ -103,6 +105,21 @@ def test_the_writer_process_writes_every_dtype_from_shared_buffers_and_outlives_
     writer.put(tmp_path / "e.pt", state)
     assert writer.wait() and torch.load(tmp_path / "e.pt")["step"] == 3
     assert writer.process.proc.pid != second and "writer process ended (exit code -9)" in capfd.readouterr().err
+
+
+def test_the_writer_process_dies_with_its_rank(tmp_path):
+    """A rank killed with SIGKILL takes its writer process (and the snapshot's memory) with it."""
+    script = ("import sys, time, torch\nfrom pretrain.checkpoint.writer import FileWriter\n"
+              "w = FileWriter(asynchronous=True)\nw.put(sys.argv[1], {'x': torch.ones(1000)})\nw.wait()\n"
+              "print(w.process.proc.pid, flush=True)\ntime.sleep(600)\n")
+    rank = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "a.pt")], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, text=True)
+    child = int(rank.stdout.readline())
+    os.kill(child, signal.SIGSTOP)  # as if busy with a write: it would never read the end of its socket
+    rank.kill()
+    rank.wait()
+    from slurm.cluster_slots import wait_gone
+    assert wait_gone(child, 30), "the writer process outlived its rank"
 
 
 # ---- bad settings: one line before anything starts -------------------------------------------------------

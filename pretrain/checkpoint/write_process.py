@@ -3,26 +3,32 @@ copying into the page cache never hold the training process's GIL (a ZeRO-3 step
 hooks around every block and stalls behind a writer thread that holds it).
 
 The snapshot buffers live in anonymous shared memory (`memfd_create`), kept from one save to the
-next: `SharedBuffers.empty` hands out tensors over them, and the writer process receives each
-buffer's file descriptor once (SCM_RIGHTS over a socket pair). A file to write travels as a
+next: `SharedBuffers.empty` cuts tensors from slabs of it, and the writer process receives each
+slab's file descriptor once (SCM_RIGHTS over a socket pair). A file to write travels as a
 pickle in which every buffer tensor is a reference (persistent id); the process rebuilds the
 tensors over its own mapping of the same memory and writes them with `write_file`. Nothing has a
 name in /dev/shm, so a killed rank leaves no memory behind, and /dev/shm's size does not matter.
-The process ends when its socket closes (its rank ended or died) and writes at nice 19, without
-the zip records' CRC-32 (a third of a write's CPU time; torch.load does not read it).
+The process ends when its socket closes (its rank ended) or its rank dies (PR_SET_PDEATHSIG),
+ignores the stop signals Slurm sends to every process of a step (its rank waits for the write in
+flight), and writes at nice 19, without the zip records' CRC-32 (a third of a write's CPU time;
+torch.load does not read it).
 
     python -m pretrain.checkpoint.write_process FD     # started by WriteProcess, not by hand
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import mmap
 import os
 import pickle
+import select
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 
 import torch
 
@@ -30,37 +36,65 @@ from pretrain.checkpoint.writer import write_file
 
 HEADER = struct.Struct("<QI")  # pickle length, number of file descriptors that came with it
 MAX_FDS = 200  # per message (the kernel's SCM_MAX_FD is 253)
+SLAB_BYTES = 256 * 2**20  # buffers are cut from slabs of shared memory: a few descriptors, not one per tensor
+ALIGN = 64
+POLL_S = 5.0  # how often a write waiting for the process checks that it is still alive
 
 
 class SharedBuffers:
-    """Tensors over anonymous shared memory, each a buffer of its own that a WriteProcess can map."""
+    """Tensors over anonymous shared memory that a WriteProcess can map: cut one after another from
+    slabs (one memfd each), kept for the life of the run; used by the training thread (snapshots)
+    and the writer thread (sending), hence the lock."""
 
     def __init__(self):
-        self.fds: dict[int, int] = {}  # buffer id -> memfd
-        self.by_tensor: dict[int, tuple[int, torch.Tensor]] = {}  # id(tensor) -> (buffer id, tensor)
-        self.released: list[int] = []
-        self.next_id = 0
+        self.slabs: list[mmap.mmap] = []  # slab id = index
+        self.slab_fds: list[int] = []  # their memfds, sent to each new writer process
+        self.free_from = 0  # first free byte of the last slab
+        self.where: dict[int, tuple[int, int, int, torch.Tensor]] = {}  # id(tensor) -> (slab, offset, nbytes, tensor)
+        self.lock = threading.Lock()
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         if nbytes == 0:
             return torch.empty(shape, dtype=dtype)
-        fd = os.memfd_create(f"monofusion-checkpoint-{self.next_id}", os.MFD_CLOEXEC)
-        os.ftruncate(fd, nbytes)
-        tensor = torch.frombuffer(mmap.mmap(fd, nbytes), dtype=torch.uint8).view(dtype).view(shape)
-        if torch.cuda.is_available():  # pinned, for the asynchronous copy from the device
-            torch.cuda.cudart().cudaHostRegister(tensor.data_ptr(), nbytes, 0)
-        self.fds[self.next_id] = fd
-        self.by_tensor[id(tensor)] = (self.next_id, tensor)
-        self.next_id += 1
+        with self.lock:
+            if not self.slabs or self.free_from + nbytes > len(self.slabs[-1]):
+                self._new_slab(max(SLAB_BYTES, nbytes))
+            slab, offset = len(self.slabs) - 1, self.free_from
+            self.free_from = -(-(offset + nbytes) // ALIGN) * ALIGN
+            tensor = torch.frombuffer(self.slabs[slab], dtype=torch.uint8, count=nbytes, offset=offset) \
+                .view(dtype).view(shape)
+            self.where[id(tensor)] = (slab, offset, nbytes, tensor)
         return tensor
 
+    def _new_slab(self, nbytes: int) -> None:
+        fd = os.memfd_create(f"monofusion-checkpoint-{len(self.slabs)}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, nbytes)
+            slab = mmap.mmap(fd, nbytes)
+        except OSError:
+            os.close(fd)
+            raise
+        if torch.cuda.is_available():  # pinned, for the asynchronous copies from the device
+            cudart = torch.cuda.cudart()
+            address = ctypes.addressof(ctypes.c_char.from_buffer(slab))
+            if int(cudart.cudaHostRegister(address, nbytes, 0)) != 0:
+                cudart.cudaGetLastError()  # clear it: the training thread must not meet it at its next kernel
+                print("warning: checkpoint snapshot memory could not be pinned (copies from the GPU are "
+                      "synchronous)", file=sys.stderr, flush=True)
+        self.slabs.append(slab)
+        self.slab_fds.append(fd)
+        self.free_from = 0
+
     def free(self, tensor: torch.Tensor) -> None:
-        """A buffer no longer used (the snapshot replaced it)."""
-        entry = self.by_tensor.pop(id(tensor), None)
-        if entry is not None:
-            os.close(self.fds.pop(entry[0]))
-            self.released.append(entry[0])
+        """A buffer no longer used (the snapshot replaced it; its bytes stay in the slab: shapes rarely change)."""
+        with self.lock:
+            self.where.pop(id(tensor), None)
+
+    def fds(self, start: int) -> list[int]:
+        """The descriptors of slabs `start`, `start + 1`, ..."""
+        with self.lock:
+            return self.slab_fds[start:]
 
 
 class WriteProcess:
@@ -69,23 +103,23 @@ class WriteProcess:
     def __init__(self, buffers: SharedBuffers):
         self.buffers = buffers
         self.sock, child = socket.socketpair()
-        self.proc = subprocess.Popen([sys.executable, "-m", "pretrain.checkpoint.write_process", str(child.fileno())],
-                                     pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([sys.executable, "-m", "pretrain.checkpoint.write_process", str(child.fileno()),
+                                      str(os.getpid())], pass_fds=[child.fileno()], stdin=subprocess.DEVNULL)
         child.close()
-        self.sent: set[int] = set()  # buffers the process has
+        self.sent = 0  # slabs the process has
 
     def write(self, path: str, obj) -> None:
-        released, self.buffers.released = self.buffers.released, []
-        self.sent -= set(released)
-        new = [b for b in self.buffers.fds if b not in self.sent]
-        for i in range(0, len(new), MAX_FDS):
-            chunk = new[i:i + MAX_FDS]
-            _send(self.sock, ("buffers", chunk), [self.buffers.fds[b] for b in chunk])
-            self.sent.update(chunk)
-        payload = io.BytesIO()
-        _Pickler(payload, self.buffers).dump(obj)
         try:
-            _send(self.sock, ("write", str(path), payload.getvalue(), released), [])
+            new = self.buffers.fds(self.sent)
+            for i in range(0, len(new), MAX_FDS):
+                _send(self.sock, ("slabs", self.sent + i, len(new[i:i + MAX_FDS])), new[i:i + MAX_FDS])
+            self.sent += len(new)
+            payload = io.BytesIO()
+            _Pickler(payload, self.buffers).dump(obj)
+            _send(self.sock, ("write", str(path), payload.getvalue()), [])
+            while not select.select([self.sock], [], [], POLL_S)[0]:
+                if self.proc.poll() is not None:
+                    raise EOFError("no reply")
             reply, _ = _recv(self.sock)
         except (OSError, EOFError) as e:
             raise OSError(f"the checkpoint writer process ended (exit code {self.proc.poll()}): {e}") from None
@@ -106,22 +140,23 @@ class _Pickler(pickle.Pickler):
         self.buffers = buffers
 
     def persistent_id(self, obj):
-        if torch.is_tensor(obj) and id(obj) in self.buffers.by_tensor:
-            return self.buffers.by_tensor[id(obj)][0], str(obj.dtype).removeprefix("torch."), tuple(obj.shape)
+        if torch.is_tensor(obj) and id(obj) in self.buffers.where:
+            slab, offset, nbytes, _ = self.buffers.where[id(obj)]
+            return slab, offset, nbytes, str(obj.dtype).removeprefix("torch."), tuple(obj.shape)
         return None
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, maps: dict):
+    def __init__(self, file, slabs: dict):
         super().__init__(file)
-        self.maps, self.tensors = maps, {}
+        self.slabs, self.tensors = slabs, {}
 
     def persistent_load(self, pid):
-        buffer_id, dtype, shape = pid  # a storage of its own per buffer, so torch.save writes only it
-        if buffer_id not in self.tensors:  # a tensor met twice (tied) stays one, as torch.save keeps it
-            self.tensors[buffer_id] = torch.frombuffer(self.maps[buffer_id], dtype=torch.uint8) \
-                .view(getattr(torch, dtype)).view(shape)
-        return self.tensors[buffer_id]
+        slab, offset, nbytes, dtype, shape = pid  # a storage of exactly its bytes, so torch.save writes only them
+        if (slab, offset) not in self.tensors:  # a tensor met twice (tied) stays one, as torch.save keeps it
+            self.tensors[slab, offset] = torch.frombuffer(self.slabs[slab], dtype=torch.uint8, count=nbytes,
+                                                          offset=offset).view(getattr(torch, dtype)).view(shape)
+        return self.tensors[slab, offset]
 
 
 def _send(sock: socket.socket, message, fds: list[int]) -> None:
@@ -131,11 +166,15 @@ def _send(sock: socket.socket, message, fds: list[int]) -> None:
 
 
 def _recv(sock: socket.socket):
-    head, fds, _, _ = socket.recv_fds(sock, HEADER.size, MAX_FDS)
+    head, fds, flags, _ = socket.recv_fds(sock, HEADER.size, MAX_FDS)
     if not head:
         raise EOFError("socket closed")
     head += _read(sock, HEADER.size - len(head))
-    size, _ = HEADER.unpack(head)
+    size, count = HEADER.unpack(head)
+    if len(fds) != count or flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(f"{count} file descriptors sent, {len(fds)} received (the process's limit on open files?)")
     return pickle.loads(_read(sock, size)), fds
 
 
@@ -151,30 +190,44 @@ def _read(sock: socket.socket, n: int) -> bytes:
 
 
 def serve(sock: socket.socket) -> None:
-    """The writer process's loop: map buffers, write files, until the socket closes."""
-    maps: dict[int, mmap.mmap] = {}
+    """The writer process's loop: map slabs, write files, until the socket closes."""
+    slabs: dict[int, mmap.mmap] = {}
     while True:
         try:
             message, fds = _recv(sock)
         except (EOFError, ConnectionResetError):
             return
-        if message[0] == "buffers":
-            for buffer_id, fd in zip(message[1], fds):
-                maps[buffer_id] = mmap.mmap(fd, os.fstat(fd).st_size)
+        if message[0] == "slabs":
+            for i, fd in enumerate(fds):
+                slabs[message[1] + i] = mmap.mmap(fd, os.fstat(fd).st_size)
                 os.close(fd)
             continue
-        _, path, payload, released = message
-        for buffer_id in released:
-            maps.pop(buffer_id, None)
+        _, path, payload = message
         try:
-            write_file(path, _Unpickler(io.BytesIO(payload), maps).load())
+            write_file(path, _Unpickler(io.BytesIO(payload), slabs).load())
             reply = None
         except Exception as e:
             reply = str(e) if isinstance(e, OSError) else f"{type(e).__name__}: {e}"
-        _send(sock, reply, [])
+        try:
+            _send(sock, reply, [])
+        except OSError:  # the rank is gone
+            return
+
+
+def _end_with(parent: int) -> None:
+    """Die with the rank (SIGKILL when it dies: its checkpoint cannot be committed any more) and
+    leave the rank's stop signals (Slurm signals every process of a step; Ctrl-C the process group)
+    to the rank, which waits for the write in flight."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before prctl
+        os._exit(0)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":
+    _end_with(int(sys.argv[2]))
     os.nice(19)  # the write takes only what training leaves idle; no GIL is shared with it
     torch.serialization.set_crc32_options(False)  # a third of the CPU time of a write; torch.load never checks it
     serve(socket.socket(fileno=int(sys.argv[1])))
