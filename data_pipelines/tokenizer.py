@@ -92,6 +92,8 @@ def adopt_tokenizer(source: str | Path, out: str | Path) -> tuple[Tokenizer, lis
         proto.ParseFromString(source.read_bytes())
     except Exception as e:  # noqa: BLE001 - protobuf raises its own DecodeError
         raise ValueError(f"{source}: not a sentencepiece model ({e})") from None
+    if not proto.pieces:  # an empty file parses as a model of no pieces
+        raise ValueError(f"{source}: not a sentencepiece model (no pieces; {source.stat().st_size} bytes)")
     spec, kinds = proto.trainer_spec, pb.ModelProto.SentencePiece
     roles = {}  # old id -> the reserved piece it becomes
     for i, p in enumerate(proto.pieces):

@@ -131,6 +131,18 @@ def test_an_unknown_rope_type_or_a_missing_field_is_named(tiny_llamas, tmp_path,
         assert len(err) == 1 and what in err[0], err
 
 
+def test_an_empty_or_unreadable_tokenizer_is_named_and_nothing_is_written(tiny_llamas, tmp_path, capsys):
+    from pretrain.convert import main
+    for content, what in ((b"", "no pieces; 0 bytes"), (b"\xff" * 64, "not a sentencepiece model")):
+        folder = tmp_path / f"llama-{len(content)}"
+        shutil.copytree(tiny_llamas[True], folder)
+        (folder / "tokenizer.model").write_bytes(content)
+        assert main(["import-llama", str(folder), str(tmp_path / "release")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{folder / 'tokenizer.model'}: " in err[0] and what in err[0], err
+        assert not (tmp_path / "release").exists() and not list(tmp_path.glob(".release.tmp*"))
+
+
 def test_exported_model_loads_in_transformers_with_the_same_logits(tiny_llamas, tmp_path):
     from model.transformer import UnifiedTransformer
     from pretrain.convert import main
