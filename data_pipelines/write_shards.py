@@ -35,7 +35,7 @@ from data_pipelines.ingest.tasks import task_device, task_split
 from data_pipelines.ingest.video import ClipPolicy
 from data_pipelines.shards import Manifest, ShardSetWriter
 from data_pipelines.sources import DIGIT_SPLITS, SOURCES, digit_split, get_source
-from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 from model.layout import LayoutSpec
 
 
@@ -76,7 +76,7 @@ def write_shards(source: str, out: str, tokenizer: str, encoder: str = "pixels",
                  channels: int = 3, samples_per_shard: int = 256, batch: int = 64, progress: bool = True,
                  **source_options) -> Manifest:
     """Write `source`'s documents as shards under `out`; returns the manifest."""
-    tok = Tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
     enc = build_encoder(encoder, vae, channels)
     for key in ("frames", "clip_frames"):  # a clip length the encoder cannot take: refused before any work
         if source_options.get(key) is not None:
@@ -132,7 +132,7 @@ def write_media_shards(source: str, out: str, tokenizer: str, inputs: list[str],
     """Extract this task's share of a webdataset, parquet or files source of images and videos
     (data_pipelines.ingest)."""
     task, tasks = task_split(tasks, task)
-    tok = Tokenizer(tokenizer)
+    tok = load_tokenizer(tokenizer)
     enc = build_encoder(encoder, vae, channels, device=task_device())
     block_side = math.isqrt(sizing.block_size) if sizing.layout == "acdit" and sizing.block_size else 1
     if block_side ** 2 != max(sizing.block_size, 1) and sizing.layout == "acdit":

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     r.add_argument("--text-only", action="store_true", help="write the release although the checkpoint names no "
                                                               "latent encoder or shapes (it samples text only)")
     i = sub.add_parser("import-llama", help="Hugging Face Llama folder -> release folder (latent parts fresh)")
-    i.add_argument("hf_dir", help="folder with config.json, *.safetensors and tokenizer.model")
+    i.add_argument("hf_dir", help="folder with config.json, *.safetensors and tokenizer.model or tokenizer.json")
     i.add_argument("out", help="release folder to write")
     i.add_argument("overrides", nargs="*", help="model knobs the Llama does not fix, e.g. model.latent_channels=4 "
                                                   "model.patch_size=2 model.objective=flow model.mode=acdit")
@@ -146,7 +146,8 @@ def main(argv=None) -> int:
         if a.command == "import-llama":
             from pretrain.export.llama import import_llama
             out = import_llama(a.hf_dir, a.out, progress=True, **latent_knobs(a.overrides))
-            print(f"wrote {out}; train from it with train.init_from={out} (shards: --tokenizer {out}/tokenizer.model)")
+            from data_pipelines.tokenizer import find_tokenizer
+            print(f"wrote {out}; train from it with train.init_from={out} (shards: --tokenizer {find_tokenizer(out)})")
         elif a.command == "export-llama":
             from pretrain.export.llama import export_llama
             out = export_llama(a.release, a.out, a.dtype, progress=True)

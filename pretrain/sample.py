@@ -51,11 +51,11 @@ def latent_shape(loaded: Loaded, kind: str, size=None, frames=None) -> list[int]
 
 
 def tokenizer_of(loaded: Loaded):
-    from data_pipelines.tokenizer import Tokenizer
+    from data_pipelines.tokenizer import load_tokenizer
     if loaded.tokenizer is None:
-        raise SampleError("no tokenizer found (no tokenizer.model in the release folder, no tokenizer path in "
+        raise SampleError("no tokenizer found (no tokenizer.model or tokenizer.json in the release folder, no tokenizer path in "
                           "the run's shard manifests): pass --tokenizer")
-    return Tokenizer(loaded.tokenizer)
+    return load_tokenizer(loaded.tokenizer)
 
 
 def sample_pixels(loaded: Loaded, prompts: list[str], per_prompt: int = 1, kind: str = "image", steps: int = 50,

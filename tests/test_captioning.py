@@ -189,8 +189,8 @@ def test_two_ranks_train_both_directions_and_caption_held_out_digits_from_the_em
     latents, ids = caption_set([str(tmp_path / "held")], 20)
     loaded = load_for_sampling(run)
     captions = caption_latent_batches(loaded, latents, 8)
-    from data_pipelines.tokenizer import Tokenizer
-    references = [Tokenizer(loaded.tokenizer).decode(x) for x in ids]
+    from data_pipelines.tokenizer import load_tokenizer
+    references = [load_tokenizer(loaded.tokenizer).decode(x) for x in ids]
     assert rows == ["reference\tcaption"] + [f"{one_line(a)}\t{one_line(b)}" for a, b in zip(references, captions)]
     assert m[4]["sample/caption_accuracy"] == score_captions(captions, references)["caption_accuracy"]
 

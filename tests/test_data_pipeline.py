@@ -13,7 +13,7 @@ import torch
 from data_pipelines.loader import PackedLoader
 from data_pipelines.shards import ShardSetWriter, load_manifest
 from data_pipelines.slot import DataError
-from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.tokenizer import load_tokenizer
 from model.special_tokens import BOI, SPECIAL_TOKENS
 from tests.data_fixtures import data_config, model_config
 
@@ -58,9 +58,9 @@ def assert_each_token_once(keys: collections.Counter, expected: dict):
 
 
 def test_tokenizer_special_ids_and_round_trip(test_data):
-    tok = Tokenizer(test_data["tokenizer"])
+    tok = load_tokenizer(test_data["tokenizer"])
     for i, piece in enumerate(SPECIAL_TOKENS):
-        assert tok.sp.id_to_piece(i) == piece
+        assert tok.id_to_piece(i) == piece
     assert tok.token_id("boi") == tok.token_id("<boi>") == BOI
     text = "def f(x):\n\treturn x  # ünïcode ✓ 数字\n"
     assert tok.decode(tok.encode(text)) == text
@@ -73,7 +73,7 @@ def test_train_tokenizer_cli(test_data, tmp_path):
     r = subprocess.run([sys.executable, "-m", "data_pipelines.train_tokenizer", "--input", str(test_data["corpus"]),
                         "--vocab-size", "600", "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert Tokenizer(out).vocab_size == 600
+    assert load_tokenizer(out).vocab_size == 600
 
 
 def test_write_shards_digits_writes_1797_samples(test_data):

@@ -12,13 +12,15 @@ PIECES, VOCAB = 400, 404  # the Llama's embedding has rows past its tokenizer's 
 
 
 def hf_tokenizer(corpus, out):
-    """A sentencepiece model laid out as Llama's are: <unk>=0, <s>=1, </s>=2, no pad."""
+    """A sentencepiece model trained as Llama's are (<unk>=0, <s>=1, </s>=2, no pad; no normalisation,
+    spaces kept, a '▁' before the text), which transformers' conversion assumes."""
     import sentencepiece as spm
     from data_pipelines.sources import iter_text_files, text_lines
     lines = [line for line in text_lines(iter_text_files([corpus])) if line.strip()][:3000]
     spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(out / "tokenizer"),
                                    vocab_size=PIECES, model_type="bpe", byte_fallback=True,
-                                   character_coverage=0.995, minloglevel=2)
+                                   character_coverage=0.995, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True, minloglevel=2)
     return out / "tokenizer.model"
 
 
@@ -65,7 +67,7 @@ def logit_gap(ours, theirs, folder, new_id) -> float:
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_imported_llama_gives_transformers_logits(tiny_llamas, tmp_path, tied):
-    from data_pipelines.tokenizer import Tokenizer, adopt_tokenizer
+    from data_pipelines.tokenizer import adopt_sentencepiece, load_tokenizer
     from model.transformer import UnifiedTransformer
     from pretrain.convert import main
     folder = tiny_llamas[tied]
@@ -75,10 +77,10 @@ def test_imported_llama_gives_transformers_logits(tiny_llamas, tmp_path, tied):
                  "model.patch_size=2", "model.objective=flow"]) == 0
     ours = UnifiedTransformer.from_pretrained(tmp_path / "release")
     assert ours.cfg.latent_channels == 1 and ours.cfg.rope_theta == 500000.0 and ours.cfg.n_kv_heads == 2
-    _, new_id = adopt_tokenizer(folder / "tokenizer.model", tmp_path / "again.model")
+    _, new_id = adopt_sentencepiece(folder / "tokenizer.model", tmp_path / "again.model")
     assert logit_gap(ours, transformers.LlamaForCausalLM.from_pretrained(folder).eval(), folder, new_id) < 1e-4
     # the release's tokenizer is the Llama's with the reserved tokens first: the same text, the same pieces
-    tok = Tokenizer(tmp_path / "release" / "tokenizer.model")
+    tok = load_tokenizer(tmp_path / "release" / "tokenizer.model")
     assert tok.encode("a for statement") == [new_id[i] for i in hf_ids(folder, "a for statement")[1:]]
 
 
@@ -94,7 +96,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "rope_scaling": dict(LLAMA3, factor=2.0)},
      dict(rope_scaling="llama3", rope_factor=2.0, rope_theta=10000.0))])
 def test_scaled_rotary_round_trips_with_transformers_logits(tiny_llamas, tmp_path, rope, knobs):
-    from data_pipelines.tokenizer import adopt_tokenizer
+    from data_pipelines.tokenizer import adopt_sentencepiece
     from model.transformer import UnifiedTransformer
     from pretrain.convert import main
     folder = tmp_path / "llama"
@@ -104,7 +106,7 @@ def test_scaled_rotary_round_trips_with_transformers_logits(tiny_llamas, tmp_pat
     config.pop("rope_scaling", None)
     (folder / "config.json").write_text(json.dumps({**config, **rope}))
     theirs = transformers.LlamaForCausalLM.from_pretrained(folder).eval()
-    _, new_id = adopt_tokenizer(folder / "tokenizer.model", tmp_path / "again.model")
+    _, new_id = adopt_sentencepiece(folder / "tokenizer.model", tmp_path / "again.model")
     assert main(["import-llama", str(folder), str(tmp_path / "release")]) == 0
     ours = UnifiedTransformer.from_pretrained(tmp_path / "release")
     assert {k: getattr(ours.cfg, k) for k in knobs} == knobs
@@ -162,7 +164,7 @@ def test_exported_model_loads_in_transformers_with_the_same_logits(tiny_llamas, 
 def test_exported_tokenizer_encodes_as_ours(tiny_llamas, test_data, tmp_path, tokenizer):
     """An adopted Llama tokenizer puts '▁' before the text, the project's do not: transformers must
     encode as the release's own tokenizer does, either way."""
-    from data_pipelines.tokenizer import Tokenizer
+    from data_pipelines.tokenizer import load_tokenizer
     from model.model_config import ModelConfig
     from model.transformer import UnifiedTransformer
     from pretrain.convert import main
@@ -173,7 +175,7 @@ def test_exported_tokenizer_encodes_as_ours(tiny_llamas, test_data, tmp_path, to
         model = UnifiedTransformer(ModelConfig(dim=32, n_layers=1, n_heads=2, vocab_size=1000))
         save_release(model, tmp_path / "release", {"encoder": None, "latent_shapes": {}}, test_data["tokenizer"])
     assert main(["export-llama", str(tmp_path / "release"), str(tmp_path / "hf")]) == 0
-    ours = Tokenizer(tmp_path / "release" / "tokenizer.model")
+    ours = load_tokenizer(tmp_path / "release" / "tokenizer.model")
     theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     for text in ("a handwritten digit seven", "The for statement iterates over items."):
         assert theirs(text)["input_ids"] == [2] + ours.encode(text)

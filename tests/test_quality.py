@@ -1,7 +1,4 @@
 """The digit classifier behind the generation-quality numbers, and the quality CLI."""
-import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -133,13 +133,13 @@ def test_sharded_evaluation_over_mixed_held_out_data_samples_from_the_ema(tiny_c
     assert f"sample/digit_accuracy {m[2]['sample/digit_accuracy']:.4g}" in said
     # the same sampling, offline, from the step-2 checkpoint's EMA (consolidated from the rank files)
     from data_pipelines.encoders import load_encoder
-    from data_pipelines.tokenizer import Tokenizer
+    from data_pipelines.tokenizer import load_tokenizer
     from model.sample import sample_latents
     from pretrain.images import decode
     from pretrain.quality import score_digits
     from pretrain.export.release import load_for_sampling
     loaded = load_for_sampling(run)
-    ids = [Tokenizer(loaded.tokenizer).encode(p) for p in prompts for _ in range(3)]
+    ids = [load_tokenizer(loaded.tokenizer).encode(p) for p in prompts for _ in range(3)]
     pixels = decode(load_encoder(loaded.info["encoder"]), sample_latents(
         loaded.model, ids, loaded.info["latent_shapes"]["image"], steps=3, cfg_scale=3.0, seed=0))
     expected = score_digits(prompts, pixels, 3)

@@ -30,8 +30,8 @@ def heldout_overlap(train_dir: Path, heldout_dir: Path, min_chars: int = 40) -> 
     lines of at least `min_chars` characters that also occur in the training pieces."""
     import hashlib
     from data_pipelines.shards import iter_shard_documents, load_manifest
-    from data_pipelines.tokenizer import Tokenizer
-    tok = Tokenizer(load_manifest(train_dir).tokenizer_path)
+    from data_pipelines.tokenizer import load_tokenizer
+    tok = load_tokenizer(load_manifest(train_dir).tokenizer_path)
 
     def pieces(directory):
         return [[t for s in segments if "tokens" in s for t in s["tokens"]] for _, segments in

@@ -10,7 +10,7 @@ writes the same bytes. Finished units are recorded in the task's part (data_pipe
 from __future__ import annotations
 
 import logging
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -27,7 +27,7 @@ from data_pipelines.ingest.parts import Part, skip_summary, merge_parts, output_
 from data_pipelines.ingest.resolution import ResolutionPolicy, Skip
 from data_pipelines.ingest.video import ClipPolicy, iter_clips
 from data_pipelines.shards import ShardFile
-from data_pipelines.tokenizer import Tokenizer
+from data_pipelines.tokenizer import Tokenizer, load_tokenizer
 from data_pipelines.transport.policy import ReadPolicy, RemoteError
 from model.layout import LayoutSpec
 
@@ -80,7 +80,7 @@ class UnitSamples(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         mine = self.units[info.id::info.num_workers] if info else self.units
-        tok = Tokenizer(self.prep.tokenizer)
+        tok = load_tokenizer(self.prep.tokenizer)
         for u, unit in mine:
             try:
                 for rec in read_unit(unit, self.prep.read, self.prep.transport):

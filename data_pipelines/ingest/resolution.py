@@ -71,7 +71,7 @@ class ResolutionPolicy:
 
     def apply(self, data: bytes) -> np.ndarray:
         """Encoded image bytes -> H,W,3 uint8 at the policy's size (Skip for undecodable or too small)."""
-        from PIL import Image, ImageOps
+        from PIL import Image
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)

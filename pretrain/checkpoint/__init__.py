@@ -37,6 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from data_pipelines.tokenizer import TOKENIZER_FILES, file_name as tokenizer_file_name, find_tokenizer
 from pretrain.checkpoint.writer import CheckpointWriteError, FileWriter, fsync_dir
 from model.config_system import InputMissing
 
@@ -45,8 +46,9 @@ CONFIG_FILE = "config.json"  # the resolved experiment config, readable without 
 EMA_FILE = "ema_fp32.pt"     # universal checkpoints: the whole EMA, {name: fp32 tensor}
 LINEAGE_FILE = "lineage"     # the id shared by a run's checkpoints and those of the runs resumed from them
 DATA_FILE = "data.json"      # what a release needs from the run's shards: encoder, latent shapes, tokenizer fingerprint
-TOKENIZER_FILE = "tokenizer.model"  # the shards' tokenizer (when it was found and matched their fingerprint)
-SIDE_FILES = (CONFIG_FILE, LINEAGE_FILE, DATA_FILE, TOKENIZER_FILE)  # rank 0's files beside DeepSpeed's
+# the shards' tokenizer (when it was found and matched their fingerprint) is carried under the name
+# data_pipelines.tokenizer gives its back-end: tokenizer.model or tokenizer.json
+SIDE_FILES = (CONFIG_FILE, LINEAGE_FILE, DATA_FILE, *TOKENIZER_FILES)  # rank 0's files beside DeepSpeed's
 TAG = re.compile(r"^step_(\d{8})(_universal)?$")
 FAULT_ENV = "MONOFUSION_FAULT"  # testing hook: "checkpoint-write@N" / "checkpoint-replace@N" exit inside
                                 # the save of step N (after writing / while an older step N is replaced);
@@ -142,7 +144,7 @@ def data_files(record: dict, tokenizer: Optional[bytes]) -> dict[str, bytes]:
     latent shapes, tokenizer fingerprint) and the tokenizer itself."""
     files = {DATA_FILE: (json.dumps(record, indent=2) + "\n").encode()}
     if tokenizer is not None:
-        files[TOKENIZER_FILE] = tokenizer
+        files[tokenizer_file_name(tokenizer)] = tokenizer
     return files
 
 
@@ -151,8 +153,7 @@ def read_data(folder: Path) -> tuple[Optional[dict], Optional[Path]]:
     folder = Path(folder)
     if not (folder / DATA_FILE).is_file():
         return None, None
-    tokenizer = folder / TOKENIZER_FILE
-    return json.loads((folder / DATA_FILE).read_text()), tokenizer if tokenizer.is_file() else None
+    return json.loads((folder / DATA_FILE).read_text()), find_tokenizer(folder)
 
 
 def prune(root: Path, keep: int, lineage: str) -> None:

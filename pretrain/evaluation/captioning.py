@@ -8,7 +8,7 @@ reference: `digits` (it names the reference's digit), `exact` (the same text).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch

@@ -82,7 +82,7 @@ class EvalSampler:
         """The (caption, image) samples to caption, read on rank 0 only (the trainer stops every rank
         when it fails): there are some, of the model's latent channels, the judge can judge their
         captions, and an image with caption_max_tokens fits the context."""
-        from data_pipelines.tokenizer import Tokenizer
+        from data_pipelines.tokenizer import load_tokenizer
         from model.generate import caption_document, check_context
         from model.layout import LayoutSpec
         from pretrain.evaluation.captioning import get_judge
@@ -109,7 +109,7 @@ class EvalSampler:
             raise ConfigError(f"{where}: data.eval_datasets hold latents of {channels.pop()} channels, the model "
                               f"takes {self.cfg.model.latent_channels} (model.latent_channels)")
         try:
-            tok = Tokenizer(self.tokenizer)
+            tok = load_tokenizer(self.tokenizer)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{where}: tokenizer {self.tokenizer}: {e}") from None
         self.caption_refs = [tok.decode(x) for x in ids]

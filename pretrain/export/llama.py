@@ -6,12 +6,14 @@
 `import-llama` reads a `LlamaForCausalLM` folder (config.json, safetensors, sharded or not; GQA;
 tied or untied embeddings; rope_theta) into a release folder: the backbone and LM head come
 from it, the latent parts (patch projection, timestep embedding, adaLN, latent head) are
-freshly initialised. Its `tokenizer.model` becomes the release's tokenizer with the project's
-reserved tokens put first (data_pipelines.tokenizer.adopt_tokenizer): the embedding and LM-head
-rows move with their pieces, the rows of the new reserved tokens are initialised. Shards for
-training on it are written with that tokenizer (`--tokenizer RELEASE/tokenizer.model`).
-`export-llama` writes the text path of a release as a folder `LlamaForCausalLM.from_pretrained`
-loads, with the release's sentencepiece tokenizer. Tensors are streamed, one at a time.
+freshly initialised. Its tokenizer (`tokenizer.model`, sentencepiece, with the tokens
+`added_tokens.json` or `tokenizer_config.json` add; else `tokenizer.json`, e.g. a byte-level BPE)
+becomes the release's with the project's reserved tokens put first and the config's bos/eos/pad
+renamed to them (data_pipelines.tokenizer): the embedding and LM-head rows move with their tokens,
+the rows of the new reserved tokens are initialised. Shards for training on it are written with
+that tokenizer (`--tokenizer RELEASE/tokenizer.model` or `.json`). `export-llama` writes the text
+path of a release as a folder `LlamaForCausalLM.from_pretrained` and `AutoTokenizer` load.
+Tensors are streamed, one at a time.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from model.special_tokens import BOS, EOS, PAD
 from model.weights import ByteProgress, Entry, LazyWeights, WeightsError, state_entries, write_weights
 from pretrain.export.staging import staged_folder
 
-HF_CONFIG, HF_TOKENIZER = "config.json", "tokenizer.model"
+HF_CONFIG, HF_TOKENIZER_CONFIG, HF_ADDED_TOKENS = "config.json", "tokenizer_config.json", "added_tokens.json"
 VOCAB_ROWS = ("tok_emb.weight", "lm_head.weight")  # rows indexed by token id
 
 
@@ -106,20 +108,16 @@ def model_config_from_llama(hf: dict, where: Path, **latent) -> ModelConfig:
 
 def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, progress: bool = False, **latent) -> Path:
     """A release folder whose text path is the Llama in `hf_dir` (see the module doc)."""
-    from data_pipelines.tokenizer import adopt_tokenizer
     from model.transformer import UnifiedTransformer
     from pretrain.export.release import stamp, write_release
     hf_dir = Path(hf_dir)
     if not (hf_dir / HF_CONFIG).is_file():
         raise InputMissing(f"{hf_dir / HF_CONFIG}: missing (not a Hugging Face model folder)")
-    if not (hf_dir / HF_TOKENIZER).is_file():
-        raise InputMissing(f"{hf_dir / HF_TOKENIZER}: missing (import-llama needs the sentencepiece "
-                                "tokenizer: the project's shards are written with it)")
     hf = json.loads((hf_dir / HF_CONFIG).read_text())
     theirs = LazyWeights(hf_dir)
     scratch = Path(tempfile.mkdtemp(prefix="import-llama-"))
     try:
-        tokenizer, new_id = adopt_tokenizer(hf_dir / HF_TOKENIZER, scratch / HF_TOKENIZER)
+        tokenizer, new_id, source = adopt_hf_tokenizer(hf_dir, hf, scratch)
         added = tokenizer.vocab_size - len(new_id)  # reserved tokens the source had no piece for
         base = model_config_from_llama(hf, hf_dir / HF_CONFIG, **latent)
         if hf["vocab_size"] < len(new_id):
@@ -153,12 +151,51 @@ def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, progress: b
         entries = state_entries(shell.state_dict(), torch.float32)
         info = {"encoder": None, "latent_shapes": {},
                 "provenance": stamp({"source": f"import-llama {hf_dir.resolve()}", "step": 0, "tokens_seen": 0,
-                                     "weights": "imported", "tokenizer": f"{hf_dir / HF_TOKENIZER} with the "
+                                     "weights": "imported", "tokenizer": f"{source} with the "
                                      f"project's reserved tokens first ({added} added)"})}
         with ByteProgress(entries, "import-llama", progress) as bar:
             return write_release(out, cfg, entries, get, info, tokenizer.path, progress=bar)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def adopt_hf_tokenizer(hf_dir: Path, hf: dict, scratch: Path):
+    """(tokenizer, new_id[old_id], source file) of a Hugging Face folder's tokenizer, adopted into
+    `scratch`: its sentencepiece `tokenizer.model` with the tokens the folder adds, else its
+    `tokenizer.json`; the config's eos, bos and pad ids (eos first, when one id is both) become the
+    reserved `<eos>`, `<bos>`, `<pad>`."""
+    from data_pipelines.tokenizer import JSON_FILE, SENTENCEPIECE_FILE, adopt_sentencepiece
+    from data_pipelines.tokenizer_json import adopt_tokenizer_json
+    roles = {}
+    for role in ("eos", "bos", "pad"):
+        ids = hf.get(f"{role}_token_id")
+        ids = ids[:1] if isinstance(ids, list) else [ids]  # a list of end ids: the first is the end of text
+        if ids and isinstance(ids[0], int) and ids[0] not in roles:
+            roles[ids[0]] = f"<{role}>"
+    if (hf_dir / SENTENCEPIECE_FILE).is_file():
+        return (*adopt_sentencepiece(hf_dir / SENTENCEPIECE_FILE, scratch / SENTENCEPIECE_FILE, roles,
+                                     added_tokens(hf_dir)), hf_dir / SENTENCEPIECE_FILE)
+    if (hf_dir / JSON_FILE).is_file():
+        return *adopt_tokenizer_json(hf_dir / JSON_FILE, scratch / JSON_FILE, roles), hf_dir / JSON_FILE
+    raise InputMissing(f"{hf_dir}: no {SENTENCEPIECE_FILE} or {JSON_FILE} (import-llama needs the tokenizer: "
+                       "the project's shards are written with it)")
+
+
+def added_tokens(hf_dir: Path) -> dict[int, str]:
+    """id -> text of the tokens a Hugging Face folder adds to its sentencepiece model
+    (`added_tokens.json`, and `tokenizer_config.json`'s `added_tokens_decoder`)."""
+    found = {}
+    for name, read in ((HF_ADDED_TOKENS, lambda d: {int(i): t for t, i in d.items()}),
+                       (HF_TOKENIZER_CONFIG, lambda d: {int(i): a["content"] for i, a in
+                                                        (d.get("added_tokens_decoder") or {}).items()})):
+        if (hf_dir / name).is_file():
+            try:
+                for i, text in read(json.loads((hf_dir / name).read_text())).items():
+                    if found.setdefault(i, text) != text:
+                        raise ValueError(f"{hf_dir / name}: id {i} is {text!r}, elsewhere {found[i]!r}")
+            except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+                raise ValueError(f"{hf_dir / name}: not a Hugging Face tokenizer file ({e})") from None
+    return found
 
 
 def _fresh_latent_parts(cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -175,7 +212,8 @@ def _fresh_latent_parts(cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 def export_llama(release: str | Path, out: str | Path, dtype: str = "fp32", progress: bool = False) -> Path:
     """The text path of a release folder as a Hugging Face Llama folder (safetensors + config.json +
-    the sentencepiece tokenizer); OUT is complete or absent."""
+    the release's tokenizer, of either back-end); OUT is complete or absent."""
+    from data_pipelines.tokenizer import find_tokenizer
     from model.transformer import CONFIG_FILE
     release, out = Path(release), Path(out)
     if not (release / CONFIG_FILE).is_file():
@@ -192,25 +230,22 @@ def export_llama(release: str | Path, out: str | Path, dtype: str = "fp32", prog
         with ByteProgress(entries, "export-llama", progress) as bar:
             write_weights(tmp, entries, lambda theirs: ours.get(back[theirs]), progress=bar)
         (tmp / HF_CONFIG).write_text(json.dumps(llama_config(cfg, dtype), indent=2) + "\n")
-        if (release / HF_TOKENIZER).is_file():
-            shutil.copyfile(release / HF_TOKENIZER, tmp / HF_TOKENIZER)
-            (tmp / "tokenizer_config.json").write_text(json.dumps(
-                {"tokenizer_class": "LlamaTokenizer", "bos_token": "<bos>", "eos_token": "<eos>",
-                 "unk_token": "<unk>", "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False,
-                 "legacy": False, "add_prefix_space": adds_prefix_space(release / HF_TOKENIZER)}, indent=2) + "\n")
+        tokenizer = find_tokenizer(release)
+        if tokenizer is not None:
+            shutil.copyfile(tokenizer, tmp / tokenizer.name)
+            (tmp / HF_TOKENIZER_CONFIG).write_text(json.dumps(hf_tokenizer_config(tokenizer), indent=2) + "\n")
     return out
 
 
-def adds_prefix_space(tokenizer: Path) -> bool:
-    """Whether a sentencepiece model puts '▁' before the text (ours do not; Llama's do), which the
-    Hugging Face tokenizer must be told to match."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-    proto = pb.ModelProto()
-    try:
-        proto.ParseFromString(tokenizer.read_bytes())
-    except Exception as e:  # noqa: BLE001 - protobuf raises its own DecodeError
-        raise ValueError(f"{tokenizer}: not a sentencepiece model ({e})") from None
-    return bool(proto.normalizer_spec.add_dummy_prefix)
+def hf_tokenizer_config(tokenizer: Path) -> dict:
+    """The `tokenizer_config.json` that makes transformers' AutoTokenizer encode as the release's
+    tokenizer does, with `<bos>` first (the JSON back-end's post-processor adds it)."""
+    from data_pipelines.tokenizer import JSON_FILE, adds_prefix_space
+    names = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    if tokenizer.name == JSON_FILE:
+        return {"tokenizer_class": "PreTrainedTokenizerFast", **names}
+    return {"tokenizer_class": "LlamaTokenizer", **names, "add_bos_token": True, "add_eos_token": False,
+            "legacy": False, "add_prefix_space": adds_prefix_space(tokenizer)}
 
 
 def llama_config(cfg: ModelConfig, dtype: str = "fp32") -> dict:

@@ -61,7 +61,7 @@ def render(cfg: ModelConfig, info: dict, shapes: dict[str, tuple]) -> str:
     lines += ["", "Sample with monofusion: `python -m pretrain.sample --model THIS_FOLDER --prompt \"...\" "
               "--out out.png`", "", "## Reading the weights without monofusion", "",
               "The weights are safetensors (fp32 or bf16); `config.json` holds the sizes, `release.json` the "
-              "latent encoder and latent shapes, `tokenizer.model` (sentencepiece) the tokenizer: ids 0-8 are "
+              "latent encoder and latent shapes, `tokenizer.model` (sentencepiece) or `tokenizer.json` (Hugging Face tokenizers) the tokenizer: ids 0-8 are "
               "`<pad> <unk> <bos> <eos> <boi> <eoi> <bov> <eov> <latent>`.", "", LOAD, "",
               f"Every linear layer is stored as torch.nn.Linear does (out x in; y = x W^T + b). Attention uses "
               f"rotary position embedding (rotate-half convention, base {cfg.rope_theta:g}, scaling "

@@ -2,7 +2,7 @@
 
     RELEASE/config.json                       the model config (model.transformer)
     RELEASE/model.safetensors                 or model-0000K-of-0000N.safetensors + model.safetensors.index.json
-    RELEASE/tokenizer.model                   the sentencepiece model of the shards
+    RELEASE/tokenizer.model or tokenizer.json the shards' tokenizer (sentencepiece, or tokenizers' JSON)
     RELEASE/release.json                      latent encoder, latent shapes seen in training, provenance
     RELEASE/README.md                         provenance for people: source, step, tokens, EMA or raw
     RELEASE/vae/                              the VAE, when the latents came from one
@@ -26,10 +26,11 @@ from model.model_config import ModelConfig
 from model.transformer import UnifiedTransformer, save_model_config
 from model.weights import Entry, has_weights, state_entries, write_weights
 from model.config_system import InputMissing
+from data_pipelines.tokenizer import file_name, find_tokenizer, load_tokenizer
 from pretrain.export import readme
 from pretrain.export.staging import staged_folder
 
-RELEASE_FILE, TOKENIZER_FILE, README_FILE = "release.json", "tokenizer.model", "README.md"
+RELEASE_FILE, README_FILE = "release.json", "README.md"
 WEIGHT_KNOBS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "norm_eps", "rope_theta", "rope_scaling",
                 "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_seq_len", "qk_norm",
                 "latent_channels", "patch_size")  # model knobs that give the weights their meaning
@@ -70,7 +71,7 @@ def checkpoint_data(folder: Path, config: dict) -> tuple[dict, Optional[Path], O
     would be read from wherever this runs)."""
     from data_pipelines.shards import load_manifest
     from data_pipelines.tokenizer import fingerprint_of
-    from pretrain.checkpoint import DATA_FILE, TOKENIZER_FILE, read_data
+    from pretrain.checkpoint import DATA_FILE, read_data
     record, tokenizer = read_data(folder)
     if record is None:
         manifests = []
@@ -86,7 +87,7 @@ def checkpoint_data(folder: Path, config: dict) -> tuple[dict, Optional[Path], O
             return record, None, f"{folder} has no {DATA_FILE} and " + (why or "its datasets' manifests are not found")
         return record, path, None
     if tokenizer is None:
-        return record, None, f"{folder / TOKENIZER_FILE} is missing"
+        return record, None, f"{folder} carries no tokenizer file"
     wanted, got = (record.get("tokenizer") or {}).get("fingerprint"), fingerprint_of(tokenizer.read_bytes())
     if wanted and got != wanted:
         return record, None, f"{tokenizer} is not the run's tokenizer (fingerprint {got}, {DATA_FILE} records {wanted})"
@@ -124,7 +125,7 @@ def write_release(out: str | Path, cfg: ModelConfig, entries: list[Entry], get_t
         (tmp / RELEASE_FILE).write_text(json.dumps(info, indent=2) + "\n")
         (tmp / README_FILE).write_text(readme.render(cfg, info, {e.name: tuple(e.shape) for e in entries}))
         if tokenizer is not None and Path(tokenizer).is_file():
-            shutil.copyfile(tokenizer, tmp / TOKENIZER_FILE)
+            shutil.copyfile(tokenizer, tmp / file_name(Path(tokenizer).read_bytes()))
     return Path(out)
 
 
@@ -166,7 +167,6 @@ def model_from_checkpoint(ckpt: Path, ema: bool = True) -> tuple[UnifiedTransfor
 def init_from_release(model: UnifiedTransformer, path: str | Path, manifests: list) -> None:
     """Copy a release folder's weights into `model` (train.init_from). ConfigError, one line, when its
     tensors do not fit the model or the shards were tokenized with another tokenizer than its own."""
-    from data_pipelines.tokenizer import Tokenizer
     from model.config_system import ConfigError
     from model.transformer import check_state_shapes
     from model.weights import WeightsError, load_weights
@@ -179,11 +179,11 @@ def init_from_release(model: UnifiedTransformer, path: str | Path, manifests: li
     differ = [f"model.{k} is {theirs.get(k)!r} there, {ours[k]!r} here" for k in WEIGHT_KNOBS if theirs.get(k) != ours[k]]
     if differ:
         raise ConfigError(f"train.init_from={path}: the run's model is not the release's ({'; '.join(differ)})")
-    tokenizer = path / TOKENIZER_FILE
-    if not tokenizer.is_file():
-        raise ConfigError(f"train.init_from={path}: the release has no {TOKENIZER_FILE}, so the shards' tokenizer "
+    tokenizer = find_tokenizer(path)
+    if tokenizer is None:
+        raise ConfigError(f"train.init_from={path}: the release has no tokenizer file, so the shards' tokenizer "
                           "cannot be checked against its embeddings (write it with its tokenizer)")
-    own = Tokenizer(tokenizer).fingerprint()
+    own = load_tokenizer(tokenizer).fingerprint()
     for m in manifests:
         if m.tokenizer.get("fingerprint") not in (None, own):
             raise ConfigError(f"train.init_from={path}: {m.root} was tokenized with {m.tokenizer_path}, not the "
@@ -206,8 +206,7 @@ def load_for_sampling(path: str | Path, device="cpu", ema: bool = True) -> Loade
         info = json.loads((path / RELEASE_FILE).read_text()) if (path / RELEASE_FILE).is_file() else {}
         if (info.get("encoder") or {}).get("type") == "vae":
             info["encoder"]["path"] = str(path / info["encoder"]["path"])  # relative to the release
-        tok = path / TOKENIZER_FILE
-        return Loaded(model, tok if tok.is_file() else None, info)
+        return Loaded(model, find_tokenizer(path), info)
     folder = checkpoint_folder(path)
     model, config, _ = model_from_checkpoint(folder, ema)
     info, tokenizer, _ = checkpoint_data(folder, config)
