@@ -191,16 +191,17 @@ def test_export_refuses_a_model_a_llama_cannot_hold(tmp_path, capsys):
     assert "qk_norm=True" in capsys.readouterr().err and not (tmp_path / "hf").exists()
 
 
-def test_an_hf_config_that_is_not_llama_names_the_field(tiny_llamas, tmp_path, capsys):
+@pytest.mark.parametrize("field,value", [("hidden_act", "gelu"), ("attention_bias", True), ("mlp_bias", True)])
+def test_an_hf_config_that_is_not_llama_names_the_field(tiny_llamas, tmp_path, capsys, field, value):
     from pretrain.convert import main
-    folder = tmp_path / "gelu"
+    folder = tmp_path / "llama"
     shutil.copytree(tiny_llamas[True], folder)
     config = json.loads((folder / "config.json").read_text())
-    config["hidden_act"] = "gelu"
+    config[field] = value
     (folder / "config.json").write_text(json.dumps(config))
     assert main(["import-llama", str(folder), str(tmp_path / "release")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "hidden_act='gelu' is not Llama-compatible" in err[0]
+    assert len(err) == 1 and f"{field}={value!r} is not Llama-compatible" in err[0], err
     assert not (tmp_path / "release").exists()
 
 

@@ -243,3 +243,32 @@ def test_an_interrupted_conversion_leaves_nothing_and_a_killed_ones_folder_is_re
     assert sorted(p.name for p in tmp_path.glob(".out.tmp-*")) == [live.name]
     monkeypatch.setattr(release, "write_weights", write_weights)
     assert convert.main(["to-release", str(broken), str(out)]) == 0 and (out / "release.json").is_file()
+
+
+def test_a_conversion_killed_with_sigkill_is_cleaned_up_by_the_next(broken, tmp_path):
+    """A real SIGKILL while to-release writes (held after its weights are in the staged folder): the
+    folder stays behind; the next run removes it and writes OUT whole."""
+    import signal
+    import time
+    out = tmp_path / "out"
+    held = ("import sys, time\nimport pretrain.export.release as r\nwrite = r.write_weights\n"
+            "def held(*a, **k):\n    write(*a, **k)\n    print('written', flush=True)\n    time.sleep(600)\n"
+            "r.write_weights = held\nfrom pretrain.convert import main\nsys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", held, "to-release", str(broken), str(out)], cwd=REPO, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert "written\n" in iter(proc.stdout.readline, "")  # DeepSpeed may print a line first
+        staged = list(tmp_path.glob(".out.tmp-*"))
+        assert len(staged) == 1 and list(staged[0].glob("*.safetensors"))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    time.sleep(0.1)
+    assert staged[0].is_dir() and not out.exists()  # what a killed conversion leaves
+    r = subprocess.run([sys.executable, "-m", "pretrain.convert", "to-release", str(broken), str(out)], cwd=REPO,
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not list(tmp_path.glob(".out.tmp-*")) and (out / "release.json").is_file()
+    from model.transformer import UnifiedTransformer
+    assert UnifiedTransformer.from_pretrained(out).cfg.vocab_size > 0
