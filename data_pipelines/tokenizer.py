@@ -7,8 +7,9 @@ Ids 0..8 are `model.special_tokens.SPECIAL_TOKENS` (`<pad> <unk> <bos> <eos> <bo
 - Hugging Face `tokenizers` (`tokenizer.json`, e.g. the byte-level BPE of Llama 3 or SmolLM2),
   adopted (`data_pipelines.tokenizer_json.adopt_tokenizer_json`).
 `load_tokenizer(path)` opens either. decode(encode(text)) == text for any text, in both, except
-that an adopted Llama sentencepiece model (with a '▁' prefix) encodes as transformers does, which
-drops a text's leading spaces on decoding.
+that an adopted Llama sentencepiece model (with a '▁' prefix) encodes as transformers does: its
+control pieces (`<pad> <unk> <bos> <eos>`) are matched in text, and spaces at the text's start or
+next to an added token may change on decoding (as for a Llama 2-style `tokenizer.json`).
 """
 from __future__ import annotations
 
@@ -37,13 +38,16 @@ class Tokenizer:
         self.path = path
         self._open()
         for i, piece in enumerate(SPECIAL_TOKENS):
-            if self.id_to_piece(i) != piece:
+            if not self.has_reserved(i, piece):
                 raise ValueError(f"{path}: id {i} is {self.id_to_piece(i)!r}, expected {piece!r} "
                                  "(not made by data_pipelines.train_tokenizer or import-llama?)")
         self.special = {piece.strip("<>"): i for i, piece in enumerate(SPECIAL_TOKENS)}
 
     def _open(self) -> None:
         raise NotImplementedError
+
+    def has_reserved(self, i: int, name: str) -> bool:
+        return self.id_to_piece(i) == name
 
     def id_to_piece(self, i: int) -> str:
         raise NotImplementedError
@@ -79,12 +83,13 @@ class SentencePieceTokenizer(Tokenizer):
         from sentencepiece import sentencepiece_model_pb2 as pb
         proto = read_sentencepiece(self.path)
         self.sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
-        user = [p.piece for p in proto.pieces if p.type == pb.ModelProto.SentencePiece.USER_DEFINED]
+        kinds = pb.ModelProto.SentencePiece
+        user = [p.piece for p in proto.pieces if p.type in (kinds.USER_DEFINED, kinds.CONTROL, kinds.UNKNOWN)]
         self.split = None
         if proto.normalizer_spec.add_dummy_prefix:
             # encoded as transformers encodes a Llama's (Metaspace, prepend_scheme "first"): the text is
-            # cut at its user-defined tokens first, and only a part at the text's beginning that does
-            # not start with a space gets the '▁' prefix
+            # cut at its user-defined, control and unknown pieces first (a text "<eos>" is the end),
+            # and only a part at the text's beginning that does not start with a space gets the '▁' prefix
             self.split = re.compile("(" + "|".join(map(re.escape, sorted(user, key=len, reverse=True))) + ")"
                                     if user else "(?!)")
             proto.normalizer_spec.add_dummy_prefix = False
@@ -124,7 +129,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise InputMissing(f"{path}: tokenizer model not found")
     with open(path, "rb") as f:
         head = f.read(64)
-    if is_json(head):
+    if is_json(head) or path.suffix == ".json":
         from data_pipelines.tokenizer_json import JsonTokenizer
         return JsonTokenizer(path)
     return SentencePieceTokenizer(path)

@@ -180,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, help="diffusers VAE folder (--encoder vae): AutoencoderKL, "
                                                "AutoencoderKLWan, AutoencoderKLLTXVideo or AutoencoderKLCogVideoX")
     p.add_argument("--channels", type=int, default=3, help="pixels: 1 (grey) or 3 (RGB)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer .model (data_pipelines.train_tokenizer)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer file: .model (data_pipelines.train_tokenizer) or a release's tokenizer.json")
     p.add_argument("--out", required=True)
     p.add_argument("--samples-per-shard", type=int, default=None,
                    help="built-in sources (default 256); webdataset/parquet write one shard per input unit")

@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--raw", action="store_true", help="run directory: raw weights, not the EMA")
-    p.add_argument("--tokenizer", default=None, help="tokenizer .model (default: the model's own)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer file, .model or .json (default: the model's own)")
     a = p.parse_args(argv)
     if a.kind in ("image", "video") and not a.out:
         p.error("--out is required for images and video")

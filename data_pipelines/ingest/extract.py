@@ -43,7 +43,7 @@ class Preparation:
     """What a DataLoader worker does to a source sample before the encoder sees it."""
     resolution: ResolutionPolicy
     read: ReadOptions
-    tokenizer: str            # a sentencepiece .model path
+    tokenizer: str            # a tokenizer file (data_pipelines.tokenizer.load_tokenizer)
     spatial_factor: int       # pixels per latent cell, per side
     temporal_factor: int      # frames per latent frame after the first (1: frame by frame)
     spec: LayoutSpec          # how training lays a document out (for its length)

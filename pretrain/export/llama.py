@@ -6,9 +6,9 @@
 `import-llama` reads a `LlamaForCausalLM` folder (config.json, safetensors, sharded or not; GQA;
 tied or untied embeddings; rope_theta) into a release folder: the backbone and LM head come
 from it, the latent parts (patch projection, timestep embedding, adaLN, latent head) are
-freshly initialised. Its tokenizer (`tokenizer.model`, sentencepiece, with the tokens
-`added_tokens.json` or `tokenizer_config.json` add; else `tokenizer.json`, e.g. a byte-level BPE)
-becomes the release's with the project's reserved tokens put first and the config's bos/eos/pad
+freshly initialised. Its tokenizer (`tokenizer.json`, e.g. a byte-level BPE, as transformers
+reads it; else the sentencepiece `tokenizer.model` with the tokens `added_tokens.json` or
+`tokenizer_config.json` add) becomes the release's with the project's reserved tokens put first and the config's bos/eos/pad
 renamed to them (data_pipelines.tokenizer): the embedding and LM-head rows move with their tokens,
 the rows of the new reserved tokens are initialised. Shards for training on it are written with
 that tokenizer (`--tokenizer RELEASE/tokenizer.model` or `.json`). `export-llama` writes the text
@@ -27,7 +27,7 @@ import torch
 
 from model.config_system import ConfigError, InputMissing
 from model.model_config import ModelConfig
-from model.special_tokens import BOS, EOS, PAD
+from model.special_tokens import BOS, EOS, PAD, SPECIAL_TOKENS
 from model.weights import ByteProgress, Entry, LazyWeights, WeightsError, state_entries, write_weights
 from pretrain.export.staging import staged_folder
 
@@ -161,9 +161,10 @@ def import_llama(hf_dir: str | Path, out: str | Path, seed: int = 0, progress: b
 
 def adopt_hf_tokenizer(hf_dir: Path, hf: dict, scratch: Path):
     """(tokenizer, new_id[old_id], source file) of a Hugging Face folder's tokenizer, adopted into
-    `scratch`: its sentencepiece `tokenizer.model` with the tokens the folder adds, else its
-    `tokenizer.json`; the config's eos, bos and pad ids (eos first, when one id is both) become the
-    reserved `<eos>`, `<bos>`, `<pad>`."""
+    `scratch`: its `tokenizer.json` (what transformers' AutoTokenizer reads when it is there), else
+    its sentencepiece `tokenizer.model` with the tokens the folder adds. The config's eos, bos and
+    pad ids (eos first, when one id is both) become the reserved `<eos>`, `<bos>`, `<pad>` (in a
+    sentencepiece model, after its own unk/bos/eos pieces)."""
     from data_pipelines.tokenizer import JSON_FILE, SENTENCEPIECE_FILE, adopt_sentencepiece
     from data_pipelines.tokenizer_json import adopt_tokenizer_json
     roles = {}
@@ -172,11 +173,11 @@ def adopt_hf_tokenizer(hf_dir: Path, hf: dict, scratch: Path):
         ids = ids[:1] if isinstance(ids, list) else [ids]  # a list of end ids: the first is the end of text
         if ids and isinstance(ids[0], int) and ids[0] not in roles:
             roles[ids[0]] = f"<{role}>"
+    if (hf_dir / JSON_FILE).is_file():
+        return *adopt_tokenizer_json(hf_dir / JSON_FILE, scratch / JSON_FILE, roles), hf_dir / JSON_FILE
     if (hf_dir / SENTENCEPIECE_FILE).is_file():
         return (*adopt_sentencepiece(hf_dir / SENTENCEPIECE_FILE, scratch / SENTENCEPIECE_FILE, roles,
                                      added_tokens(hf_dir)), hf_dir / SENTENCEPIECE_FILE)
-    if (hf_dir / JSON_FILE).is_file():
-        return *adopt_tokenizer_json(hf_dir / JSON_FILE, scratch / JSON_FILE, roles), hf_dir / JSON_FILE
     raise InputMissing(f"{hf_dir}: no {SENTENCEPIECE_FILE} or {JSON_FILE} (import-llama needs the tokenizer: "
                        "the project's shards are written with it)")
 
@@ -239,11 +240,16 @@ def export_llama(release: str | Path, out: str | Path, dtype: str = "fp32", prog
 
 def hf_tokenizer_config(tokenizer: Path) -> dict:
     """The `tokenizer_config.json` that makes transformers' AutoTokenizer encode as the release's
-    tokenizer does, with `<bos>` first (the JSON back-end's post-processor adds it)."""
-    from data_pipelines.tokenizer import JSON_FILE, adds_prefix_space
+    tokenizer does, with `<bos>` first (the JSON back-end's post-processor adds it). A JSON
+    tokenizer names only the roles whose text is matched in text (an adopted source's own tokens):
+    transformers would make a named one matched."""
+    from data_pipelines.tokenizer import JSON_FILE, adds_prefix_space, load_tokenizer
     names = {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>"}
     if tokenizer.name == JSON_FILE:
-        return {"tokenizer_class": "PreTrainedTokenizerFast", **names}
+        tok = load_tokenizer(tokenizer)
+        matched = {a.content for a in tok.hf.get_added_tokens_decoder().values()}
+        roles = {key: tok.id_to_piece(SPECIAL_TOKENS.index(name)) for key, name in names.items()}
+        return {"tokenizer_class": "PreTrainedTokenizerFast", **{k: v for k, v in roles.items() if v in matched}}
     return {"tokenizer_class": "LlamaTokenizer", **names, "add_bos_token": True, "add_eos_token": False,
             "legacy": False, "add_prefix_space": adds_prefix_space(tokenizer)}
 

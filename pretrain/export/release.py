@@ -26,7 +26,7 @@ from model.model_config import ModelConfig
 from model.transformer import UnifiedTransformer, save_model_config
 from model.weights import Entry, has_weights, state_entries, write_weights
 from model.config_system import InputMissing
-from data_pipelines.tokenizer import file_name, find_tokenizer, load_tokenizer
+from data_pipelines.tokenizer import TOKENIZER_FILES, file_name, find_tokenizer, load_tokenizer
 from pretrain.export import readme
 from pretrain.export.staging import staged_folder
 
@@ -87,7 +87,7 @@ def checkpoint_data(folder: Path, config: dict) -> tuple[dict, Optional[Path], O
             return record, None, f"{folder} has no {DATA_FILE} and " + (why or "its datasets' manifests are not found")
         return record, path, None
     if tokenizer is None:
-        return record, None, f"{folder} carries no tokenizer file"
+        return record, None, f"{folder} carries no tokenizer file ({' or '.join(TOKENIZER_FILES)})"
     wanted, got = (record.get("tokenizer") or {}).get("fingerprint"), fingerprint_of(tokenizer.read_bytes())
     if wanted and got != wanted:
         return record, None, f"{tokenizer} is not the run's tokenizer (fingerprint {got}, {DATA_FILE} records {wanted})"
