@@ -7,10 +7,20 @@ from typing import Literal
 from model.config_system import Config, ConfigError, knob
 
 
+def default_name(path: str) -> str:
+    """A dataset's name from where it is: the last folder of a path or URL (of a pipe: command's last
+    word, without the {shard} file)."""
+    where = path.split()[-1] if path.startswith("pipe:") and path.split() else path
+    parts = [p for p in where.split("/") if p and "{shard}" not in p and p not in (".", "..")]
+    return parts[-1] if parts else "data"
+
+
 @dataclasses.dataclass
 class DatasetConfig(Config):
     path: str = knob("", "shard set holding manifest.json (data_pipelines.write_shards): a folder, an http(s):// "
                          "URL prefix, or a pipe: command with {shard} for the file name (data_pipelines.transport)")
+    name: str = knob("", "the dataset's stable name in logs (data/NAME/...) and the token ledger ('' = the last "
+                         "folder of path)")
     weight: float = knob(1.0, "mixture weight (normalised over the datasets)")
     role: Literal["generate", "context", "both"] = knob(
         "generate", "layout of latents: generate (noised, diffusion loss), context (clean), both")
@@ -20,6 +30,7 @@ class DatasetConfig(Config):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.name = self.name or default_name(self.path)
         if self.weight <= 0:
             raise ConfigError(f"weight: must be positive, got {self.weight}")
         if not 0.0 <= self.image_first <= 1.0:
@@ -71,5 +82,9 @@ class DataConfig(Config):
         if not self.add_bos_eos and any(d.image_first for d in self.datasets + self.eval_datasets):
             raise ConfigError("add_bos_eos: image_first needs it (a caption is read after <bos> <boi> image <eoi> "
                               "and ends at <eos>)")
+        names = [d.name for d in self.datasets]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"datasets: more than one is named {twice[0]!r}; give each a name: (data.datasets.N.name)")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout: must be in [0, 1], got {self.caption_dropout}")

@@ -28,7 +28,7 @@ import torch
 from data_pipelines.config import DataConfig, DatasetConfig
 from data_pipelines.order import Dealing, DatasetOrder
 from data_pipelines.shards import load_manifest
-from data_pipelines.slot import DataError, Dataset, Slot, base_from_json, base_to_json, unstarted_state
+from data_pipelines.slot import LEDGER, DataError, Dataset, Slot, base_from_json, base_to_json, unstarted_state
 from data_pipelines.transport.policy import ReadPolicy, ReadStats
 from data_pipelines.transport.sources import die_with_parent
 from model.diffusion import Diffusion
@@ -153,6 +153,7 @@ class PackedLoader:
         if rank == 0:
             self._warn_about_cut_shards()
         self.base = [base_from_json(None) for _ in self.entries]  # (epochs, partial, first_epoch)
+        self.base_ledger = [[0] * len(LEDGER) for _ in self.entries]  # what slots of earlier layouts handed out
         self.slot_states: dict[int, dict] = {}
         self.last_keys: list[list[str]] = []
         self.last_position: tuple[int, int] = (-1, -1)
@@ -214,6 +215,12 @@ class PackedLoader:
             self.last_position = (state["slot"], state["batches"] - 1)  # which slot, its how-many-th batch
             yield batch
 
+    def ledger(self) -> list[list[int]]:
+        """Per dataset, LEDGER counts (documents, text targets, latent loss tokens) this rank's slots handed
+        out; the whole run's is the sum over ranks plus `base_ledger` (slots of the layouts before)."""
+        return [[sum(int(s.get("ledger", [[0] * len(LEDGER)] * len(self.entries))[d][k]) for s in self.slot_states.values())
+                 for k in range(len(LEDGER))] for d in range(len(self.entries))]
+
     def counters(self) -> dict[str, int]:
         """Skipped samples and remote-read retries, stalls and resumes of this rank's slots so far."""
         return {k: sum(int(s.get(k, 0)) for s in self.slot_states.values()) for k in COUNTERS}
@@ -231,7 +238,7 @@ class PackedLoader:
         """This rank's part of the state (merge all ranks' with `merge_states`). Every slot of the
         rank is in it: one that has handed out no batch yet is at its start (cursors (0, 0))."""
         return {"version": STATE_VERSION, "fingerprints": self.fingerprints(), "layout": self.layout(),
-                "base": [base_to_json(*b) for b in self.base],
+                "base": [base_to_json(*b) for b in self.base], "ledger": self.base_ledger,
                 "slots": {str(j): self.slot_states.get(j) or unstarted_state(j, len(self.entries))
                           for j in self.own_slots()}}
 
@@ -256,15 +263,18 @@ class PackedLoader:
                 raise DataError(f"loader state has data.{key}={old[key]}, the config says {self.layout()[key]}")
         slots = {int(j): s for j, s in state["slots"].items()}
         bases = [base_from_json(b) for b in state["base"]]
+        ledger = state.get("ledger") or [[0] * len(LEDGER) for _ in self.entries]  # (none before 2026-12-04)
         if (old["slots"], old["shards_in_flight"]) == (self.num_slots, self.cfg.shards_in_flight):
             # the same slots, whichever rank or worker reads each: exact
-            self.base, self.slot_states = bases, slots
+            self.base, self.slot_states, self.base_ledger = bases, slots, ledger
             return
         missing = sorted(set(range(old["slots"])) - set(slots))
         if missing and any(s.get("batches") for s in slots.values()):
             raise DataError(f"loader state lacks slots {missing[:8]} of {old['slots']}: "
                             "pass the state merged from every rank (PackedLoader.merge_states)")
         self.base = [self._fold(d, bases[d], slots, old) for d in range(len(self.entries))]
+        self.base_ledger = [[ledger[d][k] + sum(s["ledger"][d][k] for s in slots.values() if "ledger" in s)
+                             for k in range(len(LEDGER))] for d in range(len(self.entries))]
         self.slot_states = {}
 
     def _upgrade(self, state: dict) -> dict:

@@ -27,6 +27,7 @@ from model.layout import DocLayout, LayoutSpec, pack_rows
 log = logging.getLogger(__name__)
 MIX, DROP, TIMESTEP, IMAGE_FIRST = 1, 2, 3, 4  # hash domains
 MIN_SPLIT = 8  # a text document is split to fill a row only if at least this many tokens fit
+LEDGER = ("documents", "text_tokens", "latent_tokens")  # what a slot counts per dataset it hands out (loss tokens)
 
 
 class DataError(RuntimeError):
@@ -149,6 +150,7 @@ class Slot:
         self.oversize = state.get("oversize", 0)
         self.oversize_run = 0  # consecutive oversize skips: a dataset of nothing else must not spin forever
         self.done = list(state.get("done", [False] * len(datasets)))
+        self.ledger = [list(x) for x in state.get("ledger", [[0, 0, 0]] * len(datasets))]  # LEDGER per dataset
         self.reads = ReadStats.from_state(state)
         cursors = state.get("cursors", [[0, 0]] * len(datasets))
         self.cursors = [ShardCursor(ds, slot, cfg, self.reads, tuple(c)) for ds, c in zip(datasets, cursors)]
@@ -161,7 +163,7 @@ class Slot:
             for k, v in (c.prefetch.stats.to_state().items() if c.prefetch is not None else ()):
                 reads[k] += v
         return {"slot": self.slot, "batches": self.batches, "mix": self.mix, "bad": self.bad,
-                "oversize": self.oversize, **reads, "done": list(self.done),
+                "oversize": self.oversize, **reads, "done": list(self.done), "ledger": [list(x) for x in self.ledger],
                 "cursors": [[c.g, c.q] for c in self.cursors],
                 "buffer": [[x.dataset, x.epoch, x.position, x.start] for x in self.buffer]}
 
@@ -233,6 +235,10 @@ class Slot:
             layouts.append(text_chunk(x.doc, x.start, x.start + n, self.spec) if x.splittable else x.doc)
             keys.append(f"{x.key}@{x.start}:{x.start + n}" if x.splittable else x.key)
             x.start += n
+            counts = self.ledger[x.dataset]
+            counts[0] += len(x) == 0  # a document counts when its last piece is handed out
+            counts[1] += int(layouts[-1].text_loss.sum())
+            counts[2] += int(layouts[-1].latent_loss.sum())
         self.buffer = [x for x in self.buffer if len(x) > 0]
         return layouts, keys
 

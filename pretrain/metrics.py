@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 
+from data_pipelines.slot import LEDGER
 from model.attention import allowed_pairs
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}  # dense bf16 per device
@@ -48,6 +49,20 @@ def loss_record(sums: list, counts: list, model_cfg, prefix: str = "") -> dict:
         return {}
     loss = model_cfg.lm_weight * parts.get("lm_loss", 0.0) + model_cfg.diffusion_weight * parts.get("diffusion_loss", 0.0)
     return {prefix + k: v for k, v in {"loss": loss, **parts}.items()}
+
+
+def ledger_record(names: list[str], base: list[list[int]], slots: list) -> dict:
+    """The token ledger as metrics: per dataset, the documents and loss tokens (text targets + latent
+    loss tokens) handed out so far (`base`: by earlier layouts' slots; `slots`: the LEDGER counts of
+    every rank's slots, flat, summed over ranks) and its share of all loss tokens."""
+    width = len(LEDGER)
+    rows = [[b + int(v) for b, v in zip(row, slots[width * d:width * (d + 1)])] for d, row in enumerate(base)]
+    total = sum(text + latent for _, text, latent in rows)
+    record = {}
+    for name, (docs, text, latent) in zip(names, rows):
+        record.update({f"data/{name}/documents": docs, f"data/{name}/tokens": text + latent,
+                       f"data/{name}/share": (text + latent) / total if total else 0.0})
+    return record
 
 
 class RunLogger:

@@ -44,7 +44,7 @@ from pretrain.process import run_and_exit
 from pretrain.engine import build_engine, changed_settings, optimizer_settings, restore_settings
 from pretrain.failures import next_batch, say_error, stop_if_any_failed
 from pretrain.evaluation.in_loop import EvalSampler
-from pretrain.metrics import RunLogger, batch_flops, loss_record, peak_flops
+from pretrain.metrics import RunLogger, batch_flops, ledger_record, loss_record, peak_flops
 from pretrain.export.release import data_record, init_from_release
 from pretrain.run_lock import RunDirBusy, RunDirLock, exit_with_parent
 
@@ -308,9 +308,12 @@ class Trainer:
             metrics, first_record = first_record, {}
             if self.step % t.log_interval == 0 or self.step == last:
                 elapsed = time.time() - window_start
-                totals = sum_over_ranks([*window_sums, *self.loader.counters().values()], self.dist.device)
+                ledger = [n for row in self.loader.ledger() for n in row]
+                totals = sum_over_ranks([*window_sums, *self.loader.counters().values(), *ledger], self.dist.device)
                 metrics.update(loss_record(totals[:2], window_counts, cfg.model))
-                metrics.update({f"data/{k}": int(v) for k, v in zip(COUNTERS, totals[2:])})
+                metrics.update({f"data/{k}": int(v) for k, v in zip(COUNTERS, totals[2:2 + len(COUNTERS)])})
+                metrics.update(ledger_record([d.name for d in cfg.data.datasets], self.loader.base_ledger,
+                                             totals[2 + len(COUNTERS):]))
                 metrics.update(grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
                                lr=self.engine.get_lr()[0], tokens_per_s=(self.tokens - window_tokens) / elapsed,
                                tokens=self.tokens, text_tokens=self.loss_tokens[0],

@@ -85,3 +85,15 @@ def test_a_retry_budget_longer_than_the_ranks_wait_is_refused():
     assert load_config(ExperimentConfig, None, ["data.retry_budget=600"]).data.retry_budget == 600
     with pytest.raises(ConfigError, match=r"data.retry_budget \+ data.read_timeout \+ data.retry_backoff_max = 930 s"):
         load_config(ExperimentConfig, None, ["data.retry_budget=840"])
+
+
+def test_datasets_are_named_by_their_folder_unless_named_and_a_name_is_used_once(tmp_path):
+    from pretrain.config import ExperimentConfig
+    path = write(tmp_path, "data:\n  datasets:\n    - {path: runs/data/digits/}\n    - {path: 'http://h/x/text'}\n"
+                           "    - {path: 'pipe:curl -s http://h/laion/{shard}'}\n")
+    cfg = load_config(ExperimentConfig, path, ["data.datasets.1.path=other/text2"])
+    assert [d.name for d in cfg.data.datasets] == ["digits", "text2", "laion"]
+    with pytest.raises(ConfigError, match="more than one is named 'digits'"):
+        load_config(ExperimentConfig, path, ["data.datasets.1.path=elsewhere/digits"])
+    cfg = load_config(ExperimentConfig, path, ["data.datasets.1.path=elsewhere/digits", "data.datasets.1.name=d2"])
+    assert [d.name for d in cfg.data.datasets] == ["digits", "d2", "laion"]

@@ -354,3 +354,31 @@ def test_a_dataset_of_only_oversized_documents_raises_instead_of_spinning(test_d
     cfg = data_config(test_data["digits"], num_workers=0, seq_len=16, max_bad_samples=5)  # digits need ~30
     with pytest.raises(DataError, match=r"do not fit data.seq_len=16.*raise data.seq_len"):
         run([PackedLoader(cfg, model_config(), 1)], limit=1)
+
+
+def test_the_token_ledger_counts_what_was_handed_out_across_a_layout_change(test_data):
+    """Per dataset, documents, text targets and latent loss tokens: in the state of 2 ranks x 2 workers,
+    folded into 3 ranks x 1 worker, and to the end of the epoch, equal to a recount of the batches."""
+    cfg = data_config(test_data["digits"], test_data["text"], shards_in_flight=2)
+    mc = model_config()
+
+    def recount(batches):
+        return [int(sum(b.text_loss.sum() for b in batches)), int(sum(b.latent_loss.sum() for b in batches))]
+
+    def total(loaders):
+        rows = [ld.ledger() for ld in loaders]
+        return [[loaders[0].base_ledger[d][k] + sum(r[d][k] for r in rows) for k in range(3)] for d in range(2)]
+
+    first = [PackedLoader(cfg, mc, 2, rank=r, world_size=2) for r in range(2)]
+    early, _ = run(first, limit=5)
+    ledger = total(first)
+    assert [ledger[0][1] + ledger[1][1], ledger[0][2] + ledger[1][2]] == recount(early) and ledger[1][2] == 0
+    state = json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict() for ld in first])))
+    resumed = [PackedLoader(cfg.replace(num_workers=1), mc, 2, rank=r, world_size=3) for r in range(3)]
+    for ld in resumed:
+        ld.load_state_dict(state)
+    assert resumed[0].base_ledger == ledger
+    late, _ = run(resumed)
+    ledger = total(resumed)
+    assert [ledger[0][1] + ledger[1][1], ledger[0][2] + ledger[1][2]] == recount(early + late)
+    assert [ledger[0][0], ledger[1][0]] == [len(documents(test_data, "digits")), len(documents(test_data, "text"))]

@@ -163,6 +163,9 @@ def test_a_llama3_trains_on_2_ranks_under_zero3_and_exports_unchanged(llama3, te
     assert r.returncode == 0, r.stderr[-3000:]
     logged = metrics(tmp_path / "run")
     assert sorted(logged) == [1, 2] and any(k.startswith("eval/") for k in logged[2]), logged
+    for record in logged.values():  # the token ledger: every loss token trained on, by dataset
+        assert record["data/digits/tokens"] + record["data/text/tokens"] == record["text_tokens"] + record["latent_tokens"]
+        assert record["data/digits/share"] + record["data/text/share"] == pytest.approx(1.0)
     ckpt = tmp_path / "run/checkpoints/step_00000002"
     want, got = load_weights(release), CheckpointReader(ckpt).state_dict()
     assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
