@@ -38,8 +38,20 @@ class DatasetConfig(Config):
 
 
 @dataclasses.dataclass
+class MixPoint(Config):
+    step: int = knob(0, "optimizer step at which these weights hold")
+    weights: dict = knob({}, "dataset name (or index) -> weight; a dataset not named keeps its data.datasets weight")
+
+
+@dataclasses.dataclass
 class DataConfig(Config):
     datasets: list[DatasetConfig] = knob([], "shard sets to mix: [{path, weight, role, image_first}, ...]")
+    mix_by: Literal["documents", "tokens"] = knob(
+        "tokens", "what the weights are shares of: loss tokens (text targets + latent loss tokens, kept by a "
+                  "deterministic controller: data_pipelines.mixture) or documents drawn")
+    schedule: list[MixPoint] = knob([], "weights over training: [{step: N, weights: {name: w, ...}}, ...], steps "
+                                        "increasing; before the first point its weights, after the last the last's")
+    interpolate: bool = knob(True, "schedule weights change linearly between points (false: a step function)")
     eval_datasets: list[DatasetConfig] = knob([], "held-out shard sets for evaluation")
     seq_len: int = knob(1024, "tokens per packed row")
     num_workers: int = knob(2, "DataLoader worker processes per rank (0 = in the main process)")
@@ -82,9 +94,27 @@ class DataConfig(Config):
         if not self.add_bos_eos and any(d.image_first for d in self.datasets + self.eval_datasets):
             raise ConfigError("add_bos_eos: image_first needs it (a caption is read after <bos> <boi> image <eoi> "
                               "and ends at <eos>)")
+        self._check_schedule()
         names = [d.name for d in self.datasets]
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ConfigError(f"datasets: more than one is named {twice[0]!r}; give each a name: (data.datasets.N.name)")
         if not 0.0 <= self.caption_dropout <= 1.0:
             raise ConfigError(f"caption_dropout: must be in [0, 1], got {self.caption_dropout}")
+
+    def _check_schedule(self) -> None:
+        from data_pipelines.mixture import dataset_index, point_weights
+        steps = [p.step for p in self.schedule]
+        if steps != sorted(set(steps)) or any(n < 0 for n in steps):
+            raise ConfigError(f"schedule: steps must be >= 0 and increasing, got {steps}")
+        for i, p in enumerate(self.schedule):
+            for key, w in p.weights.items():
+                try:
+                    dataset_index(self, key)
+                except KeyError:
+                    raise ConfigError(f"schedule.{i}.weights: {key!r} is not a dataset name or index "
+                                      f"({', '.join(d.name for d in self.datasets)})") from None
+                if not isinstance(w, (int, float)) or w < 0:
+                    raise ConfigError(f"schedule.{i}.weights.{key}: must be a number >= 0, got {w!r}")
+            if not any(w > 0 for w in point_weights(self, p.weights)):
+                raise ConfigError(f"schedule.{i}: every weight is 0")

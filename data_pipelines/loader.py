@@ -120,8 +120,10 @@ class _SlotStream(torch.utils.data.IterableDataset):
 
 class PackedLoader:
     def __init__(self, cfg: DataConfig, model_cfg, batch_size: int, rank: int = 0, world_size: int = 1,
-                 datasets: Optional[list[DatasetConfig]] = None, num_epochs: Optional[int] = None):
-        self.cfg, self.batch_size = cfg, batch_size
+                 datasets: Optional[list[DatasetConfig]] = None, num_epochs: Optional[int] = None,
+                 batches_per_step: int = 1):
+        """`batches_per_step`: batches a rank takes per optimizer step (train.grad_accum), for data.schedule."""
+        self.cfg, self.batch_size, self.batches_per_step = cfg, batch_size, batches_per_step
         self.rank, self.world_size = rank, world_size
         self.workers = max(1, cfg.num_workers)
         self.num_slots = world_size * self.workers
@@ -177,7 +179,7 @@ class PackedLoader:
             dealing = Dealing(order, self.num_slots, first, self.num_epochs, self.cfg.shards_in_flight)
             datasets.append(Dataset(m, e.role, e.weight, e.image_first, order, dealing, base, partial))
         return Slot(datasets, self.cfg, self.spec, self.diffusion, self.batch_size, slot,
-                    self.slot_states.get(slot))
+                    self.slot_states.get(slot), (self.workers, self.batches_per_step))
 
     def __iter__(self) -> Iterator:
         """Batches of this rank's slots (round robin over its workers). A DataError in a worker is raised
@@ -238,7 +240,7 @@ class PackedLoader:
         """This rank's part of the state (merge all ranks' with `merge_states`). Every slot of the
         rank is in it: one that has handed out no batch yet is at its start (cursors (0, 0))."""
         return {"version": STATE_VERSION, "fingerprints": self.fingerprints(), "layout": self.layout(),
-                "base": [base_to_json(*b) for b in self.base], "ledger": self.base_ledger,
+                "base": [base_to_json(*b) for b in self.base], "ledger": self.base_ledger, "mix_by": self.cfg.mix_by,
                 "slots": {str(j): self.slot_states.get(j) or unstarted_state(j, len(self.entries))
                           for j in self.own_slots()}}
 
@@ -257,6 +259,9 @@ class PackedLoader:
             raise DataError(f"loader state does not match the datasets: fingerprint differs for "
                             f"{', '.join(changed) or 'the dataset list'}")
         state = self._upgrade(state)
+        if "mix_by" not in state and self.cfg.mix_by != "documents":  # saved before 2026-12-04: by documents
+            log.warning("the loader state predates data.mix_by: its run goes on by documents")
+            self.cfg = self.cfg.replace(mix_by="documents")
         old = state["layout"]
         for key in ("seed", "shuffle", "num_epochs"):
             if old[key] != self.layout()[key]:

@@ -14,6 +14,7 @@ import logging
 from typing import Iterator, Optional, Union
 
 from data_pipelines.config import DataConfig
+from data_pipelines.mixture import pay, pick, weights_at
 from data_pipelines.documents import best_fit, build_document, stateless_uniform, text_chunk, timestep_generator
 from data_pipelines.order import Dealing, DatasetOrder, Intervals
 from data_pipelines.prefetch import ShardPrefetcher
@@ -139,9 +140,11 @@ class Entry:
 
 class Slot:
     def __init__(self, datasets: list[Dataset], cfg: DataConfig, spec: LayoutSpec, diffusion: Diffusion,
-                 batch_size: int, slot: int, state: Optional[dict] = None):
+                 batch_size: int, slot: int, state: Optional[dict] = None, steps: tuple[int, int] = (1, 1)):
+        """`steps`: (slots of a rank, batches a rank takes per optimizer step), which tell the step of this
+        slot's next batch (for data.schedule)."""
         self.datasets, self.cfg, self.spec, self.diffusion = datasets, cfg, spec, diffusion
-        self.batch_size, self.slot = batch_size, slot
+        self.batch_size, self.slot, self.steps = batch_size, slot, steps
         self.slots = datasets[0].dealing.slots
         state = state or unstarted_state(slot, len(datasets))
         self.batches = state.get("batches", 0)
@@ -151,6 +154,7 @@ class Slot:
         self.oversize_run = 0  # consecutive oversize skips: a dataset of nothing else must not spin forever
         self.done = list(state.get("done", [False] * len(datasets)))
         self.ledger = [list(x) for x in state.get("ledger", [[0, 0, 0]] * len(datasets))]  # LEDGER per dataset
+        self.owed = list(state.get("owed", [0.0] * len(datasets)))  # loss tokens owed per dataset (mix_by tokens)
         self.reads = ReadStats.from_state(state)
         cursors = state.get("cursors", [[0, 0]] * len(datasets))
         self.cursors = [ShardCursor(ds, slot, cfg, self.reads, tuple(c)) for ds, c in zip(datasets, cursors)]
@@ -164,6 +168,7 @@ class Slot:
                 reads[k] += v
         return {"slot": self.slot, "batches": self.batches, "mix": self.mix, "bad": self.bad,
                 "oversize": self.oversize, **reads, "done": list(self.done), "ledger": [list(x) for x in self.ledger],
+                "owed": list(self.owed),
                 "cursors": [[c.g, c.q] for c in self.cursors],
                 "buffer": [[x.dataset, x.epoch, x.position, x.start] for x in self.buffer]}
 
@@ -197,9 +202,15 @@ class Slot:
 
     def _pull(self) -> bool:
         """Pull one document into the buffer; False when every dataset is done."""
+        workers, per_step = self.steps
+        by_tokens = self.cfg.mix_by == "tokens"
         while not all(self.done):
-            weights = [0.0 if done else ds.weight for ds, done in zip(self.datasets, self.done)]
-            d = weighted_pick(weights, stateless_uniform(self.cfg.seed, MIX, self.slots, self.slot, self.mix))
+            step = self.batches * workers // per_step
+            weights = [0.0 if done else w for w, done in zip(weights_at(self.cfg, step), self.done)]
+            if not any(weights):  # the datasets left all weigh 0 now
+                return False
+            u = stateless_uniform(self.cfg.seed, MIX, self.slots, self.slot, self.mix)
+            d = pick(weights, self.owed if by_tokens else None, u)
             self.mix += 1
             pos = self.cursors[d].pull()
             if pos is None:
@@ -207,7 +218,10 @@ class Slot:
                 continue
             got = self._document(d, *pos)
             if got is not None:
-                self.buffer.append(Entry(d, *pos, *got, start=self.datasets[d].partial.get(pos, 0)))
+                entry = Entry(d, *pos, *got, start=self.datasets[d].partial.get(pos, 0))
+                if by_tokens:
+                    pay(self.owed, weights, d, loss_tokens(entry))
+                self.buffer.append(entry)
                 return True
         return False
 
@@ -278,14 +292,12 @@ def unstarted_state(slot: int, num_datasets: int) -> dict:
             "cursors": [[0, 0]] * num_datasets, "buffer": []}
 
 
-def weighted_pick(weights: list[float], u: float) -> int:
-    """Index i with probability weights[i] / sum(weights), for u uniform in [0, 1)."""
-    target, acc = u * sum(weights), 0.0
-    for i, w in enumerate(weights):
-        acc += w
-        if w > 0 and target < acc:
-            return i
-    return max(i for i, w in enumerate(weights) if w > 0)
+def loss_tokens(entry: Entry) -> int:
+    """The loss tokens a buffered document brings (text targets + latent loss tokens; for text, its
+    tokens left but the last)."""
+    if entry.splittable:
+        return max(len(entry) - 1, 1)
+    return max(int(entry.doc.text_loss.sum()) + int(entry.doc.latent_loss.sum()), 1)
 
 
 def base_to_json(base: dict, partial: dict, first_epoch: int) -> dict:

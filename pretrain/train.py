@@ -71,7 +71,8 @@ class Trainer:
         # data and sampling inputs first: a missing file stops the run (every rank) before the engine is built
         self.loader, error = None, None
         try:
-            self.loader = PackedLoader(cfg.data, cfg.model, t.micro_batch_size, dist.rank, dist.world_size)
+            self.loader = PackedLoader(cfg.data, cfg.model, t.micro_batch_size, dist.rank, dist.world_size,
+                                       batches_per_step=t.grad_accum)
         except (DataError, InputMissing) as e:
             error = e
         stop_if_any_failed(self.dist, error)

@@ -30,6 +30,6 @@ def model_config(**kw) -> ModelConfig:
 
 def data_config(*paths, weights=None, **kw) -> DataConfig:
     weights = weights or [1.0] * len(paths)
-    base = dict(seq_len=256, num_workers=2, num_epochs=1)
+    base = dict(seq_len=256, num_workers=2, num_epochs=1, mix_by="documents")
     base.update(kw)
     return DataConfig(datasets=[DatasetConfig(path=str(p), weight=w) for p, w in zip(paths, weights)], **base)

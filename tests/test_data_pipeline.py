@@ -382,3 +382,41 @@ def test_the_token_ledger_counts_what_was_handed_out_across_a_layout_change(test
     ledger = total(resumed)
     assert [ledger[0][1] + ledger[1][1], ledger[0][2] + ledger[1][2]] == recount(early + late)
     assert [ledger[0][0], ledger[1][0]] == [len(documents(test_data, "digits")), len(documents(test_data, "text"))]
+
+
+@pytest.mark.parametrize("schedule", [[], [{"step": 0, "weights": {"digits": 0.2}}, {"step": 150, "weights": {"digits": 0.8}}]])
+def test_token_shares_hold_within_2_points_in_every_50_step_window(test_data, schedule):
+    """data.mix_by=tokens: the loss tokens of each 50-step window (measured by the ledger) are shared as
+    the weights say, fixed or scheduled (digits linear from 0.2 to 0.8 by step 150, text 0.5), past the first 50."""
+    cfg = data_config(test_data["digits"], test_data["text"], weights=[0.5, 0.5], mix_by="tokens", num_epochs=0,
+                      schedule=schedule)
+    loader = PackedLoader(cfg, model_config(), 2, rank=0, world_size=1)
+    ledgers = []
+    for batch in itertools.islice(loader, 250):
+        ledgers.append([text + latent for _, text, latent in loader.ledger()])
+    assert schedule or loader.ledger()[1][2] == 0  # (text has no latent)
+    for end in range(100, 251, 25):
+        got = [a - b for a, b in zip(ledgers[end - 1], ledgers[end - 51])]
+        digits = [0.2 + 0.6 * min(s, 150) / 150 if schedule else 0.5 for s in range(end - 50, end)]  # text: 0.5
+        want = sum(w / (w + 0.5) for w in digits) / 50
+        assert abs(got[0] / sum(got) - want) < 0.02, (end, got, want)
+
+
+def test_a_state_saved_before_token_mixing_resumes_by_documents(test_data):
+    """A state without mix_by, ledger and owed tokens (written before them) resumes, under a config
+    that now mixes by tokens, with the batches its run would have had: by documents."""
+    cfg = data_config(test_data["digits"], test_data["text"], num_epochs=0)
+    mc = model_config()
+    straight, _ = run([PackedLoader(cfg, mc, 2, rank=r, world_size=2) for r in range(2)], limit=8)
+    first = [PackedLoader(cfg, mc, 2, rank=r, world_size=2) for r in range(2)]
+    run(first, limit=3)
+    state = json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict() for ld in first])))
+    for key in ("mix_by", "ledger"):
+        del state[key]
+    for slot in state["slots"].values():
+        del slot["ledger"], slot["owed"]
+    resumed = [PackedLoader(cfg.replace(mix_by="tokens"), mc, 2, rank=r, world_size=2) for r in range(2)]
+    for ld in resumed:
+        ld.load_state_dict(state)
+    after, _ = run(resumed, limit=5)
+    assert_same_batches(after, straight[3:8] + straight[11:16])
