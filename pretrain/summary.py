@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 from pretrain import job_history
-from pretrain.checkpoint import list_checkpoints, read_latest, run_checkpoints
+from pretrain.checkpoint import CONFIG_FILE, list_checkpoints, read_latest, run_checkpoints
 
 
 def summarize(run_dir: Path) -> str:
@@ -31,6 +32,7 @@ def summarize(run_dir: Path) -> str:
         shown = {k: v for k, v in r.items() if k.startswith(("eval/", "sample/")) and not k[-1].isdigit()}
         if shown:
             lines.append(f"  evaluation at step {r['step']}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    lines += mixture_lines(records, run_config(run_dir))
     if (run_dir / "samples").is_dir():
         lines.append(f"sample grids:  {run_dir / 'samples'} ({len(list((run_dir / 'samples').glob('*.png')))})")
     root = run_checkpoints(run_dir)
@@ -44,6 +46,48 @@ def summarize(run_dir: Path) -> str:
     for w in wandb_runs:
         lines.append(f"wandb run:     {w}" + ("  (upload: wandb sync " + str(w) + ")" if "offline" in w.name else ""))
     return "\n".join(lines)
+
+
+def run_config(run_dir: Path) -> Optional[dict]:
+    """The experiment config of a run's latest checkpoint (None without one)."""
+    root = run_checkpoints(run_dir)
+    tag = read_latest(root)
+    path = root / tag / CONFIG_FILE if tag else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else None
+
+
+def mixture_lines(records: list[dict], config: Optional[dict]) -> list[str]:
+    """Per schedule phase (the whole run without a schedule), each dataset's target share (the mean of
+    its normalised weight over the phase's steps) and the share it got, from the ledger the trainer
+    logs: of loss tokens (data.mix_by tokens) or of documents."""
+    from data_pipelines.config import DataConfig
+    from data_pipelines.mixture import weights_at
+    from model.config_system import ConfigError
+    if config is None or "data" not in config:
+        return []
+    try:
+        cfg = DataConfig.from_dict(config["data"])
+    except (ConfigError, TypeError, ValueError):  # a config this version cannot read: no mixture lines
+        return []
+    unit = "tokens" if cfg.mix_by == "tokens" else "documents"
+    names = [d.name for d in cfg.datasets]
+    logged = [r for r in records if all(f"data/{n}/{unit}" in r for n in names)]
+    if not logged:
+        return []
+    cuts = sorted({0, *(p.step for p in cfg.schedule if 0 < p.step < logged[-1]["step"]), logged[-1]["step"]})
+    lines = [f"data mixture (shares of {unit}; target / realised):"]
+    for a, b in zip(cuts, cuts[1:]):
+        start = next((r for r in reversed(logged) if r["step"] <= a), None)
+        end = next(r for r in reversed(logged) if r["step"] <= b)
+        got = [end[f"data/{n}/{unit}"] - (start[f"data/{n}/{unit}"] if start else 0) for n in names]
+        steps = range(start["step"] if start else 0, end["step"])
+        if not steps or not sum(got):
+            continue
+        targets = [sum(weights_at(cfg, s)[d] / sum(weights_at(cfg, s)) for s in steps) / len(steps)
+                   for d in range(len(names))]
+        lines.append(f"  steps {steps.start}-{steps.stop}: " + ", ".join(
+            f"{n} {t:.3f} / {g / sum(got):.3f}" for n, t, g in zip(names, targets, got)))
+    return lines
 
 
 def main(argv=None) -> int:

@@ -1,5 +1,6 @@
 """The config system: YAML + dotted overrides, strict keys and types, one-line errors."""
 import dataclasses
+import json
 
 import pytest
 
@@ -97,3 +98,24 @@ def test_datasets_are_named_by_their_folder_unless_named_and_a_name_is_used_once
         load_config(ExperimentConfig, path, ["data.datasets.1.path=elsewhere/digits"])
     cfg = load_config(ExperimentConfig, path, ["data.datasets.1.path=elsewhere/digits", "data.datasets.1.name=d2"])
     assert [d.name for d in cfg.data.datasets] == ["digits", "d2", "laion"]
+
+
+def test_summary_prints_target_and_realised_shares_per_schedule_phase(tmp_path):
+    """pretrain.summary reads the run's config from its latest checkpoint and the ledger from its metrics."""
+    from pretrain.checkpoint import CONFIG_FILE, run_checkpoints, write_latest
+    from pretrain.config import ExperimentConfig
+    from pretrain.summary import summarize
+    cfg = load_config(ExperimentConfig, None, [
+        "data.datasets=[{path: a/digits, weight: 1}, {path: b/text, weight: 1}]",
+        "data.schedule=[{step: 0, weights: {digits: 1}}, {step: 10, weights: {digits: 3}}]", "data.interpolate=false"])
+    root = run_checkpoints(tmp_path)
+    (root / "step_00000020").mkdir(parents=True)
+    (root / "step_00000020" / CONFIG_FILE).write_text(json.dumps(cfg.to_dict()))
+    write_latest(root, "step_00000020")
+    records = [{"step": s, "loss": 1.0, "tokens_per_s": 1.0, "data/digits/tokens": d, "data/text/tokens": t}
+               for s, d, t in ((5, 50, 50), (10, 100, 100), (15, 250, 150), (20, 400, 200))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    text = summarize(tmp_path)
+    assert "data mixture (shares of tokens; target / realised):" in text
+    assert "steps 0-10: digits 0.500 / 0.500, text 0.500 / 0.500" in text, text
+    assert "steps 10-20: digits 0.750 / 0.750, text 0.250 / 0.250" in text, text
