@@ -74,7 +74,7 @@ def main() -> None:
             digits, text = f"pipe:cat {digits}/{{shard}}", f"pipe:cat {text}/{{shard}}"
         mc = ModelConfig(vocab_size=4000, latent_channels=1, patch_size=2, mode=args.mode, block_size=4)
         cfg = DataConfig(datasets=[DatasetConfig(path=str(digits), weight=args.digits_weight),
-                                   DatasetConfig(path=str(text), weight=1 - args.digits_weight)],
+                                   DatasetConfig(path=str(text), weight=1 - args.digits_weight)], mix_by="documents",
                          seq_len=args.seq_len, num_workers=args.workers, num_epochs=0,
                          shards_in_flight=args.shards_in_flight)
         loader = PackedLoader(cfg, mc, args.batch)

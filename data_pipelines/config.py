@@ -2,17 +2,23 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
 from model.config_system import Config, ConfigError, knob
 
 
+NAME = re.compile(r"[A-Za-z0-9._-]*[A-Za-z._-][A-Za-z0-9._-]*")  # a dataset name: not all digits (an index)
+
+
 def default_name(path: str) -> str:
-    """A dataset's name from where it is: the last folder of a path or URL (of a pipe: command's last
-    word, without the {shard} file)."""
-    where = path.split()[-1] if path.startswith("pipe:") and path.split() else path
-    parts = [p for p in where.split("/") if p and "{shard}" not in p and p not in (".", "..")]
-    return parts[-1] if parts else "data"
+    """A dataset's name from where it is: the last folder of a path or URL (of a pipe: command, its last
+    word with a '/'), without the {shard} file or a query, reduced to NAME's characters."""
+    words = [w for w in path.split() if "/" in w] if path.startswith("pipe:") else [path]
+    where = (words[-1] if words else path).split("?")[0]
+    parts = [p for p in where.split("/") if p and "{shard}" not in p and p not in (".", "..") and not p.endswith(":")]
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", parts[-1]) if parts else "data"
+    return name if NAME.fullmatch(name) else f"data{name}"
 
 
 @dataclasses.dataclass
@@ -31,6 +37,8 @@ class DatasetConfig(Config):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.name = self.name or default_name(self.path)
+        if not NAME.fullmatch(self.name):
+            raise ConfigError(f"name: {self.name!r} must be letters, digits, '.', '_' or '-', not all digits")
         if self.weight <= 0:
             raise ConfigError(f"weight: must be positive, got {self.weight}")
         if not 0.0 <= self.image_first <= 1.0:
@@ -108,13 +116,17 @@ class DataConfig(Config):
         if steps != sorted(set(steps)) or any(n < 0 for n in steps):
             raise ConfigError(f"schedule: steps must be >= 0 and increasing, got {steps}")
         for i, p in enumerate(self.schedule):
+            named = set()
             for key, w in p.weights.items():
                 try:
-                    dataset_index(self, key)
+                    d = dataset_index(self, key)
                 except KeyError:
                     raise ConfigError(f"schedule.{i}.weights: {key!r} is not a dataset name or index "
                                       f"({', '.join(d.name for d in self.datasets)})") from None
-                if not isinstance(w, (int, float)) or w < 0:
+                if d in named:
+                    raise ConfigError(f"schedule.{i}.weights: {key!r} names dataset {d} a second time")
+                named.add(d)
+                if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0:
                     raise ConfigError(f"schedule.{i}.weights.{key}: must be a number >= 0, got {w!r}")
             if not any(w > 0 for w in point_weights(self, p.weights)):
                 raise ConfigError(f"schedule.{i}: every weight is 0")

@@ -130,7 +130,11 @@ class PackedLoader:
         self.num_epochs = cfg.num_epochs if num_epochs is None else num_epochs
         self.spec = LayoutSpec.from_model_config(model_cfg)
         self.diffusion = Diffusion(model_cfg)
+        if datasets is not None:  # (evaluation) these sets, by their own weights: no training mixture
+            self.cfg = cfg = cfg.replace(mix_by="documents", schedule=[])
         self.entries = list(cfg.datasets if datasets is None else datasets)
+        self.start_step = 0  # the optimizer step of the loaded state (load_state_dict)
+        self.legacy_mix = False  # a run whose state predates data.mix_by stays by documents
         if not self.entries:
             raise DataError("data.datasets: no dataset configured")
         try:
@@ -179,7 +183,7 @@ class PackedLoader:
             dealing = Dealing(order, self.num_slots, first, self.num_epochs, self.cfg.shards_in_flight)
             datasets.append(Dataset(m, e.role, e.weight, e.image_first, order, dealing, base, partial))
         return Slot(datasets, self.cfg, self.spec, self.diffusion, self.batch_size, slot,
-                    self.slot_states.get(slot), (self.workers, self.batches_per_step))
+                    self.slot_states.get(slot), (self.workers, self.batches_per_step, self.start_step))
 
     def __iter__(self) -> Iterator:
         """Batches of this rank's slots (round robin over its workers). A DataError in a worker is raised
@@ -241,6 +245,7 @@ class PackedLoader:
         rank is in it: one that has handed out no batch yet is at its start (cursors (0, 0))."""
         return {"version": STATE_VERSION, "fingerprints": self.fingerprints(), "layout": self.layout(),
                 "base": [base_to_json(*b) for b in self.base], "ledger": self.base_ledger, "mix_by": self.cfg.mix_by,
+                "mix_by_legacy": self.legacy_mix, "batches_per_step": self.batches_per_step,
                 "slots": {str(j): self.slot_states.get(j) or unstarted_state(j, len(self.entries))
                           for j in self.own_slots()}}
 
@@ -253,15 +258,17 @@ class PackedLoader:
             merged["slots"].update(s["slots"])
         return merged
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, step: int = 0) -> None:
+        """`step`: the optimizer step the state was saved at (where data.schedule resumes)."""
+        self.start_step = step
         if state.get("fingerprints") != self.fingerprints():
             changed = [e.path for e, a, b in zip(self.entries, state["fingerprints"], self.fingerprints()) if a != b]
             raise DataError(f"loader state does not match the datasets: fingerprint differs for "
                             f"{', '.join(changed) or 'the dataset list'}")
         state = self._upgrade(state)
-        if "mix_by" not in state and self.cfg.mix_by != "documents":  # saved before 2026-12-04: by documents
-            log.warning("the loader state predates data.mix_by: its run goes on by documents")
-            self.cfg = self.cfg.replace(mix_by="documents")
+        if ("mix_by" not in state or state.get("mix_by_legacy")) and self.cfg.mix_by != "documents":
+            log.warning("the run's data state predates data.mix_by: it goes on by documents")  # (before 2026-12-04)
+            self.cfg, self.legacy_mix = self.cfg.replace(mix_by="documents"), True
         old = state["layout"]
         for key in ("seed", "shuffle", "num_epochs"):
             if old[key] != self.layout()[key]:
@@ -272,6 +279,9 @@ class PackedLoader:
         if (old["slots"], old["shards_in_flight"]) == (self.num_slots, self.cfg.shards_in_flight):
             # the same slots, whichever rank or worker reads each: exact
             self.base, self.slot_states, self.base_ledger = bases, slots, ledger
+            if (old["workers"], state.get("batches_per_step", 1)) != (self.workers, self.batches_per_step):
+                for s in slots.values():  # a slot's batches now make steps at another rate: count from here
+                    s["origin"] = [step, s.get("batches", 0)]
             return
         missing = sorted(set(range(old["slots"])) - set(slots))
         if missing and any(s.get("batches") for s in slots.values()):

@@ -140,9 +140,9 @@ class Entry:
 
 class Slot:
     def __init__(self, datasets: list[Dataset], cfg: DataConfig, spec: LayoutSpec, diffusion: Diffusion,
-                 batch_size: int, slot: int, state: Optional[dict] = None, steps: tuple[int, int] = (1, 1)):
-        """`steps`: (slots of a rank, batches a rank takes per optimizer step), which tell the step of this
-        slot's next batch (for data.schedule)."""
+                 batch_size: int, slot: int, state: Optional[dict] = None, steps: tuple[int, int, int] = (1, 1, 0)):
+        """`steps`: (slots of a rank, batches a rank takes per optimizer step, the step the loaded state was
+        saved at), which tell the step of this slot's next batch (for data.schedule)."""
         self.datasets, self.cfg, self.spec, self.diffusion = datasets, cfg, spec, diffusion
         self.batch_size, self.slot, self.steps = batch_size, slot, steps
         self.slots = datasets[0].dealing.slots
@@ -155,6 +155,8 @@ class Slot:
         self.done = list(state.get("done", [False] * len(datasets)))
         self.ledger = [list(x) for x in state.get("ledger", [[0, 0, 0]] * len(datasets))]  # LEDGER per dataset
         self.owed = list(state.get("owed", [0.0] * len(datasets)))  # loss tokens owed per dataset (mix_by tokens)
+        # (step, batches) from which this slot counts its steps: a slot of a new layout starts at the saved step
+        self.origin = list(state.get("origin", [steps[2], 0] if not self.batches else [0, 0]))
         self.reads = ReadStats.from_state(state)
         cursors = state.get("cursors", [[0, 0]] * len(datasets))
         self.cursors = [ShardCursor(ds, slot, cfg, self.reads, tuple(c)) for ds, c in zip(datasets, cursors)]
@@ -168,7 +170,7 @@ class Slot:
                 reads[k] += v
         return {"slot": self.slot, "batches": self.batches, "mix": self.mix, "bad": self.bad,
                 "oversize": self.oversize, **reads, "done": list(self.done), "ledger": [list(x) for x in self.ledger],
-                "owed": list(self.owed),
+                "owed": list(self.owed), "origin": list(self.origin),
                 "cursors": [[c.g, c.q] for c in self.cursors],
                 "buffer": [[x.dataset, x.epoch, x.position, x.start] for x in self.buffer]}
 
@@ -202,11 +204,12 @@ class Slot:
 
     def _pull(self) -> bool:
         """Pull one document into the buffer; False when every dataset is done."""
-        workers, per_step = self.steps
+        workers, per_step, _ = self.steps
         by_tokens = self.cfg.mix_by == "tokens"
         while not all(self.done):
-            step = self.batches * workers // per_step
-            weights = [0.0 if done else w for w, done in zip(weights_at(self.cfg, step), self.done)]
+            step = self.origin[0] + (self.batches - self.origin[1]) * workers // per_step
+            scheduled = weights_at(self.cfg, step) if self.cfg.schedule else [ds.weight for ds in self.datasets]
+            weights = [0.0 if done else w for w, done in zip(scheduled, self.done)]
             if not any(weights):  # the datasets left all weigh 0 now
                 return False
             u = stateless_uniform(self.cfg.seed, MIX, self.slots, self.slot, self.mix)

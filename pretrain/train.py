@@ -143,7 +143,8 @@ class Trainer:
         if "loss_tokens" not in client:  # checkpoints written before 2026-11-24
             notes.append(f"{root / tag} has no loss-token counts: text_tokens and latent_tokens count from 0")
         self.loss_tokens = list(client.get("loss_tokens", [0, 0]))
-        self.loader.load_state_dict(client["data"])  # world-size independent
+        self.loader.load_state_dict(client["data"], self.step)  # world-size independent
+        self.cfg.data.mix_by = self.loader.cfg.mix_by  # (documents for a run older than mix_by: recorded so)
         if own is not None:  # same world size: this rank's RNG and EMA partition
             ckpt.set_rng_state(own["rng"])
         if self.ema is None:

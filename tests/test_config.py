@@ -119,3 +119,15 @@ def test_summary_prints_target_and_realised_shares_per_schedule_phase(tmp_path):
     assert "data mixture (shares of tokens; target / realised):" in text
     assert "steps 0-10: digits 0.500 / 0.500, text 0.500 / 0.500" in text, text
     assert "steps 10-20: digits 0.750 / 0.750, text 0.250 / 0.250" in text, text
+
+
+@pytest.mark.parametrize("override,what", [
+    ("data.datasets.0.name='a b'", "must be letters"),
+    ("data.schedule=[{step: 0, weights: {digits: 1, '0': 2}}]", "names dataset 0 a second time"),
+    ("data.schedule=[{step: 0, weights: {digits: true}}]", "must be a number >= 0"),
+    ("data.schedule=[{step: 5, weights: {digits: 1}}, {step: 5, weights: {digits: 2}}]", "increasing")])
+def test_a_dataset_name_or_schedule_that_would_be_ambiguous_is_refused(tmp_path, override, what):
+    from pretrain.config import ExperimentConfig
+    path = write(tmp_path, "data:\n  datasets:\n    - {path: runs/data/digits}\n    - {path: runs/data/text}\n")
+    with pytest.raises(ConfigError, match=what):
+        load_config(ExperimentConfig, path, [override])

@@ -420,3 +420,29 @@ def test_a_state_saved_before_token_mixing_resumes_by_documents(test_data):
         ld.load_state_dict(state)
     after, _ = run(resumed, limit=5)
     assert_same_batches(after, straight[3:8] + straight[11:16])
+    again = json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict() for ld in resumed])))
+    later = PackedLoader(cfg.replace(mix_by="tokens"), mc, 2, rank=0, world_size=2)
+    later.load_state_dict(again)
+    assert later.cfg.mix_by == "documents"  # and at every later restart
+
+
+def test_the_schedule_goes_on_from_the_saved_step_after_a_layout_change(test_data):
+    """Digits only before step 10, text only from it: 2 slots run to step 10, then 1 rank with
+    grad_accum 2 resumes at step 10 and reads text only; an evaluation loader of the same config reads its
+    own sets by their weights, whatever the schedule."""
+    cfg = data_config(test_data["digits"], test_data["text"], num_epochs=0, mix_by="tokens",
+                      schedule=[{"step": 0, "weights": {"text": 0}}, {"step": 10, "weights": {"digits": 0, "text": 1}}],
+                      interpolate=False)
+    mc = model_config()
+    first = PackedLoader(cfg, mc, 2, rank=0, world_size=1)
+    run([first], limit=10)
+    assert first.ledger()[1] == [0, 0, 0]  # no text before step 10 (each of the 2 slots' batches: 2 steps)
+    state = json.loads(json.dumps(PackedLoader.merge_states([first.state_dict()])))
+    resumed = PackedLoader(cfg.replace(num_workers=1), mc, 2, rank=0, world_size=1, batches_per_step=2)
+    resumed.load_state_dict(state, step=10)
+    before = resumed.base_ledger[0][2]
+    run([resumed], limit=6)
+    assert resumed.ledger()[0] == [0, 0, 0] and resumed.ledger()[1][1] > 0 and resumed.base_ledger[0][2] == before
+    held_out = PackedLoader(cfg, mc, 2, datasets=[cfg.datasets[1], cfg.datasets[0]], num_epochs=1)
+    run([held_out], limit=8)  # (steps 0-7 of the schedule, were it applied: text only)
+    assert held_out.ledger()[0][1] > 0 and held_out.ledger()[1][2] > 0  # both sets read
