@@ -25,16 +25,18 @@ from typing import Iterator, Optional
 
 import torch
 
+from data_pipelines import loader_state
 from data_pipelines.config import DataConfig, DatasetConfig
+from data_pipelines.loader_state import STATE_VERSION, dataset_record
+from data_pipelines.mixture import weights_at
 from data_pipelines.order import Dealing, DatasetOrder
 from data_pipelines.shards import load_manifest
-from data_pipelines.slot import LEDGER, DataError, Dataset, Slot, base_from_json, base_to_json, unstarted_state
+from data_pipelines.slot import LEDGER, DataError, Dataset, Slot, unstarted_state
 from data_pipelines.transport.policy import ReadPolicy, ReadStats
 from data_pipelines.transport.sources import die_with_parent
 from model.diffusion import Diffusion
 from model.layout import LayoutSpec
 
-STATE_VERSION = 2  # 2: cursors count groups of data.shards_in_flight units
 COUNTERS = ("bad", "oversize", *ReadStats.FIELDS)  # summed over slots by `counters()`
 log = logging.getLogger(__name__)
 
@@ -158,10 +160,12 @@ class PackedLoader:
                        for m in self.manifests]
         if rank == 0:
             self._warn_about_cut_shards()
-        self.base = [base_from_json(None) for _ in self.entries]  # (epochs, partial, first_epoch)
+        self.base = [loader_state.base_from_json(None) for _ in self.entries]  # (epochs, partial, first_epoch)
         self.base_ledger = [[0] * len(LEDGER) for _ in self.entries]  # what slots of earlier layouts handed out
+        self.retired: dict[str, dict] = {}  # records of datasets the state had and the config has not
         self.slot_states: dict[int, dict] = {}
-        self.last_keys: list[list[str]] = []
+        self.last_keys: list[list[str]] = []  # the documents of the last batch, per row (text: with token range)
+        self.last_datasets: list[list[str]] = []  # and the names of their datasets
         self.last_position: tuple[int, int] = (-1, -1)
 
     def _warn_about_cut_shards(self) -> None:
@@ -181,9 +185,17 @@ class PackedLoader:
         datasets = []
         for e, m, order, (base, partial, first) in zip(self.entries, self.manifests, self.orders, self.base):
             dealing = Dealing(order, self.num_slots, first, self.num_epochs, self.cfg.shards_in_flight)
-            datasets.append(Dataset(m, e.role, e.weight, e.image_first, order, dealing, base, partial))
-        return Slot(datasets, self.cfg, self.spec, self.diffusion, self.batch_size, slot,
+            datasets.append(Dataset(m, e.role, e.image_first, order, dealing, base, partial))
+        return Slot(datasets, self.cfg, self.spec, self.diffusion, self.batch_size, slot, self.weights,
                     self.slot_states.get(slot), (self.workers, self.batches_per_step, self.start_step))
+
+    def weights(self, step: int) -> list[float]:
+        """The datasets' weights at an optimizer step (data.schedule)."""
+        return weights_at(self.cfg, step) if self.cfg.schedule else [e.weight for e in self.entries]
+
+    def shares(self, step: int) -> list[float]:
+        weights = self.weights(step)
+        return [w / sum(weights) for w in weights]
 
     def __iter__(self) -> Iterator:
         """Batches of this rank's slots (round robin over its workers). A DataError in a worker is raised
@@ -215,9 +227,10 @@ class PackedLoader:
         for item in items:
             if isinstance(item, WorkerFailed):
                 raise DataError(item.message)
-            batch, state, keys = item
+            batch, state, keys, sets = item
             self.slot_states[state["slot"]] = state
             self.last_keys = keys
+            self.last_datasets = [[self.entries[d].name for d in row] for row in sets]
             self.last_position = (state["slot"], state["batches"] - 1)  # which slot, its how-many-th batch
             yield batch
 
@@ -240,12 +253,16 @@ class PackedLoader:
                 "shards_in_flight": self.cfg.shards_in_flight, "seed": self.cfg.seed, "shuffle": self.cfg.shuffle,
                 "num_epochs": self.num_epochs}
 
-    def state_dict(self) -> dict:
-        """This rank's part of the state (merge all ranks' with `merge_states`). Every slot of the
-        rank is in it: one that has handed out no batch yet is at its start (cursors (0, 0))."""
-        return {"version": STATE_VERSION, "fingerprints": self.fingerprints(), "layout": self.layout(),
-                "base": [base_to_json(*b) for b in self.base], "ledger": self.base_ledger, "mix_by": self.cfg.mix_by,
+    def state_dict(self, step: Optional[int] = None) -> dict:
+        """This rank's part of the state (merge all ranks' with `merge_states`; fields: loader_state) at
+        optimizer step `step` (default: the loaded one). Every slot of the rank is in it: one that has handed
+        out no batch yet is at its start (cursors (0, 0))."""
+        shares = self.shares(self.start_step if step is None else step)
+        records = {e.name: dataset_record(m.fingerprint, share, base, ledger) for e, m, share, base, ledger
+                   in zip(self.entries, self.manifests, shares, self.base, self.base_ledger)}
+        return {"version": STATE_VERSION, "layout": self.layout(), "mix_by": self.cfg.mix_by,
                 "mix_by_legacy": self.legacy_mix, "batches_per_step": self.batches_per_step,
+                "active": [e.name for e in self.entries], "datasets": {**self.retired, **records},
                 "slots": {str(j): self.slot_states.get(j) or unstarted_state(j, len(self.entries))
                           for j in self.own_slots()}}
 
@@ -253,19 +270,18 @@ class PackedLoader:
     def merge_states(states: list[dict]) -> dict:
         merged = dict(states[0], slots={})
         for s in states:
-            if s["layout"] != merged["layout"] or s["base"] != merged["base"]:
-                raise DataError("merge_states: the ranks' loader states disagree on layout or base")
+            if s["layout"] != merged["layout"] or s["datasets"] != merged["datasets"]:
+                raise DataError("merge_states: the ranks' loader states disagree on layout or datasets")
             merged["slots"].update(s["slots"])
         return merged
 
     def load_state_dict(self, state: dict, step: int = 0) -> None:
-        """`step`: the optimizer step the state was saved at (where data.schedule resumes)."""
+        """Continue from a state (of any layout) saved at optimizer step `step` (where data.schedule
+        resumes). The same datasets on the same slots continue exactly; otherwise the slots' progress is
+        folded (loader_state): datasets added start, removed ones are kept for later, one line each."""
         self.start_step = step
-        if state.get("fingerprints") != self.fingerprints():
-            changed = [e.path for e, a, b in zip(self.entries, state["fingerprints"], self.fingerprints()) if a != b]
-            raise DataError(f"loader state does not match the datasets: fingerprint differs for "
-                            f"{', '.join(changed) or 'the dataset list'}")
-        state = self._upgrade(state)
+        names, fingerprints = [e.name for e in self.entries], self.fingerprints()
+        state = loader_state.upgrade(state, names, fingerprints, min(len(m.shards) for m in self.manifests))
         if ("mix_by" not in state or state.get("mix_by_legacy")) and self.cfg.mix_by != "documents":
             log.warning("the run's data state predates data.mix_by: it goes on by documents")  # (before 2026-12-04)
             self.cfg, self.legacy_mix = self.cfg.replace(mix_by="documents"), True
@@ -273,46 +289,29 @@ class PackedLoader:
         for key in ("seed", "shuffle", "num_epochs"):
             if old[key] != self.layout()[key]:
                 raise DataError(f"loader state has data.{key}={old[key]}, the config says {self.layout()[key]}")
+        matched = loader_state.match(state["datasets"], names, fingerprints, [e.path for e in self.entries])
         slots = {int(j): s for j, s in state["slots"].items()}
-        bases = [base_from_json(b) for b in state["base"]]
-        ledger = state.get("ledger") or [[0] * len(LEDGER) for _ in self.entries]  # (none before 2026-12-04)
-        if (old["slots"], old["shards_in_flight"]) == (self.num_slots, self.cfg.shards_in_flight):
-            # the same slots, whichever rank or worker reads each: exact
-            self.base, self.slot_states, self.base_ledger = bases, slots, ledger
+        records = state["datasets"]
+        if matched == state["active"] and (old["slots"], old["shards_in_flight"]) == (
+                self.num_slots, self.cfg.shards_in_flight):
+            # the same datasets on the same slots, whichever rank or worker reads each: exact
+            self.base = [loader_state.base_from_json(records[n]["base"]) for n in matched]
+            self.base_ledger = [list(records[n]["ledger"]) for n in matched]
+            self.slot_states = slots
             if (old["workers"], state.get("batches_per_step", 1)) != (self.workers, self.batches_per_step):
                 for s in slots.values():  # a slot's batches now make steps at another rate: count from here
                     s["origin"] = [step, s.get("batches", 0)]
-            return
-        missing = sorted(set(range(old["slots"])) - set(slots))
-        if missing and any(s.get("batches") for s in slots.values()):
-            raise DataError(f"loader state lacks slots {missing[:8]} of {old['slots']}: "
-                            "pass the state merged from every rank (PackedLoader.merge_states)")
-        self.base = [self._fold(d, bases[d], slots, old) for d in range(len(self.entries))]
-        self.base_ledger = [[ledger[d][k] + sum(s["ledger"][d][k] for s in slots.values() if "ledger" in s)
-                             for k in range(len(LEDGER))] for d in range(len(self.entries))]
-        self.slot_states = {}
-
-    def _upgrade(self, state: dict) -> dict:
-        """A version-1 state (one unit at a time) is a version-2 state with shards_in_flight=1 where
-        every dataset has a shard per slot; then it is folded like any other layout change."""
-        version = state.get("version")
-        if version == 1 and all(len(m.shards) >= state["layout"]["slots"] for m in self.manifests):
-            return dict(state, version=2, layout=dict(state["layout"], shards_in_flight=1))
-        if version != STATE_VERSION:
-            raise DataError(f"loader state version {version} is not {STATE_VERSION} and cannot be converted "
-                            "(version 1 only with a shard per slot); start a new run from the checkpoint's "
-                            "weights: pretrain.convert to-release, then train.init_from")
-        return state
-
-    def _fold(self, d: int, base: tuple, slots: dict, old: dict) -> tuple:
-        """Fold the slots' progress on dataset d (dealt as in the `old` layout) into a new consumed set."""
-        epochs, partial, first = base
-        dealing = Dealing(self.orders[d], old["slots"], first, self.num_epochs, old["shards_in_flight"])
-        cursors = {j: tuple(s["cursors"][d]) for j, s in slots.items()}
-        buffered = {(e, p): start for s in slots.values() for dd, e, p, start in s["buffer"] if dd == d}
-        epochs = dealing.fold_cursors(epochs, cursors, buffered)
-        partial = {k: v for k, v in partial.items() if k[1] not in epochs.get(k[0], ())}
-        partial.update(buffered)
-        first = Dealing(self.orders[d], self.num_slots, first).first_open_epoch(epochs)
-        epochs = {e: iv for e, iv in epochs.items() if e >= first}
-        return epochs, partial, first
+        else:
+            missing = sorted(set(range(old["slots"])) - set(slots))
+            if missing and any(s.get("batches") for s in slots.values()):
+                raise DataError(f"loader state lacks slots {missing[:8]} of {old['slots']}: "
+                                "pass the state merged from every rank (PackedLoader.merge_states)")
+            records = loader_state.retire(state, slots)
+            self.base = [loader_state.fold(records[n], order, self.num_slots, self.num_epochs) if n else
+                         loader_state.base_from_json(None) for n, order in zip(matched, self.orders)]
+            self.base_ledger = [list(records[n]["ledger"]) if n else [0] * len(LEDGER) for n in matched]
+            self.slot_states = {}
+        self.retired = {n: dict(r, retired=True) for n, r in records.items() if n not in matched}
+        if self.rank == 0:
+            for line in loader_state.change_lines(records, state["active"], matched, names, self.shares(step), step):
+                log.warning(line)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Iterator, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 from data_pipelines.config import DataConfig
-from data_pipelines.mixture import pay, pick, weights_at
+from data_pipelines.mixture import pay, pick
 from data_pipelines.documents import best_fit, build_document, stateless_uniform, text_chunk, timestep_generator
-from data_pipelines.order import Dealing, DatasetOrder, Intervals
+from data_pipelines.order import Dealing, DatasetOrder
 from data_pipelines.prefetch import ShardPrefetcher
 from data_pipelines.shards import BadSample, Manifest, decode_sample, open_shard
 from data_pipelines.tar_index import TarShard
@@ -41,7 +41,6 @@ class Dataset:
     what is consumed."""
     manifest: Manifest
     role: str
-    weight: float
     image_first: float  # probability of laying a sample out image first (image-to-text)
     order: DatasetOrder
     dealing: Dealing
@@ -140,11 +139,13 @@ class Entry:
 
 class Slot:
     def __init__(self, datasets: list[Dataset], cfg: DataConfig, spec: LayoutSpec, diffusion: Diffusion,
-                 batch_size: int, slot: int, state: Optional[dict] = None, steps: tuple[int, int, int] = (1, 1, 0)):
-        """`steps`: (slots of a rank, batches a rank takes per optimizer step, the step the loaded state was
-        saved at), which tell the step of this slot's next batch (for data.schedule)."""
+                 batch_size: int, slot: int, weights: Callable[[int], list[float]], state: Optional[dict] = None,
+                 steps: tuple[int, int, int] = (1, 1, 0)):
+        """`weights`: the datasets' weights at an optimizer step; `steps`: (slots of a rank, batches a rank
+        takes per optimizer step, the step the loaded state was saved at), which tell the step of this
+        slot's next batch."""
         self.datasets, self.cfg, self.spec, self.diffusion = datasets, cfg, spec, diffusion
-        self.batch_size, self.slot, self.steps = batch_size, slot, steps
+        self.batch_size, self.slot, self.weights, self.steps = batch_size, slot, weights, steps
         self.slots = datasets[0].dealing.slots
         state = state or unstarted_state(slot, len(datasets))
         self.batches = state.get("batches", 0)
@@ -207,9 +208,14 @@ class Slot:
         workers, per_step, _ = self.steps
         by_tokens = self.cfg.mix_by == "tokens"
         while not all(self.done):
-            step = self.origin[0] + (self.batches - self.origin[1]) * workers // per_step
-            scheduled = weights_at(self.cfg, step) if self.cfg.schedule else [ds.weight for ds in self.datasets]
-            weights = [0.0 if done else w for w, done in zip(scheduled, self.done)]
+            # a document read now is packed after the buffer's tokens: mix with the weights of the step it
+            # will be in, but never read a dataset before its weight turns positive
+            ahead = sum(len(x) for x in self.buffer) // (self.batch_size * self.cfg.seq_len)
+            now, then = (self.weights(self.origin[0] + (self.batches + k - self.origin[1]) * workers // per_step)
+                         for k in (0, ahead))
+            weights = [0.0 if done or not w_now else w for w, w_now, done in zip(then, now, self.done)]
+            if not any(weights):  # the sets of weight now all weigh 0 then: read for now
+                weights = [0.0 if done else w for w, done in zip(now, self.done)]
             if not any(weights):  # the datasets left all weigh 0 now
                 return False
             u = stateless_uniform(self.cfg.seed, MIX, self.slots, self.slot, self.mix)
@@ -237,8 +243,9 @@ class Slot:
             self.buffer.append(Entry(d, e, p, *got, start=start))
         self._restore = []
 
-    def _row(self) -> tuple[list[DocLayout], list[str]]:
-        """Take one row's documents out of the buffer (best fit; text may be split to fill it)."""
+    def _row(self) -> tuple[list[DocLayout], list[str], list[int]]:
+        """Take one row's documents out of the buffer (best fit; text may be split to fill it): their
+        layouts, keys (text: with the token range) and datasets."""
         chosen = best_fit([len(x) for x in self.buffer], self.cfg.seq_len)
         takes = {i: min(len(self.buffer[i]), self.cfg.seq_len) for i in chosen}
         room = self.cfg.seq_len - sum(takes.values())
@@ -247,6 +254,7 @@ class Slot:
             if i is not None:
                 takes[i] = room
         layouts, keys = [], []
+        sets = [self.buffer[i].dataset for i in sorted(takes)]
         for i in sorted(takes):
             x, n = self.buffer[i], takes[i]
             layouts.append(text_chunk(x.doc, x.start, x.start + n, self.spec) if x.splittable else x.doc)
@@ -257,10 +265,10 @@ class Slot:
             counts[1] += int(layouts[-1].text_loss.sum())
             counts[2] += int(layouts[-1].latent_loss.sum())
         self.buffer = [x for x in self.buffer if len(x) > 0]
-        return layouts, keys
+        return layouts, keys, sets
 
     def __iter__(self) -> Iterator[tuple]:
-        """Yields (PackedBatch, slot state after it, keys of the documents in it)."""
+        """Yields (PackedBatch, slot state after it, keys of the documents in it, their datasets)."""
         try:
             yield from self._batches()
         finally:
@@ -270,22 +278,23 @@ class Slot:
     def _batches(self) -> Iterator[tuple]:
         self._restore_buffer()
         while True:
-            rows, keys = [], []
+            rows, keys, sets = [], [], []
             for _ in range(self.batch_size):
                 while len(self.buffer) < self.cfg.pack_buffer and self._pull():
                     pass
                 if not self.buffer:
                     break
-                layouts, row_keys = self._row()
+                layouts, row_keys, row_sets = self._row()
                 rows.append(layouts)
                 keys.append(row_keys)
+                sets.append(row_sets)
             if not rows:
                 return
             batch = pack_rows(rows, self.cfg.seq_len)
             gen = timestep_generator(self.cfg.seed, TIMESTEP, self.slots, self.slot, self.batches)
             batch = assign_timesteps(batch, self.diffusion, gen)
             self.batches += 1
-            yield batch, self.state(), keys
+            yield batch, self.state(), keys, sets
 
 
 def unstarted_state(slot: int, num_datasets: int) -> dict:
@@ -301,16 +310,3 @@ def loss_tokens(entry: Entry) -> int:
     if entry.splittable:
         return max(len(entry) - 1, 1)
     return max(int(entry.doc.text_loss.sum()) + int(entry.doc.latent_loss.sum()), 1)
-
-
-def base_to_json(base: dict, partial: dict, first_epoch: int) -> dict:
-    return {"first_epoch": first_epoch, "epochs": {str(e): iv.to_list() for e, iv in base.items()},
-            "partial": [[e, p, start] for (e, p), start in partial.items()]}
-
-
-def base_from_json(obj: Optional[dict]) -> tuple[dict, dict, int]:
-    if not obj:
-        return {}, {}, 0
-    base = {int(e): Intervals(r) for e, r in obj["epochs"].items()}
-    partial = {(e, p): start for e, p, start in obj["partial"]}
-    return base, partial, int(obj["first_epoch"])

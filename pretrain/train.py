@@ -122,7 +122,7 @@ class Trainer:
 
     # ---- checkpoints ---------------------------------------------------------------------
     def save(self) -> Path:
-        data_state = PackedLoader.merge_states(all_gather_objects(self.loader.state_dict(), self.dist.control_group))
+        data_state = PackedLoader.merge_states(all_gather_objects(self.loader.state_dict(self.step), self.dist.control_group))
         client = {"step": self.step, "tokens": self.tokens, "loss_tokens": self.loss_tokens, "data": data_state,
                   "config": self.cfg.to_dict()}
         own = {"rng": ckpt.rng_state(), "ema": self.ema.state_dict() if self.ema else None}
@@ -235,7 +235,8 @@ class Trainer:
         path = Path(self.cfg.run.dir) / f"samples_rank{self.dist.rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
-            f.write(json.dumps({"step": self.step + 1, "micro": micro, "docs": self.loader.last_keys}) + "\n")
+            f.write(json.dumps({"step": self.step + 1, "micro": micro, "docs": self.loader.last_keys,
+                                "datasets": self.loader.last_datasets}) + "\n")
 
     @torch.no_grad()
     def evaluate(self) -> dict:

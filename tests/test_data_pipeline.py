@@ -57,6 +57,14 @@ def assert_each_token_once(keys: collections.Counter, expected: dict):
     assert set(whole) | set(spans) == set(expected)
 
 
+def version_2(state: dict) -> dict:
+    """A (version 3) loader state in the shape version 2 saved it: datasets by index."""
+    records = [state["datasets"][n] for n in state["active"]]
+    return {**{k: v for k, v in state.items() if k not in ("active", "datasets")}, "version": 2,
+            "fingerprints": [r["fingerprint"] for r in records], "base": [r["base"] for r in records],
+            "ledger": [r["ledger"] for r in records]}
+
+
 def test_tokenizer_special_ids_and_round_trip(test_data):
     tok = load_tokenizer(test_data["tokenizer"])
     for i, piece in enumerate(SPECIAL_TOKENS):
@@ -166,7 +174,7 @@ def test_a_version_1_state_resumes_as_one_shard_in_flight(test_data):
     mc = model_config()
     first = [PackedLoader(cfg, mc, 2, rank=r, world_size=2) for r in range(2)]
     _, seen = run(first, limit=4)
-    state = json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict() for ld in first])))
+    state = version_2(json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict() for ld in first]))))
     del state["layout"]["shards_in_flight"]
     state["version"] = 1
     single = PackedLoader(cfg.replace(shards_in_flight=4), mc, 2, rank=0, world_size=1)
@@ -174,7 +182,7 @@ def test_a_version_1_state_resumes_as_one_shard_in_flight(test_data):
     _, rest = run([single])
     assert_each_token_once(seen + rest, documents(test_data, "digits", "text"))
     state["layout"]["slots"] = 10  # more slots than the 9 digit shards: version 1 dealt single samples
-    with pytest.raises(DataError, match="loader state version 1 is not 2 and cannot be converted"):
+    with pytest.raises(DataError, match="loader state version 1 is not 3 and cannot be converted"):
         single.load_state_dict(state)
 
 
@@ -287,9 +295,11 @@ def test_a_fingerprint_mismatch_is_refused(test_data, tmp_path):
     loader = PackedLoader(cfg, model_config(), 2)
     run([loader], limit=2)
     state = loader.state_dict()
-    state["fingerprints"] = ["0" * 16]
-    with pytest.raises(DataError, match="fingerprint"):
+    state["datasets"]["digits"]["fingerprint"] = "0" * 16
+    with pytest.raises(DataError, match=r"fingerprint differs for .*digits \(dataset 'digits'\): its shards changed"):
         PackedLoader(cfg, model_config(), 2).load_state_dict(state)
+    with pytest.raises(DataError, match="fingerprint differs"):  # (a state of the version before names)
+        PackedLoader(cfg, model_config(), 2).load_state_dict(version_2(state))
 
 
 def test_the_same_shards_written_from_another_checkout_have_the_same_fingerprint(test_data, tmp_path):
@@ -410,7 +420,7 @@ def test_a_state_saved_before_token_mixing_resumes_by_documents(test_data):
     straight, _ = run([PackedLoader(cfg, mc, 2, rank=r, world_size=2) for r in range(2)], limit=8)
     first = [PackedLoader(cfg, mc, 2, rank=r, world_size=2) for r in range(2)]
     run(first, limit=3)
-    state = json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict() for ld in first])))
+    state = version_2(json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict() for ld in first]))))
     for key in ("mix_by", "ledger"):
         del state[key]
     for slot in state["slots"].values():

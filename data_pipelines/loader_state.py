@@ -1,0 +1,144 @@
+"""The packed loader's saved state — this module alone knows its fields — and how a resume maps it onto
+the datasets configured now.
+
+    {"version": 3,
+     "layout": {world_size, workers, slots, shards_in_flight, seed, shuffle, num_epochs},
+     "mix_by", "mix_by_legacy", "batches_per_step",
+     "active": [the names of the datasets read, in the order of the slots' per-dataset lists],
+     "datasets": {name: {"fingerprint", "share": its weight's share at the saved step,
+                         "base": consumed positions folded so far, "ledger": LEDGER counts of earlier layouts,
+                         "pending": (a dataset no longer read) its slots' progress, folded when it comes back}},
+     "slots": {slot: Slot.state()}}
+
+Datasets are matched by name, then (a renamed or moved folder) by fingerprint: a dataset matched to a
+record continues after the positions it consumed, one without a record starts from its beginning, and a
+record no dataset matches is kept (retired) until a dataset of that name or those shards comes back.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from data_pipelines.order import Dealing, DatasetOrder, Intervals
+from data_pipelines.slot import LEDGER, DataError
+
+STATE_VERSION = 3  # 2: cursors count groups of data.shards_in_flight units; 3: datasets by name
+
+
+def base_to_json(base: dict, partial: dict, first_epoch: int) -> dict:
+    return {"first_epoch": first_epoch, "epochs": {str(e): iv.to_list() for e, iv in base.items()},
+            "partial": [[e, p, start] for (e, p), start in partial.items()]}
+
+
+def base_from_json(obj: Optional[dict]) -> tuple[dict, dict, int]:
+    if not obj:
+        return {}, {}, 0
+    base = {int(e): Intervals(r) for e, r in obj["epochs"].items()}
+    partial = {(e, p): start for e, p, start in obj["partial"]}
+    return base, partial, int(obj["first_epoch"])
+
+
+def dataset_record(fingerprint: str, share: float, base: tuple, ledger: list[int]) -> dict:
+    return {"fingerprint": fingerprint, "share": share, "base": base_to_json(*base), "ledger": list(ledger)}
+
+
+def upgrade(state: dict, names: list[str], fingerprints: list[str], fewest_shards: int) -> dict:
+    """A state of an earlier version as a version-3 one. Version 1 (one unit at a time) is version 2 with
+    shards_in_flight=1 when every dataset has a shard per slot (`fewest_shards`: of the datasets configured;
+    then it is folded like any layout change). Version 2 lists its datasets by index: each takes the name
+    of the dataset configured now with its fingerprint, else of the one at its index (whose fingerprint
+    must then match)."""
+    version = state.get("version")
+    if version == 1 and fewest_shards >= state["layout"]["slots"]:
+        state = dict(state, version=2, layout=dict(state["layout"], shards_in_flight=1))
+        return upgrade(state, names, fingerprints, fewest_shards)
+    if version == 3:
+        return state
+    if version != 2:
+        raise DataError(f"loader state version {version} is not {STATE_VERSION} and cannot be converted "
+                        "(version 1 only with a shard per slot); start a new run from the checkpoint's "
+                        "weights: pretrain.convert to-release, then train.init_from")
+    old, used = state["fingerprints"], set()
+    active = []
+    for i, fp in enumerate(old):
+        same = [n for n, f in zip(names, fingerprints) if f == fp and n not in used]
+        name = same[0] if same else names[i] if i < len(names) and names[i] not in used else f"unnamed-{i}"
+        used.add(name)
+        active.append(name)
+    ledgers = state.get("ledger") or [[0] * len(LEDGER)] * len(old)  # (none before 2026-12-04)
+    return {**{k: v for k, v in state.items() if k not in ("fingerprints", "base", "ledger")}, "version": 3,
+            "active": active, "datasets": {n: {"fingerprint": fp, "share": None, "base": b, "ledger": led}
+                                          for n, fp, b, led in zip(active, old, state["base"], ledgers)}}
+
+
+def match(records: dict, names: list[str], fingerprints: list[str], paths: list[str]) -> list[Optional[str]]:
+    """Per configured dataset, the name of its record (None: a new dataset): the record of its name, else
+    one no name matches with its fingerprint (the same shards elsewhere). A record of its name with another
+    fingerprint is refused: the shards changed."""
+    out: list[Optional[str]] = []
+    for name, fp, path in zip(names, fingerprints, paths):
+        if name in records and records[name]["fingerprint"] != fp:
+            raise DataError(f"loader state does not match the datasets: fingerprint differs for {path} "
+                            f"(dataset {name!r}): its shards changed since the checkpoint; give it another "
+                            "name to read it as a new dataset")
+        out.append(name if name in records else None)
+    for i, (fp, got) in enumerate(zip(fingerprints, out)):
+        if got is None:
+            free = [n for n, r in records.items() if r["fingerprint"] == fp and n not in names and n not in out]
+            out[i] = free[0] if free else None
+    return out
+
+
+def retire(state: dict, slots: dict[int, dict]) -> dict:
+    """The records of a state whose slots are not continued: each active dataset's record gets its slots'
+    progress (`pending`, folded by `fold`) and their ledger counts."""
+    records = {n: dict(r) for n, r in state["datasets"].items()}
+    layout = state["layout"]
+    for d, name in enumerate(state["active"]):
+        records[name]["pending"] = {
+            "slots": layout["slots"], "shards_in_flight": layout["shards_in_flight"],
+            "cursors": {str(j): list(s["cursors"][d]) for j, s in slots.items()},
+            "buffer": [[e, p, start] for s in slots.values() for dd, e, p, start in s["buffer"] if dd == d]}
+        records[name]["ledger"] = [records[name]["ledger"][k] + sum(s["ledger"][d][k] for s in slots.values()
+                                                                    if "ledger" in s)
+                                   for k in range(len(LEDGER))]
+    return records
+
+
+def fold(record: dict, order: DatasetOrder, slots: int, num_epochs: int) -> tuple[dict, dict, int]:
+    """A record's consumed positions with its pending slots' progress folded in (positions they pulled are
+    consumed, but those of their packing buffers, which come back as partial documents), for `slots` slots."""
+    epochs, partial, first = base_from_json(record["base"])
+    pending = record.get("pending")
+    if not pending:
+        return epochs, partial, first
+    dealing = Dealing(order, pending["slots"], first, num_epochs, pending["shards_in_flight"])
+    cursors = {int(j): tuple(c) for j, c in pending["cursors"].items()}
+    buffered = {(e, p): start for e, p, start in pending["buffer"]}
+    epochs = dealing.fold_cursors(epochs, cursors, buffered)
+    partial = {k: v for k, v in partial.items() if k[1] not in epochs.get(k[0], ())}
+    partial.update(buffered)
+    first = Dealing(order, slots, first).first_open_epoch(epochs)
+    return {e: iv for e, iv in epochs.items() if e >= first}, partial, first
+
+
+def change_lines(records: dict, active: list[str], matched: list[Optional[str]], names: list[str],
+                 shares: list[float], step: int) -> list[str]:
+    """One line per dataset whose part in the mixture changes at this resume (`active`: the names the state
+    was reading, `matched`: each configured dataset's record, `shares`: their weights' shares now)."""
+    lines = []
+    for name, old, share in zip(names, matched, shares):
+        if old is None:
+            lines.append(f"data: {name}: new, read from its beginning (share {share:.3f})")
+            continue
+        was, docs = records[old].get("share"), records[old]["ledger"][0]
+        said = [f"the shards of {old!r}, continued after its {docs} documents" if old != name else
+                f"back, continued after its {docs} documents" if old not in active else ""]
+        if was is not None and abs(was - share) > 1e-9:
+            said.append(f"share {was:.3f} -> {share:.3f} from step {step}")
+        if any(said):
+            lines.append(f"data: {name}: " + "; ".join(x for x in said if x))
+    for name in active:
+        if name not in matched:
+            lines.append(f"data: {name}: removed; its {records[name]['ledger'][0]} documents read stay consumed "
+                         "(listing it again continues it)")
+    return lines
