@@ -142,3 +142,15 @@ def change_lines(records: dict, active: list[str], matched: list[Optional[str]],
             lines.append(f"data: {name}: removed; its {records[name]['ledger'][0]} documents read stay consumed "
                          "(listing it again continues it)")
     return lines
+
+
+def ledger_totals(state: dict) -> dict[str, list[int]]:
+    """{dataset name: LEDGER counts} of everything a saved state's run handed out: its records' (earlier
+    layouts, retired datasets) and its slots'."""
+    state = upgrade(state, [], [], 0) if state.get("version") == 2 else state
+    out = {name: list(r["ledger"]) for name, r in state["datasets"].items()}
+    for d, name in enumerate(state["active"]):
+        for s in state["slots"].values():
+            if "ledger" in s:
+                out[name] = [a + b for a, b in zip(out[name], s["ledger"][d])]
+    return out

@@ -2,11 +2,15 @@
 
 `data.mix_by: documents` draws a dataset with probability proportional to its weight (the draw
 is a hash of the seed and the slot's draw count). `tokens` makes the weights shares of *loss
-tokens* (text targets + latent loss tokens): a slot owes each dataset its weight's share of every
-document's loss tokens and reads next from the dataset it owes most (ties: the same hashed draw),
-then pays that document's tokens. What a slot owes stays within about one document's tokens, so
-the realised shares follow the weights in any window much longer than a document, and a weight
-that changes (`data.schedule`) takes hold at once without a catch-up.
+tokens* (text targets + latent loss tokens): a slot keeps, per dataset, the tokens its weights
+asked of the batches it made (each batch's loss tokens shared by the weights of its step, `accrue`)
+and reads next from the dataset furthest behind that target (ties: the same hashed draw), counting
+the documents waiting in its packing buffer as handed out at today's weights. The buffer is not
+emptied in order (best fit packs long documents at once and keeps short ones longer), so counting
+what was handed out, not what was read, is what keeps the shares: a weight that changes
+(`data.schedule`, an edit at a restart) is met once the buffer is through, and what a slot is behind
+stays within about a buffer's tokens, so the realised shares follow the weights in any window much
+longer than that.
 
 `weights_at(cfg, step)`: the datasets' weights at an optimizer step: their `weight`, overridden by
 the schedule's points (by dataset name or index), linear between points (`data.interpolate`),
@@ -76,11 +80,9 @@ def pick(weights: list[float], owed: Optional[list[float]], u: float) -> int:
     return weighted_pick([weights[i] if t is not None else 0.0 for i, t in enumerate(tied)], u)
 
 
-def pay(owed: list[float], weights: list[float], chosen: int, tokens: int) -> None:
-    """A document of `tokens` loss tokens was read from `chosen`: every dataset of positive weight is
-    owed its share of them, `chosen` is paid them."""
+def accrue(target: list[float], weights: list[float], tokens: int) -> None:
+    """`tokens` loss tokens were handed out: every dataset of positive weight is due its share of them."""
     total = sum(w for w in weights if w > 0)
     for i, w in enumerate(weights):
         if w > 0:
-            owed[i] += w / total * tokens
-    owed[chosen] -= tokens
+            target[i] += w / total * tokens

@@ -14,7 +14,7 @@ import logging
 from typing import Callable, Iterator, Optional, Union
 
 from data_pipelines.config import DataConfig
-from data_pipelines.mixture import pay, pick
+from data_pipelines.mixture import accrue, pick
 from data_pipelines.documents import best_fit, build_document, stateless_uniform, text_chunk, timestep_generator
 from data_pipelines.order import Dealing, DatasetOrder
 from data_pipelines.prefetch import ShardPrefetcher
@@ -155,7 +155,9 @@ class Slot:
         self.oversize_run = 0  # consecutive oversize skips: a dataset of nothing else must not spin forever
         self.done = list(state.get("done", [False] * len(datasets)))
         self.ledger = [list(x) for x in state.get("ledger", [[0, 0, 0]] * len(datasets))]  # LEDGER per dataset
-        self.owed = list(state.get("owed", [0.0] * len(datasets)))  # loss tokens owed per dataset (mix_by tokens)
+        # per dataset, the loss tokens the weights asked of the slot's batches so far (mix_by tokens; a state
+        # saved before it: what was handed out)
+        self.target = list(state.get("target") or [float(c[1] + c[2]) for c in self.ledger])
         # (step, batches) from which this slot counts its steps: a slot of a new layout starts at the saved step
         self.origin = list(state.get("origin", [steps[2], 0] if not self.batches else [0, 0]))
         self.reads = ReadStats.from_state(state)
@@ -171,7 +173,7 @@ class Slot:
                 reads[k] += v
         return {"slot": self.slot, "batches": self.batches, "mix": self.mix, "bad": self.bad,
                 "oversize": self.oversize, **reads, "done": list(self.done), "ledger": [list(x) for x in self.ledger],
-                "owed": list(self.owed), "origin": list(self.origin),
+                "target": list(self.target), "origin": list(self.origin),
                 "cursors": [[c.g, c.q] for c in self.cursors],
                 "buffer": [[x.dataset, x.epoch, x.position, x.start] for x in self.buffer]}
 
@@ -205,21 +207,12 @@ class Slot:
 
     def _pull(self) -> bool:
         """Pull one document into the buffer; False when every dataset is done."""
-        workers, per_step, _ = self.steps
-        by_tokens = self.cfg.mix_by == "tokens"
         while not all(self.done):
-            # a document read now is packed after the buffer's tokens: mix with the weights of the step it
-            # will be in, but never read a dataset before its weight turns positive
-            ahead = sum(len(x) for x in self.buffer) // (self.batch_size * self.cfg.seq_len)
-            now, then = (self.weights(self.origin[0] + (self.batches + k - self.origin[1]) * workers // per_step)
-                         for k in (0, ahead))
-            weights = [0.0 if done or not w_now else w for w, w_now, done in zip(then, now, self.done)]
-            if not any(weights):  # the sets of weight now all weigh 0 then: read for now
-                weights = [0.0 if done else w for w, done in zip(now, self.done)]
+            weights = self._weights()
             if not any(weights):  # the datasets left all weigh 0 now
                 return False
             u = stateless_uniform(self.cfg.seed, MIX, self.slots, self.slot, self.mix)
-            d = pick(weights, self.owed if by_tokens else None, u)
+            d = pick(weights, self._owed(weights) if self.cfg.mix_by == "tokens" else None, u)
             self.mix += 1
             pos = self.cursors[d].pull()
             if pos is None:
@@ -227,12 +220,25 @@ class Slot:
                 continue
             got = self._document(d, *pos)
             if got is not None:
-                entry = Entry(d, *pos, *got, start=self.datasets[d].partial.get(pos, 0))
-                if by_tokens:
-                    pay(self.owed, weights, d, loss_tokens(entry))
-                self.buffer.append(entry)
+                self.buffer.append(Entry(d, *pos, *got, start=self.datasets[d].partial.get(pos, 0)))
                 return True
         return False
+
+    def _weights(self) -> list[float]:
+        """The datasets' weights at the step of the batch being made (0 for those done)."""
+        workers, per_step, _ = self.steps
+        step = self.origin[0] + (self.batches - self.origin[1]) * workers // per_step
+        return [0.0 if done else w for w, done in zip(self.weights(step), self.done)]
+
+    def _owed(self, weights: list[float]) -> list[float]:
+        """Per dataset, the loss tokens the slot is behind its target, its buffered documents counted as
+        handed out now (so a weight that changes is met once the buffer is through, whatever its order)."""
+        buffered = [0] * len(self.datasets)
+        for x in self.buffer:
+            buffered[x.dataset] += loss_tokens(x)
+        total, pending = sum(weights), sum(buffered)
+        return [t + w / total * pending - c[1] - c[2] - b
+                for t, w, c, b in zip(self.target, weights, self.ledger, buffered)]
 
     def _restore_buffer(self) -> None:
         for d, e, p, start in self._restore:
@@ -253,7 +259,7 @@ class Slot:
             i = next((i for i, x in enumerate(self.buffer) if i not in takes and x.splittable), None)
             if i is not None:
                 takes[i] = room
-        layouts, keys = [], []
+        layouts, keys, tokens = [], [], 0
         sets = [self.buffer[i].dataset for i in sorted(takes)]
         for i in sorted(takes):
             x, n = self.buffer[i], takes[i]
@@ -264,6 +270,8 @@ class Slot:
             counts[0] += len(x) == 0  # a document counts when its last piece is handed out
             counts[1] += int(layouts[-1].text_loss.sum())
             counts[2] += int(layouts[-1].latent_loss.sum())
+            tokens += int(layouts[-1].text_loss.sum()) + int(layouts[-1].latent_loss.sum())
+        accrue(self.target, self._weights(), tokens)
         self.buffer = [x for x in self.buffer if len(x) > 0]
         return layouts, keys, sets
 

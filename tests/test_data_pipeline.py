@@ -394,26 +394,34 @@ def test_the_token_ledger_counts_what_was_handed_out_across_a_layout_change(test
     assert [ledger[0][0], ledger[1][0]] == [len(documents(test_data, "digits")), len(documents(test_data, "text"))]
 
 
-@pytest.mark.parametrize("schedule", [[], [{"step": 0, "weights": {"digits": 0.2}}, {"step": 150, "weights": {"digits": 0.8}}]])
-def test_token_shares_hold_within_2_points_in_every_50_step_window(test_data, schedule):
+RAMP = [{"step": 0, "weights": {"digits": 0.2}}, {"step": 150, "weights": {"digits": 0.8}}]
+JUMP = [{"step": 0, "weights": {"digits": 0.1}}, {"step": 110, "weights": {"digits": 1.5}}]
+
+
+@pytest.mark.parametrize("schedule,interpolate,digits,rows,more", [
+    ([], True, lambda s: 0.5, 2, {}), (RAMP, True, lambda s: 0.2 + 0.6 * min(s, 150) / 150, 2, {}),
+    (JUMP, False, lambda s: 0.1 if s < 110 else 1.5, 8, dict(num_workers=1, pack_buffer=16))])
+def test_token_shares_hold_within_2_points_in_every_50_step_window(test_data, schedule, interpolate, digits, rows,
+                                                                   more):
     """data.mix_by=tokens: the loss tokens of each 50-step window (measured by the ledger) are shared as
-    the weights say, fixed or scheduled (digits linear from 0.2 to 0.8 by step 150, text 0.5), past the first 50."""
+    the weights say, fixed or scheduled (digits linear from 0.2 to 0.8 by step 150, or 0.1 then 1.5 from
+    step 110; text 0.5), past the first 50. A jump is met once the packing buffer is through: the
+    slot counts what it handed out, its buffer at the weights of now (a buffer of a few batches here)."""
     cfg = data_config(test_data["digits"], test_data["text"], weights=[0.5, 0.5], mix_by="tokens", num_epochs=0,
-                      schedule=schedule)
-    loader = PackedLoader(cfg, model_config(), 2, rank=0, world_size=1)
+                      schedule=schedule, interpolate=interpolate, **more)
+    loader = PackedLoader(cfg, model_config(), rows, rank=0, world_size=1)
     ledgers = []
     for batch in itertools.islice(loader, 250):
         ledgers.append([text + latent for _, text, latent in loader.ledger()])
     assert schedule or loader.ledger()[1][2] == 0  # (text has no latent)
     for end in range(100, 251, 25):
         got = [a - b for a, b in zip(ledgers[end - 1], ledgers[end - 51])]
-        digits = [0.2 + 0.6 * min(s, 150) / 150 if schedule else 0.5 for s in range(end - 50, end)]  # text: 0.5
-        want = sum(w / (w + 0.5) for w in digits) / 50
+        want = sum(digits(s) / (digits(s) + 0.5) for s in range(end - 50, end)) / 50  # (text: 0.5)
         assert abs(got[0] / sum(got) - want) < 0.02, (end, got, want)
 
 
 def test_a_state_saved_before_token_mixing_resumes_by_documents(test_data):
-    """A state without mix_by, ledger and owed tokens (written before them) resumes, under a config
+    """A state without mix_by, ledger and token targets (written before them) resumes, under a config
     that now mixes by tokens, with the batches its run would have had: by documents."""
     cfg = data_config(test_data["digits"], test_data["text"], num_epochs=0)
     mc = model_config()
@@ -424,7 +432,7 @@ def test_a_state_saved_before_token_mixing_resumes_by_documents(test_data):
     for key in ("mix_by", "ledger"):
         del state[key]
     for slot in state["slots"].values():
-        del slot["ledger"], slot["owed"]
+        del slot["ledger"], slot["target"]
     resumed = [PackedLoader(cfg.replace(mix_by="tokens"), mc, 2, rank=r, world_size=2) for r in range(2)]
     for ld in resumed:
         ld.load_state_dict(state)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from data_pipelines.loader import PackedLoader
+from data_pipelines.loader_state import ledger_totals
 from data_pipelines.shards import ShardSetWriter
 from tests.data_fixtures import data_config, model_config
 
@@ -71,15 +72,6 @@ def each_token_once(seen: collections.Counter, pool) -> None:
             assert [a for a, _ in ranges] == ends[:-1], f"{name}/{doc}: ranges {ranges} overlap or leave a gap"
             assert ends[-1] == docs[doc], f"{name}/{doc}: {ends[-1]} of {docs[doc]} tokens"
         assert set(whole) | set(spans) == set(docs), f"{name}: {len(set(docs) - set(whole) - set(spans))} skipped"
-
-
-def ledger(state: dict) -> dict:
-    """{name: LEDGER counts} of a saved state: its records' and its slots'."""
-    out = {n: list(r["ledger"]) for n, r in state["datasets"].items()}
-    for d, name in enumerate(state["active"]):
-        for s in state["slots"].values():
-            out[name] = [a + b for a, b in zip(out[name], s.get("ledger", [[0] * 3] * len(state["active"]))[d])]
-    return out
 
 
 class Run:
@@ -153,7 +145,7 @@ def test_random_edits_and_layouts_read_every_token_of_every_dataset_once(pool, c
         random_segment(rng, run, 4, (10**6, 10**6), final=True)
         try:
             each_token_once(run.seen, pool)
-            assert {n: c[0] for n, c in ledger(run.state).items()} == {n: len(d) for n, (_, d) in pool.items()}
+            assert {n: c[0] for n, c in ledger_totals(run.state).items()} == {n: len(d) for n, (_, d) in pool.items()}
         except AssertionError as e:
             raise AssertionError(f"case {case}: {e}") from None
 
@@ -178,3 +170,67 @@ def test_token_shares_hold_within_2_points_per_50_step_window_across_edits(pool,
                 assert abs(got[name] / sum(got.values()) - want) < 0.02, (case, start, name, got, want)
             checked += 1
     assert checked
+
+
+def text_lengths(path) -> dict:
+    """{key: tokens with <bos>/<eos>} of a text-only shard set."""
+    from data_pipelines.shards import iter_shard_documents
+    return {key: sum(len(s["tokens"]) for s in segs) + 2 for key, segs in iter_shard_documents(path)}
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_zero3_by_tokens_then_one_rank_with_a_third_dataset(tiny_config, test_data, tmp_path):
+    """0.5 : 0.5 by loss tokens on digits + text, 2 ranks x 2 workers under ZeRO-3 with evaluation; then 1
+    rank resumes (universal checkpoint) with a third dataset and other weights. No document comes twice,
+    each change is logged, and the ledger in the final checkpoint equals a recount from the documents the
+    ranks logged: per dataset, documents and (text) loss tokens; the rest of the run's loss tokens are
+    the digits'."""
+    from data_pipelines.documents import text_chunk
+    from data_pipelines.write_shards import write_shards
+    from model.layout import LayoutSpec
+    from pretrain.checkpoint.reader import CheckpointReader
+    from pretrain.convert import to_universal
+    from tests.launch import torchrun
+    notes = tmp_path / "notes"
+    write_shards("text", str(notes), tokenizer=str(test_data["tokenizer"]), channels=1, samples_per_shard=20,
+                 progress=False, input=[str(test_data["corpus"])], max_chars=250)
+
+    def datasets(**weights):
+        paths = {"digits": test_data["digits"], "text": test_data["text"], "notes": notes}
+        return "data.datasets=[" + ", ".join(f"{{path: {paths[n]}, weight: {w}}}" for n, w in weights.items()) + "]"
+    common = ["wandb.mode=disabled", "train.log_interval=1", "train.log_samples=true", "data.mix_by=tokens",
+              "data.num_workers=2", "train.zero_stage=3", "train.eval_interval=6", "checkpoint.interval=6"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    r = torchrun(2, ["--config", str(tiny_config), f"run.dir={a}", "train.max_steps=6", *common,
+                     datasets(digits=0.5, text=0.5)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    universal = to_universal(a / "checkpoints/step_00000006", tmp_path / "universal")
+    r = torchrun(1, ["--resume", str(universal), "--config", str(tiny_config), f"run.dir={b}", "train.max_steps=12",
+                     *common, "train.grad_accum=2", datasets(digits=0.3, notes=0.4, text=0.3)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = r.stdout + r.stderr
+    for line in ("data: notes: new, read from its beginning (share 0.400)",
+                 "data: digits: share 0.500 -> 0.300 from step 6", "data: text: share 0.500 -> 0.300 from step 6"):
+        assert said.count(line) == 1, line
+
+    seen = collections.Counter()
+    for log in [*a.glob("samples_rank*.jsonl"), *b.glob("samples_rank*.jsonl")]:
+        for record in map(json.loads, log.read_text().splitlines()):
+            seen.update((n, k) for names, keys in zip(record["datasets"], record["docs"]) for n, k in zip(names, keys))
+    assert {n for n, _ in seen} == {"digits", "text", "notes"} and max(seen.values()) == 1
+    spec, lengths = LayoutSpec.from_model_config(model_config()), {"text": text_lengths(test_data["text"]),
+                                                                    "notes": text_lengths(notes)}
+    recount = {n: [0, 0, 0] for n in ("digits", "text", "notes")}
+    for name, key in seen:
+        if name == "digits":
+            recount[name][0] += 1
+            continue
+        doc, span = key.split("@")
+        start, end = map(int, span.split(":"))
+        recount[name][0] += end == lengths[name][doc]  # its last piece
+        recount[name][1] += int(text_chunk(list(range(end)), start, end, spec).text_loss.sum())
+    final = CheckpointReader(b / "checkpoints/step_00000012").client
+    text_tokens, latent_tokens = final["loss_tokens"]
+    recount["digits"][1:] = [text_tokens - recount["text"][1] - recount["notes"][1], latent_tokens]
+    assert ledger_totals(final["data"]) == recount
