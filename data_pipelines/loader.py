@@ -234,15 +234,22 @@ class PackedLoader:
             self.last_position = (state["slot"], state["batches"] - 1)  # which slot, its how-many-th batch
             yield batch
 
-    def ledger(self) -> list[list[int]]:
+    def ledger(self, every_slot: bool = False) -> list[list[int]]:
         """Per dataset, LEDGER counts (documents, text targets, latent loss tokens) this rank's slots handed
-        out; the whole run's is the sum over ranks plus `base_ledger` (slots of the layouts before)."""
-        return [[sum(int(s.get("ledger", [[0] * len(LEDGER)] * len(self.entries))[d][k]) for s in self.slot_states.values())
+        out; the whole run's is the sum over ranks plus `base_ledger` (slots of the layouts before).
+        `every_slot`: of every slot of the loaded state (right after loading, before any batch: the
+        whole run's, without `base_ledger`)."""
+        states = self.slot_states.values() if every_slot else self._own_states()
+        return [[sum(int(s.get("ledger", [[0] * len(LEDGER)] * len(self.entries))[d][k]) for s in states)
                  for k in range(len(LEDGER))] for d in range(len(self.entries))]
 
     def counters(self) -> dict[str, int]:
         """Skipped samples and remote-read retries, stalls and resumes of this rank's slots so far."""
-        return {k: sum(int(s.get(k, 0)) for s in self.slot_states.values()) for k in COUNTERS}
+        return {k: sum(int(s.get(k, 0)) for s in self._own_states()) for k in COUNTERS}
+
+    def _own_states(self) -> list[dict]:
+        # (a loaded state holds every rank's slots: the other ranks count theirs)
+        return [self.slot_states[j] for j in self.own_slots() if j in self.slot_states]
 
     # ---- state ---------------------------------------------------------------------------
     def fingerprints(self) -> list[str]:

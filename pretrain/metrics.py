@@ -51,6 +51,15 @@ def loss_record(sums: list, counts: list, model_cfg, prefix: str = "") -> dict:
     return {prefix + k: v for k, v in {"loss": loss, **parts}.items()}
 
 
+MIXTURE = "data/mixture"  # the key of the record of the data mixture a (re)start runs with
+
+
+def mixture_config(data_cfg) -> dict:
+    """What of data's config the mixture is (pretrain.summary reads each phase's own)."""
+    d = data_cfg.to_dict()
+    return {k: d[k] for k in ("mix_by", "datasets", "schedule", "interpolate")}
+
+
 def ledger_record(names: list[str], base: list[list[int]], slots: list) -> dict:
     """The token ledger as metrics: per dataset, the documents and loss tokens (text targets + latent
     loss tokens) handed out so far (`base`: by earlier layouts' slots; `slots`: the LEDGER counts of
@@ -112,6 +121,12 @@ class RunLogger:
                       file=sys.stderr, flush=True)
         else:
             self.bar.set_postfix(text, refresh=False)
+
+    def record(self, step: int, fields: dict) -> None:
+        """A record of `metrics.jsonl` only (not a metric: e.g. the data mixture a (re)start runs with)."""
+        if self.is_main:
+            self.jsonl.write(json.dumps({"step": step, **fields}) + "\n")
+            self.jsonl.flush()
 
     def log_images(self, step: int, name: str, path: Path) -> None:
         if self.is_main and self.wandb is not None:

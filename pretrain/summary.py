@@ -57,25 +57,39 @@ def run_config(run_dir: Path) -> Optional[dict]:
 
 
 def mixture_lines(records: list[dict], config: Optional[dict]) -> list[str]:
-    """Per schedule phase (the whole run without a schedule), each dataset's target share (the mean of
-    its normalised weight over the phase's steps) and the share it got, from the ledger the trainer
-    logs: of loss tokens (data.mix_by tokens) or of documents."""
+    """Per (re)start and schedule phase in it, each dataset's target share (the mean of its normalised
+    weight over the phase's steps) and the share it got, from the ledger the trainer logs: of loss
+    tokens (data.mix_by tokens) or of documents. Each (re)start's record of its mixture (`MIXTURE`)
+    gives its config; records before the first (older runs) take `config` (the latest checkpoint's)."""
+    from pretrain.metrics import MIXTURE
+    segments, data, rows = [], (config or {}).get("data"), []
+    for r in records:
+        if MIXTURE in r:
+            segments.append((data, rows, r["step"]))  # (a later start cuts off what its attempt redoes)
+            data, rows = r[MIXTURE], []
+        rows.append(r)
+    segments.append((data, rows, None))
+    lines = [line for data, rows, cut in segments if data for line in _phase_lines(rows, data, cut)]
+    return ["data mixture (target / realised share):"] + lines if lines else []
+
+
+def _phase_lines(records: list[dict], data: dict, cut: Optional[int]) -> list[str]:
     from data_pipelines.config import DataConfig
     from data_pipelines.mixture import weights_at
     from model.config_system import ConfigError
-    if config is None or "data" not in config:
-        return []
+    from pretrain.metrics import MIXTURE
     try:
-        cfg = DataConfig.from_dict(config["data"])
+        cfg = DataConfig.from_dict(data)
     except (ConfigError, TypeError, ValueError):  # a config this version cannot read: no mixture lines
         return []
     unit = "tokens" if cfg.mix_by == "tokens" else "documents"
     names = [d.name for d in cfg.datasets]
-    logged = [r for r in records if all(f"data/{n}/{unit}" in r for n in names)]
+    logged = [r for r in records if all(f"data/{n}/{unit}" in r for n in names) and (cut is None or r["step"] <= cut)]
     if not logged:
         return []
-    cuts = sorted({0, *(p.step for p in cfg.schedule if 0 < p.step < logged[-1]["step"]), logged[-1]["step"]})
-    lines = [f"data mixture (shares of {unit}; target / realised):"]
+    first, last = (0 if MIXTURE not in records[0] else logged[0]["step"]), logged[-1]["step"]
+    cuts = sorted({first, *(p.step for p in cfg.schedule if first < p.step < last), last})
+    lines = []
     for a, b in zip(cuts, cuts[1:]):
         start = next((r for r in reversed(logged) if r["step"] <= a), None)
         end = next(r for r in reversed(logged) if r["step"] <= b)
@@ -85,7 +99,7 @@ def mixture_lines(records: list[dict], config: Optional[dict]) -> list[str]:
             continue
         targets = [sum(weights_at(cfg, s)[d] / sum(weights_at(cfg, s)) for s in steps) / len(steps)
                    for d in range(len(names))]
-        lines.append(f"  steps {steps.start}-{steps.stop}: " + ", ".join(
+        lines.append(f"  steps {steps.start}-{steps.stop} ({unit}): " + ", ".join(
             f"{n} {t:.3f} / {g / sum(got):.3f}" for n, t, g in zip(names, targets, got)))
     return lines
 

@@ -44,7 +44,7 @@ from pretrain.process import run_and_exit
 from pretrain.engine import build_engine, changed_settings, optimizer_settings, restore_settings
 from pretrain.failures import next_batch, say_error, stop_if_any_failed
 from pretrain.evaluation.in_loop import EvalSampler
-from pretrain.metrics import RunLogger, batch_flops, ledger_record, loss_record, peak_flops
+from pretrain.metrics import MIXTURE, RunLogger, batch_flops, ledger_record, loss_record, mixture_config, peak_flops
 from pretrain.export.release import data_record, init_from_release
 from pretrain.run_lock import RunDirBusy, RunDirLock, exit_with_parent
 
@@ -281,6 +281,10 @@ class Trainer:
                     f"{self.dist.device.type}, ZeRO-{t.zero_stage}, from step {self.step}")
         for note in notes:
             log.message(note)
+        names = [d.name for d in cfg.data.datasets]  # the mixture from here on, and the ledger so far
+        log.record(self.step, {MIXTURE: mixture_config(cfg.data),
+                               **ledger_record(names, self.loader.base_ledger,
+                                              [n for row in self.loader.ledger(every_slot=True) for n in row])})
         if self.lock is not None and self.lock.previous:
             log.message(f"run.dir: took over the lock of {self.lock.previous} (that process is gone)")
         job = job_history.slurm_job()

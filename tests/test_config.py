@@ -116,9 +116,24 @@ def test_summary_prints_target_and_realised_shares_per_schedule_phase(tmp_path):
                for s, d, t in ((5, 50, 50), (10, 100, 100), (15, 250, 150), (20, 400, 200))]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     text = summarize(tmp_path)
-    assert "data mixture (shares of tokens; target / realised):" in text
-    assert "steps 0-10: digits 0.500 / 0.500, text 0.500 / 0.500" in text, text
-    assert "steps 10-20: digits 0.750 / 0.750, text 0.250 / 0.250" in text, text
+    assert "data mixture (target / realised share):" in text
+    assert "steps 0-10 (tokens): digits 0.500 / 0.500, text 0.500 / 0.500" in text, text
+    assert "steps 10-20 (tokens): digits 0.750 / 0.750, text 0.250 / 0.250" in text, text
+    # a restart at step 15 (its attempt had logged step 20 too) with a third dataset, its own weights,
+    # by documents: each part of the run is judged by its own mixture
+    from pretrain.metrics import MIXTURE, mixture_config
+    edited = load_config(ExperimentConfig, None, [
+        "data.datasets=[{path: a/digits, weight: 1}, {path: b/text, weight: 1}, {path: c/notes, weight: 2}]",
+        "data.mix_by=documents"])
+    more = [{"step": 15, MIXTURE: mixture_config(edited.data), "data/digits/documents": 10, "data/text/documents": 10,
+             "data/notes/documents": 0},
+            {"step": 25, "data/digits/documents": 20, "data/text/documents": 20, "data/notes/documents": 40}]
+    records = [dict(r, **{f"data/{n}/documents": 10 for n in ("digits", "text")}) for r in records]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records + more))
+    text = summarize(tmp_path)
+    assert "steps 10-15 (tokens): digits 0.750 / 0.750, text 0.250 / 0.250" in text, text
+    assert "steps 15-20" not in text and "steps 10-20" not in text, text
+    assert "steps 15-25 (documents): digits 0.250 / 0.167, text 0.250 / 0.167, notes 0.500 / 0.667" in text, text
 
 
 @pytest.mark.parametrize("override,what", [

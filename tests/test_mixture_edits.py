@@ -191,7 +191,7 @@ def test_two_ranks_zero3_by_tokens_then_one_rank_with_a_third_dataset(tiny_confi
     from model.layout import LayoutSpec
     from pretrain.checkpoint.reader import CheckpointReader
     from pretrain.convert import to_universal
-    from tests.launch import torchrun
+    from tests.launch import metrics, torchrun
     notes = tmp_path / "notes"
     write_shards("text", str(notes), tokenizer=str(test_data["tokenizer"]), channels=1, samples_per_shard=20,
                  progress=False, input=[str(test_data["corpus"])], max_chars=250)
@@ -230,7 +230,38 @@ def test_two_ranks_zero3_by_tokens_then_one_rank_with_a_third_dataset(tiny_confi
         start, end = map(int, span.split(":"))
         recount[name][0] += end == lengths[name][doc]  # its last piece
         recount[name][1] += int(text_chunk(list(range(end)), start, end, spec).text_loss.sum())
+    # the metrics: the restart's mixture record holds the ledger it resumed with; then every step's tokens
+    # add up to the loss tokens trained on
+    resumed_with = ledger_totals(CheckpointReader(a / "checkpoints/step_00000006").client["data"])
+    start = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()][0]
+    assert start["step"] == 6 and [d["name"] for d in start["data/mixture"]["datasets"]] == ["digits", "notes", "text"]
+    assert {n: start[f"data/{n}/tokens"] for n in ("digits", "text", "notes")} == {
+        "digits": sum(resumed_with["digits"][1:]), "text": sum(resumed_with["text"][1:]), "notes": 0}
+    assert sorted(r for r in metrics(b) if "loss" in metrics(b)[r]) == list(range(7, 13))
+    for record in (r for r in metrics(b).values() if "loss" in r):
+        assert sum(record[f"data/{n}/tokens"] for n in ("digits", "text", "notes")) == (
+            record["text_tokens"] + record["latent_tokens"])
     final = CheckpointReader(b / "checkpoints/step_00000012").client
     text_tokens, latent_tokens = final["loss_tokens"]
     recount["digits"][1:] = [text_tokens - recount["text"][1] - recount["notes"][1], latent_tokens]
     assert ledger_totals(final["data"]) == recount
+
+
+def test_after_an_exact_resume_each_rank_counts_its_own_slots(pool):
+    """Every rank loads the whole state (all ranks' slots): its ledger and counters are its own slots',
+    so the sum over ranks is the run's, as the state says."""
+    cfg = data_config(pool["prose"][0], pool["pics"][0], seq_len=64, mix_by="tokens")
+    first = [PackedLoader(cfg, model_config(), 2, rank=r, world_size=2) for r in range(2)]
+    for ld in first:
+        for _ in zip(range(3), rank_batches(ld)):
+            pass
+    state = json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict(3) for ld in first])))
+    resumed = [PackedLoader(cfg, model_config(), 2, rank=r, world_size=2) for r in range(2)]
+    for ld in resumed:
+        ld.load_state_dict(state, 3)
+    want = [ledger_totals(state)[n] for n in ("prose", "pics")]
+    assert all(sum(c) for c in want) and resumed[0].slot_states.keys() == {0, 1, 2, 3}
+    for ld in resumed:
+        assert [[a + b for a, b in zip(*x)] for x in zip(ld.base_ledger, ld.ledger(every_slot=True))] == want
+    by_ranks = [[a + b + c for a, b, c in zip(*x)] for x in zip(resumed[0].base_ledger, *(ld.ledger() for ld in resumed))]
+    assert by_ranks == want
