@@ -113,9 +113,9 @@ class _SlotStream(torch.utils.data.IterableDataset):
         info = torch.utils.data.get_worker_info()
         if info is not None:
             torch.set_num_threads(1)
-        slot = self.assignment[info.id if info is not None else 0]
+        place = info.id if info is not None else 0  # (workers are asked in turn, from worker 0)
         try:
-            yield from self.loader.make_slot(slot)
+            yield from self.loader.make_slot(self.assignment[place], place)
         except DataError as e:
             yield WorkerFailed(str(e))
 
@@ -181,13 +181,14 @@ class PackedLoader:
     def own_slots(self) -> list[int]:
         return list(range(self.rank * self.workers, (self.rank + 1) * self.workers))
 
-    def make_slot(self, slot: int) -> Slot:
+    def make_slot(self, slot: int, place: int = 0) -> Slot:
+        """Slot `slot`, whose batches are its rank's `place`-th of every `workers` (the round robin)."""
         datasets = []
         for e, m, order, (base, partial, first) in zip(self.entries, self.manifests, self.orders, self.base):
             dealing = Dealing(order, self.num_slots, first, self.num_epochs, self.cfg.shards_in_flight)
             datasets.append(Dataset(m, e.role, e.image_first, order, dealing, base, partial))
         return Slot(datasets, self.cfg, self.spec, self.diffusion, self.batch_size, slot, self.weights,
-                    self.slot_states.get(slot), (self.workers, self.batches_per_step, self.start_step))
+                    self.slot_states.get(slot), (self.workers, self.batches_per_step, self.start_step, place))
 
     def weights(self, step: int) -> list[float]:
         """The datasets' weights at an optimizer step (data.schedule)."""
@@ -288,17 +289,23 @@ class PackedLoader:
         folded (loader_state): datasets added start, removed ones are kept for later, one line each."""
         self.start_step = step
         names, fingerprints = [e.name for e in self.entries], self.fingerprints()
-        state = loader_state.upgrade(state, names, fingerprints, min(len(m.shards) for m in self.manifests))
+        state = loader_state.upgrade(state, names, fingerprints, {f: len(m.shards) for f, m in
+                                                                  zip(fingerprints, self.manifests)})
         if ("mix_by" not in state or state.get("mix_by_legacy")) and self.cfg.mix_by != "documents":
-            log.warning("the run's data state predates data.mix_by: it goes on by documents")  # (before 2026-12-04)
+            if self.rank == 0:
+                log.warning("the run's data state predates data.mix_by: it goes on by documents")  # (< 2026-12-04)
             self.cfg, self.legacy_mix = self.cfg.replace(mix_by="documents"), True
         old = state["layout"]
         for key in ("seed", "shuffle", "num_epochs"):
             if old[key] != self.layout()[key]:
                 raise DataError(f"loader state has data.{key}={old[key]}, the config says {self.layout()[key]}")
-        matched = loader_state.match(state["datasets"], names, fingerprints, [e.path for e in self.entries])
+        matched = loader_state.match(state["datasets"], state["active"], names, fingerprints,
+                                     [e.path for e in self.entries])
         slots = {int(j): s for j, s in state["slots"].items()}
-        records = state["datasets"]
+        records, totals = state["datasets"], loader_state.ledger_totals(state)
+        if state.get("mix_by", "documents") != self.cfg.mix_by:
+            for s in slots.values():  # targets kept under another mix_by: rebuilt from what was handed out
+                s.pop("target", None)
         if matched == state["active"] and (old["slots"], old["shards_in_flight"]) == (
                 self.num_slots, self.cfg.shards_in_flight):
             # the same datasets on the same slots, whichever rank or worker reads each: exact
@@ -307,7 +314,7 @@ class PackedLoader:
             self.slot_states = slots
             if (old["workers"], state.get("batches_per_step", 1)) != (self.workers, self.batches_per_step):
                 for s in slots.values():  # a slot's batches now make steps at another rate: count from here
-                    s["origin"] = [step, s.get("batches", 0)]
+                    s.pop("origin", None)
         else:
             missing = sorted(set(range(old["slots"])) - set(slots))
             if missing and any(s.get("batches") for s in slots.values()):
@@ -320,5 +327,8 @@ class PackedLoader:
             self.slot_states = {}
         self.retired = {n: dict(r, retired=True) for n, r in records.items() if n not in matched}
         if self.rank == 0:
-            for line in loader_state.change_lines(records, state["active"], matched, names, self.shares(step), step):
+            lines = loader_state.change_lines(records, totals, state["active"], matched, names, self.shares(step), step)
+            if state.get("mix_by", "documents") != self.cfg.mix_by:
+                lines.insert(0, f"data.mix_by: {state.get('mix_by', 'documents')} -> {self.cfg.mix_by} from step {step}")
+            for line in lines:
                 log.warning(line)

@@ -41,39 +41,42 @@ def dataset_record(fingerprint: str, share: float, base: tuple, ledger: list[int
     return {"fingerprint": fingerprint, "share": share, "base": base_to_json(*base), "ledger": list(ledger)}
 
 
-def upgrade(state: dict, names: list[str], fingerprints: list[str], fewest_shards: int) -> dict:
+def upgrade(state: dict, names: list[str], fingerprints: list[str], shards: dict[str, int]) -> dict:
     """A state of an earlier version as a version-3 one. Version 1 (one unit at a time) is version 2 with
-    shards_in_flight=1 when every dataset has a shard per slot (`fewest_shards`: of the datasets configured;
-    then it is folded like any layout change). Version 2 lists its datasets by index: each takes the name
-    of the dataset configured now with its fingerprint, else of the one at its index (whose fingerprint
-    must then match)."""
+    shards_in_flight=1 when each of its datasets has a shard per slot (`shards`: per fingerprint, of the
+    datasets configured; then it is folded like any layout change). Version 2 lists its datasets by index:
+    each takes the name of the dataset configured now with its fingerprint, else of the one at its index
+    if that one's fingerprint is none of the state's (it must then match: refused), else it is kept as
+    `unnamed-I`."""
     version = state.get("version")
-    if version == 1 and fewest_shards >= state["layout"]["slots"]:
+    if version == 1 and all(shards.get(f, 0) >= state["layout"]["slots"] for f in state["fingerprints"]):
         state = dict(state, version=2, layout=dict(state["layout"], shards_in_flight=1))
-        return upgrade(state, names, fingerprints, fewest_shards)
+        return upgrade(state, names, fingerprints, shards)
     if version == 3:
         return state
     if version != 2:
         raise DataError(f"loader state version {version} is not {STATE_VERSION} and cannot be converted "
                         "(version 1 only with a shard per slot); start a new run from the checkpoint's "
                         "weights: pretrain.convert to-release, then train.init_from")
-    old, used = state["fingerprints"], set()
-    active = []
+    old, active = state["fingerprints"], [None] * len(state["fingerprints"])
     for i, fp in enumerate(old):
-        same = [n for n, f in zip(names, fingerprints) if f == fp and n not in used]
-        name = same[0] if same else names[i] if i < len(names) and names[i] not in used else f"unnamed-{i}"
-        used.add(name)
-        active.append(name)
+        same = [n for n, f in zip(names, fingerprints) if f == fp and n not in active]
+        active[i] = same[0] if same else None
+    for i, name in enumerate(active):
+        if name is None:
+            free = i < len(names) and names[i] not in active and fingerprints[i] not in old
+            active[i] = names[i] if free else f"unnamed-{i}"
     ledgers = state.get("ledger") or [[0] * len(LEDGER)] * len(old)  # (none before 2026-12-04)
     return {**{k: v for k, v in state.items() if k not in ("fingerprints", "base", "ledger")}, "version": 3,
             "active": active, "datasets": {n: {"fingerprint": fp, "share": None, "base": b, "ledger": led}
                                           for n, fp, b, led in zip(active, old, state["base"], ledgers)}}
 
 
-def match(records: dict, names: list[str], fingerprints: list[str], paths: list[str]) -> list[Optional[str]]:
+def match(records: dict, active: list[str], names: list[str], fingerprints: list[str],
+          paths: list[str]) -> list[Optional[str]]:
     """Per configured dataset, the name of its record (None: a new dataset): the record of its name, else
-    one no name matches with its fingerprint (the same shards elsewhere). A record of its name with another
-    fingerprint is refused: the shards changed."""
+    one no name matches with its fingerprint (the same shards elsewhere; one read at the save first). A
+    record of its name with another fingerprint is refused: the shards changed."""
     out: list[Optional[str]] = []
     for name, fp, path in zip(names, fingerprints, paths):
         if name in records and records[name]["fingerprint"] != fp:
@@ -83,7 +86,8 @@ def match(records: dict, names: list[str], fingerprints: list[str], paths: list[
         out.append(name if name in records else None)
     for i, (fp, got) in enumerate(zip(fingerprints, out)):
         if got is None:
-            free = [n for n, r in records.items() if r["fingerprint"] == fp and n not in names and n not in out]
+            free = [n for n in sorted(records, key=lambda n: n not in active)
+                    if records[n]["fingerprint"] == fp and n not in names and n not in out]
             out[i] = free[0] if free else None
     return out
 
@@ -121,16 +125,17 @@ def fold(record: dict, order: DatasetOrder, slots: int, num_epochs: int) -> tupl
     return {e: iv for e, iv in epochs.items() if e >= first}, partial, first
 
 
-def change_lines(records: dict, active: list[str], matched: list[Optional[str]], names: list[str],
+def change_lines(records: dict, totals: dict, active: list[str], matched: list[Optional[str]], names: list[str],
                  shares: list[float], step: int) -> list[str]:
-    """One line per dataset whose part in the mixture changes at this resume (`active`: the names the state
-    was reading, `matched`: each configured dataset's record, `shares`: their weights' shares now)."""
+    """One line per dataset whose part in the mixture changes at this resume (`totals`: `ledger_totals`,
+    `active`: the names the state was reading, `matched`: each configured dataset's record, `shares`: their
+    weights' shares now)."""
     lines = []
     for name, old, share in zip(names, matched, shares):
         if old is None:
             lines.append(f"data: {name}: new, read from its beginning (share {share:.3f})")
             continue
-        was, docs = records[old].get("share"), records[old]["ledger"][0]
+        was, docs = records[old].get("share"), totals[old][0]
         said = [f"the shards of {old!r}, continued after its {docs} documents" if old != name else
                 f"back, continued after its {docs} documents" if old not in active else ""]
         if was is not None and abs(was - share) > 1e-9:
@@ -139,7 +144,7 @@ def change_lines(records: dict, active: list[str], matched: list[Optional[str]],
             lines.append(f"data: {name}: " + "; ".join(x for x in said if x))
     for name in active:
         if name not in matched:
-            lines.append(f"data: {name}: removed; its {records[name]['ledger'][0]} documents read stay consumed "
+            lines.append(f"data: {name}: removed; its {totals[name][0]} documents read stay consumed "
                          "(listing it again continues it)")
     return lines
 
@@ -147,7 +152,7 @@ def change_lines(records: dict, active: list[str], matched: list[Optional[str]],
 def ledger_totals(state: dict) -> dict[str, list[int]]:
     """{dataset name: LEDGER counts} of everything a saved state's run handed out: its records' (earlier
     layouts, retired datasets) and its slots'."""
-    state = upgrade(state, [], [], 0) if state.get("version") == 2 else state
+    state = upgrade(state, [], [], {}) if state.get("version") == 2 else state  # (datasets named unnamed-I)
     out = {name: list(r["ledger"]) for name, r in state["datasets"].items()}
     for d, name in enumerate(state["active"]):
         for s in state["slots"].values():

@@ -140,10 +140,10 @@ class Entry:
 class Slot:
     def __init__(self, datasets: list[Dataset], cfg: DataConfig, spec: LayoutSpec, diffusion: Diffusion,
                  batch_size: int, slot: int, weights: Callable[[int], list[float]], state: Optional[dict] = None,
-                 steps: tuple[int, int, int] = (1, 1, 0)):
+                 steps: tuple[int, int, int, int] = (1, 1, 0, 0)):
         """`weights`: the datasets' weights at an optimizer step; `steps`: (slots of a rank, batches a rank
-        takes per optimizer step, the step the loaded state was saved at), which tell the step of this
-        slot's next batch."""
+        takes per optimizer step, the step the loaded state was saved at, this slot's place in its rank's
+        round robin now), which tell the step of this slot's next batch."""
         self.datasets, self.cfg, self.spec, self.diffusion = datasets, cfg, spec, diffusion
         self.batch_size, self.slot, self.weights, self.steps = batch_size, slot, weights, steps
         self.slots = datasets[0].dealing.slots
@@ -158,8 +158,10 @@ class Slot:
         # per dataset, the loss tokens the weights asked of the slot's batches so far (mix_by tokens; a state
         # saved before it: what was handed out)
         self.target = list(state.get("target") or [float(c[1] + c[2]) for c in self.ledger])
-        # (step, batches) from which this slot counts its steps: a slot of a new layout starts at the saved step
-        self.origin = list(state.get("origin", [steps[2], 0] if not self.batches else [0, 0]))
+        # (step, batches, place in the round robin) from which this slot counts its steps; without one (a new
+        # slot, a new rate, a state saved before schedules) it counts from the saved step
+        self.origin = list(state.get("origin") or [steps[2], self.batches, steps[3]])
+        self.origin += [0] * (3 - len(self.origin))
         self.reads = ReadStats.from_state(state)
         cursors = state.get("cursors", [[0, 0]] * len(datasets))
         self.cursors = [ShardCursor(ds, slot, cfg, self.reads, tuple(c)) for ds, c in zip(datasets, cursors)]
@@ -226,8 +228,8 @@ class Slot:
 
     def _weights(self) -> list[float]:
         """The datasets' weights at the step of the batch being made (0 for those done)."""
-        workers, per_step, _ = self.steps
-        step = self.origin[0] + (self.batches - self.origin[1]) * workers // per_step
+        workers, per_step = self.steps[:2]
+        step = self.origin[0] + ((self.batches - self.origin[1]) * workers + self.origin[2]) // per_step
         return [0.0 if done else w for w, done in zip(self.weights(step), self.done)]
 
     def _owed(self, weights: list[float]) -> list[float]:

@@ -59,9 +59,12 @@ def spawn_ranks(n: int, args: list, log_dir: Path) -> list:
 
 
 def metrics(run_dir: Path) -> dict:
-    """step -> logged record (the last one logged for that step)."""
+    """step -> logged record (the last one logged for that step; not the records of the mixture a start
+    runs with)."""
+    from pretrain.metrics import MIXTURE
     path = Path(run_dir) / "metrics.jsonl"
-    return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())} if path.is_file() else {}
+    records = map(json.loads, path.read_text().splitlines()) if path.is_file() else ()
+    return {r["step"]: r for r in records if MIXTURE not in r}
 
 
 def cleanup_shm() -> None:

@@ -168,6 +168,25 @@ def test_resume_with_another_shards_in_flight_and_layout_yields_exactly_the_unse
     assert_each_token_once(seen + rest, documents(test_data, "digits", "text"))
 
 
+def test_a_version_2_state_resumes_with_its_first_dataset_removed_and_continues_it_when_listed_again(test_data):
+    """A state saved before datasets had names (by index): resumed on [text] (digits removed: kept, unnamed),
+    then on [digits, text] (digits found by its fingerprint): every token of both once."""
+    cfg = data_config(test_data["digits"], test_data["text"], num_workers=1)
+    mc = model_config()
+    first = [PackedLoader(cfg, mc, 2, rank=r, world_size=2) for r in range(2)]
+    _, seen = run(first, limit=3)
+    state = version_2(json.loads(json.dumps(PackedLoader.merge_states([ld.state_dict() for ld in first]))))
+    text_only = PackedLoader(data_config(test_data["text"], num_workers=1), mc, 2)
+    text_only.load_state_dict(state)
+    _, more = run([text_only], limit=5)
+    again = json.loads(json.dumps(text_only.state_dict()))
+    assert sorted(again["datasets"]) == ["text", "unnamed-0"] and again["active"] == ["text"]
+    both = PackedLoader(cfg, mc, 2)
+    both.load_state_dict(again)
+    _, rest = run([both])
+    assert_each_token_once(seen + more + rest, documents(test_data, "digits", "text"))
+
+
 def test_a_version_1_state_resumes_as_one_shard_in_flight(test_data):
     """States saved before cross-shard mixing read one shard at a time: they resume (folded) as that."""
     cfg = data_config(test_data["digits"], test_data["text"], num_workers=1, shards_in_flight=1)

@@ -43,7 +43,7 @@ def pool(tmp_path_factory):
 def rank_batches(loader):
     """The batches of one rank, its slots read in this process in the DataLoader's round robin."""
     slots = sorted(loader.own_slots(), key=lambda j: (loader.slot_states.get(j, {}).get("batches", 0), j))
-    streams = [iter(loader.make_slot(j)) for j in slots]
+    streams = [iter(loader.make_slot(j, place)) for place, j in enumerate(slots)]
 
     def round_robin():
         while streams:
@@ -265,3 +265,33 @@ def test_after_an_exact_resume_each_rank_counts_its_own_slots(pool):
         assert [[a + b for a, b in zip(*x)] for x in zip(ld.base_ledger, ld.ledger(every_slot=True))] == want
     by_ranks = [[a + b + c for a, b, c in zip(*x)] for x in zip(resumed[0].base_ledger, *(ld.ledger() for ld in resumed))]
     assert by_ranks == want
+
+
+def test_a_schedule_point_holds_from_its_step_on_every_slot_of_a_rank(pool):
+    """2 workers, 1 batch per step: a rank's batches go to its slots in turn, so slot 1 makes steps 1, 3,
+    5, ...; with one document per row (a packing buffer of 1) every batch reads by the weights of its own
+    step: pictures only before step 5, prose only from it."""
+    schedule = [{"step": 0, "weights": {"prose": 0}}, {"step": 5, "weights": {"pics": 0, "prose": 1}}]
+    cfg = data_config(pool["pics"][0], pool["prose"][0], seq_len=64, num_workers=2, pack_buffer=1, mix_by="tokens",
+                      schedule=schedule, interpolate=False)
+    loader = PackedLoader(cfg, model_config(), 2)
+    sets = [{n for row in loader.last_datasets for n in row} for _ in zip(range(10), rank_batches(loader))]
+    assert sets == [{"pics"}] * 5 + [{"prose"}] * 5, sets
+
+
+def test_switching_to_mix_by_tokens_at_a_restart_takes_the_token_shares_from_there(pool):
+    """By documents, prose : pictures 1 : 1 is about 5 : 1 by tokens; resumed (same slots) by tokens, the
+    next 60 steps share the tokens 1 : 1, without making up the documents-era gap."""
+    cfg = data_config(pool["prose"][0], pool["pics"][0], seq_len=128, num_workers=1, num_epochs=0)
+    first = PackedLoader(cfg, model_config(), 4)
+    for _ in zip(range(30), rank_batches(first)):
+        pass
+    tokens = [c[1] + c[2] for c in first.ledger()]
+    assert tokens[0] > 3 * tokens[1]
+    state = json.loads(json.dumps(first.state_dict(30)))
+    resumed = PackedLoader(cfg.replace(mix_by="tokens"), model_config(), 4)
+    resumed.load_state_dict(state, 30)
+    for _ in zip(range(60), rank_batches(resumed)):
+        pass
+    got = [c[1] + c[2] - t for c, t in zip(resumed.ledger(), tokens)]
+    assert abs(got[0] / sum(got) - 0.5) < 0.03, got
