@@ -16,6 +16,7 @@ record no dataset matches is kept (retired) until a dataset of that name or thos
 """
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 from data_pipelines.order import Dealing, DatasetOrder, Intervals
@@ -159,3 +160,21 @@ def ledger_totals(state: dict) -> dict[str, list[int]]:
             if "ledger" in s:
                 out[name] = [a + b for a, b in zip(out[name], s["ledger"][d])]
     return out
+
+
+def state_bytes(slots: int, datasets: int, pack_buffer: int) -> int:
+    """About how large (JSON) the state of a long run is: `slots` slots, each with a full packing buffer
+    and counts of a long run (every number at its width then), `datasets` datasets (their consumed
+    positions a few intervals each, as after any number of layout changes once an epoch is whole)."""
+    from data_pipelines.slot import unstarted_state
+    big = 10 ** 9
+    base = ({0: Intervals([[0, big], [big + 7, 2 * big]])}, {(0, big): 123}, 0)
+    records = {f"dataset-{d}": dataset_record("0" * 16, 0.5, base, [big] * len(LEDGER)) for d in range(datasets)}
+    slot = dict(unstarted_state(0, datasets), batches=big, mix=big, ledger=[[big] * len(LEDGER)] * datasets,
+                target=[float(big) + 0.5] * datasets, origin=[big, big, 1], cursors=[[big, big]] * datasets,
+                buffer=[[datasets - 1, 3, big, 1234]] * pack_buffer)
+    state = {"version": STATE_VERSION, "layout": {"world_size": slots, "workers": 1, "slots": slots,
+                                                  "shards_in_flight": 4, "seed": 0, "shuffle": True, "num_epochs": 0},
+             "mix_by": "tokens", "mix_by_legacy": False, "batches_per_step": 1, "active": list(records),
+             "datasets": records, "slots": {str(j): dict(slot, slot=j) for j in range(slots)}}
+    return len(json.dumps(state))

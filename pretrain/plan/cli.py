@@ -1,0 +1,125 @@
+"""Plan a run: what the config's model and state weigh on a cluster, before launching it.
+
+    python -m pretrain.plan --config configs/monoformer-1b.yaml --nodes 4 --gpus-per-node 8 --gpu h100
+    python -m pretrain.plan --config configs/tiny-cpu.yaml --gpus-per-node 2 --gpu cpu --json
+
+Prints the parameters (total, by the tokens that use them), the model states per device at ZeRO-1/2/3
+(working weights, gradients, fp32 master weights and Adam moments, the EMA, ZeRO-3's gathered layer),
+a checkpoint's bytes on disk and its write time at --write-gbps, the shards each dataset needs for
+ranks x workers x data.shards_in_flight against those its manifest lists, the loader state's size,
+and verdict lines naming the knob to change.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pretrain.plan.devices import GB, GPUS, device
+from data_pipelines.loader_state import state_bytes
+from pretrain.plan.sizes import checkpoint_bytes, count_parameters, model_states
+
+
+def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb: float = 0.0) -> dict:
+    """The plan as a JSON-able dict (see the module doc)."""
+    dev = device(gpu, per_node, memory_gb)
+    devices = nodes * per_node
+    precision = dev.precision if cfg.train.precision == "auto" else cfg.train.precision
+    params = count_parameters(cfg.model)
+    ema = cfg.train.ema_decay > 0
+    states = {}
+    for stage in (1, 2, 3):
+        parts = model_states(params, stage, devices, precision)
+        if not ema:
+            parts.pop("ema")
+        states[stage] = dict(parts, total=sum(parts.values()))
+    ckpt = checkpoint_bytes(params, cfg.train.zero_stage, precision)
+    if not ema:
+        ckpt.pop("ema")
+    slots = devices * max(1, cfg.data.num_workers)
+    data_state = state_bytes(slots, len(cfg.data.datasets), cfg.data.pack_buffer)
+    ckpt["loader state"] = data_state
+    shards = [_shards(d.path, d.name, slots * cfg.data.shards_in_flight) for d in cfg.data.datasets]
+    return {"devices": devices, "device": dev.name, "device_memory": dev.memory, "precision": precision,
+            "zero_stage": cfg.train.zero_stage, "parameters": params.total, "embedding": params.embedding,
+            "parameters_by_use": params.by_use, "largest_layer": params.largest_layer,
+            "model_states": {str(k): v for k, v in states.items()}, "checkpoint_bytes": ckpt,
+            "checkpoint_total": sum(ckpt.values()), "checkpoint_write_s": sum(ckpt.values()) / (write_gbps * GB),
+            "loader_state_bytes": data_state, "slots": slots, "shards": shards}
+
+
+def _shards(path: str, name: str, wanted: int) -> dict:
+    from data_pipelines.shards import load_manifest
+    try:
+        have = len(load_manifest(path).shards)
+    except (OSError, ValueError) as e:
+        return {"name": name, "wanted": wanted, "have": None, "why": str(e).splitlines()[0][:200]}
+    return {"name": name, "wanted": wanted, "have": have}
+
+
+def verdicts(p: dict) -> list[str]:
+    """One line per problem, naming the knob to change."""
+    lines = []
+    stage = str(p["zero_stage"])
+    need, have = p["model_states"][stage]["total"], p["device_memory"]
+    if need > have:
+        fits = [s for s in ("1", "2", "3") if p["model_states"][s]["total"] <= have]
+        lines.append(f"does not fit: ZeRO-{stage} model states need {need / GB:.1f} GB per device, a {p['device']} "
+                     f"holds {have / GB:.1f} GB; " + (f"use train.zero_stage={fits[0]}" if fits else
+                                                     "no ZeRO stage fits: add devices (--nodes)") +
+                     " (activations come on top)")
+    for s in p["shards"]:
+        if s["have"] is not None and s["have"] < s["wanted"]:
+            lines.append(f"too few shards: {s['name']} has {s['have']}, {p['slots']} slots x data.shards_in_flight "
+                         f"want {s['wanted']} (each shard is then read by several slots): write more shards "
+                         "(write_shards --samples-per-shard smaller) or lower data.shards_in_flight or data.num_workers")
+    return lines
+
+
+def render(p: dict) -> str:
+    by_use = p["parameters_by_use"]
+    lines = [f"plan: {p['devices']} x {p['device']} ({p['device_memory'] / GB:.0f} GB each), {p['precision']}, "
+             f"ZeRO-{p['zero_stage']}",
+             f"parameters: {p['parameters']:,} (embedding {p['embedding']:,}; used at every token {by_use['every']:,}, "
+             f"at text targets {by_use['text']:,}, at latent tokens {by_use['latent']:,})",
+             "model states per device, GB:"]
+    for stage, parts in p["model_states"].items():
+        mark = "  <- configured" if stage == str(p["zero_stage"]) else ""
+        lines.append(f"  ZeRO-{stage}: {parts['total'] / GB:8.2f} (" + ", ".join(
+            f"{k} {v / GB:.2f}" for k, v in parts.items() if k != "total") + f"){mark}")
+    ckpt = p["checkpoint_bytes"]
+    lines.append(f"checkpoint: {p['checkpoint_total'] / GB:.2f} GB on disk (" +
+                 ", ".join(f"{k} {v / GB:.3f}" for k, v in ckpt.items()) +
+                 f"), written in {p['checkpoint_write_s']:.1f} s at the stated bandwidth")
+    for s in p["shards"]:
+        have = s["have"] if s["have"] is not None else f"unknown ({s['why']})"
+        lines.append(f"shards: {s['name']}: {p['slots']} slots x data.shards_in_flight want {s['wanted']}, "
+                     f"the manifest lists {have}")
+    lines += verdicts(p) or ["verdict: the model states fit"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    a = argparse.ArgumentParser(prog="python -m pretrain.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("--config", required=True)
+    a.add_argument("--nodes", type=int, default=1)
+    a.add_argument("--gpus-per-node", type=int, default=1, help="ranks per node")
+    a.add_argument("--gpu", default="h100", choices=[*GPUS, "cpu"])
+    a.add_argument("--memory-gb", type=float, default=0.0, help="memory of one device (default: the --gpu's)")
+    a.add_argument("--write-gbps", type=float, default=2.0, help="checkpoint write bandwidth, GB/s")
+    a.add_argument("--json", action="store_true", help="the plan as JSON")
+    a.add_argument("overrides", nargs="*", help="dotted config overrides, as for pretrain.train")
+    args = a.parse_args(argv)
+    from model.config_system import load_config
+    from pretrain.config import ExperimentConfig
+    try:
+        cfg = load_config(ExperimentConfig, args.config, args.overrides)
+        if min(args.nodes, args.gpus_per_node) < 1:
+            raise ValueError("--nodes and --gpus-per-node must be >= 1")
+        p = plan(cfg, args.nodes, args.gpus_per_node, args.gpu, args.write_gbps, args.memory_gb)
+    except (OSError, ValueError) as e:  # ConfigError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(dict(p, verdicts=verdicts(p)), indent=2) if args.json else render(p))
+    return 0

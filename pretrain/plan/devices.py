@@ -1,0 +1,28 @@
+"""The devices a plan is made for: memory and dense bf16 peak (the vendors' data sheets)."""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+GB = 10 ** 9
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    memory: int  # bytes one device holds
+    precision: str  # what train.precision=auto picks on it
+
+
+GPUS = {"h100": Device("h100", 80 * GB, "bf16"), "h200": Device("h200", 141 * GB, "bf16"),
+        "a100-80g": Device("a100-80g", 80 * GB, "bf16")}
+
+
+def device(name: str, per_node: int, memory_gb: float = 0.0) -> Device:
+    """A named GPU, or `cpu`: this machine's memory shared by `per_node` ranks; `memory_gb` overrides."""
+    if name == "cpu":
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // per_node
+        found = Device("cpu", memory, "fp32")
+    else:
+        found = GPUS[name]
+    return dataclasses.replace(found, memory=int(memory_gb * GB)) if memory_gb else found

@@ -1,0 +1,55 @@
+"""What a config's model and its training state weigh: parameters, model-state memory per device,
+checkpoint bytes on disk. Counted from the model built on the meta device (exact, no memory)."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+MiB = 2 ** 20
+GiB = 2 ** 30
+
+
+@dataclasses.dataclass
+class ParamCounts:
+    total: int  # every parameter (the embedding included)
+    embedding: int
+    by_use: dict  # UnifiedTransformer.params_by_use: every token / text targets / latent tokens
+    largest_layer: int  # the most parameters one module holds itself (what ZeRO-3 gathers at once)
+
+
+def count_parameters(model_cfg) -> ParamCounts:
+    from model.transformer import UnifiedTransformer
+    with torch.device("meta"):
+        model = UnifiedTransformer(model_cfg)
+    return ParamCounts(total=sum(p.numel() for p in model.parameters()), embedding=model.tok_emb.weight.numel(),
+                       by_use=model.params_by_use(),
+                       largest_layer=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()))
+
+
+def model_states(p: ParamCounts, stage: int, devices: int, precision: str) -> dict[str, float]:
+    """Bytes per device of the model states under ZeRO-`stage` on `devices` devices: the working
+    weights, their gradients, the optimizer's fp32 master weights, Adam moments and fp32 gradient
+    partition, the EMA (fp32, on each rank's partition), and under ZeRO-3 the largest layer gathered.
+    In bf16 at stages 2 and 3 the sum without the EMA is DeepSpeed's own estimate
+    (estimate_zero{2,3}_model_states_mem_needs, no offload): 2P + 18P/N and 4L + 18P/N."""
+    n, total = devices, p.total
+    word = 2 if precision == "bf16" else 4
+    weights = word * total / (n if stage == 3 else 1)
+    if word == 4:  # fp32: the gradients are the fp32 gradients (whole at ZeRO-1, partitioned above)
+        grads = 4 * total / (1 if stage == 1 else n)
+    else:  # bf16: 16-bit gradients (whole at ZeRO-1, partitioned at 2, none kept at 3) + an fp32 partition
+        grads = {1: 2 * total, 2: 2 * total / n, 3: 0}[stage] + 4 * total / n
+    optimizer = (4 + 8) * total / n  # fp32 master, Adam exp_avg + exp_avg_sq
+    parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "ema": 4 * total / n}
+    if stage == 3:
+        parts["gathered layer"] = 4 * p.largest_layer
+    return parts
+
+
+def checkpoint_bytes(p: ParamCounts, stage: int, precision: str) -> dict[str, float]:
+    """Bytes on disk of one checkpoint (any number of ranks): the module's weights in the model
+    states file (not at ZeRO-3, whose ranks save their partitions in the optimizer files), the fp32
+    master weights and Adam moments, and the EMA (the rank files)."""
+    word = 2 if precision == "bf16" else 4
+    return {"weights": 0 if stage == 3 else word * p.total, "optimizer": 12 * p.total, "ema": 4 * p.total}
