@@ -34,6 +34,7 @@ class Intervals:
     def __init__(self, ranges: Iterable = ()):
         self.starts: list[int] = []
         self.ends: list[int] = []
+        self._arrays: Optional[tuple] = None  # starts and ends as arrays, for `contains` (None: stale)
         self.add_ranges(ranges)
 
     @property
@@ -49,6 +50,7 @@ class Intervals:
         if i < j:
             a, b = min(a, self.starts[i]), max(b, self.ends[j - 1])
         self.starts[i:j], self.ends[i:j] = [a], [b]
+        self._arrays = None
 
     def add_ranges(self, ranges: Iterable) -> None:
         """Add many [a, b) at once (sorted and merged with the set in one pass)."""
@@ -61,13 +63,11 @@ class Intervals:
             else:
                 merged.append([a, b])
         self.starts, self.ends = [a for a, _ in merged], [b for _, b in merged]
+        self._arrays = None
 
     def add_positions(self, positions: np.ndarray) -> None:
         """Add every position of an array, as runs of consecutive ones."""
-        p = np.unique(np.asarray(positions, dtype=np.int64))
-        cut = np.flatnonzero(np.diff(p) != 1) + 1
-        self.add_ranges(zip(p[np.r_[0, cut]].tolist(), (p[np.r_[cut - 1, len(p) - 1]] + 1).tolist())
-                        if len(p) else ())
+        self.add_ranges(position_runs(positions))
 
     def remove_positions(self, positions: Iterable[int]) -> None:
         """Take out every listed position (one pass over the ranges)."""
@@ -85,6 +85,7 @@ class Intervals:
                 starts.append(a)
                 ends.append(b)
         self.starts, self.ends = starts, ends
+        self._arrays = None
 
     def __contains__(self, p: int) -> bool:
         i = bisect.bisect_right(self.starts, p) - 1
@@ -94,7 +95,9 @@ class Intervals:
         """A boolean array: which positions are in the set."""
         if not self.starts:
             return np.zeros(len(positions), bool)
-        starts, ends = np.asarray(self.starts), np.asarray(self.ends)
+        if self._arrays is None:
+            self._arrays = (np.asarray(self.starts), np.asarray(self.ends))
+        starts, ends = self._arrays
         i = np.searchsorted(starts, positions, side="right") - 1
         return (i >= 0) & (positions < ends[np.maximum(i, 0)])
 
@@ -111,6 +114,16 @@ class Intervals:
 
     def to_list(self) -> list:
         return [[a, b] for a, b in zip(self.starts, self.ends)]
+
+
+def position_runs(positions: np.ndarray) -> list[tuple[int, int]]:
+    """The positions of an array as [a, b) runs of consecutive ones."""
+    p = np.sort(np.asarray(positions, dtype=np.int64))
+    p = p[np.r_[True, p[1:] != p[:-1]]] if len(p) else p  # (distinct: np.unique hashes, slower)
+    if not len(p):
+        return []
+    cut = np.flatnonzero(np.diff(p) != 1) + 1
+    return list(zip(p[np.r_[0, cut]].tolist(), (p[np.r_[cut - 1, len(p) - 1]] + 1).tolist()))
 
 
 class DatasetOrder:
@@ -242,17 +255,20 @@ class Dealing:
         upe = self.units_per_epoch
         lo = self.first_epoch * upe
         hi = lo + gmin * self.in_flight * self.slots  # units [lo, hi) were pulled by their slots
+        runs: dict[int, list] = {}  # per epoch, ranges pulled: added at once (one sort, however many slots)
         for e in range(lo // upe, -(-hi // upe)):
             if self.exhausted(e):
                 break
             i0, i1 = max(lo, e * upe) - e * upe, min(hi, (e + 1) * upe) - e * upe
-            out.setdefault(e, Intervals()).add(*self.unit_range(e, i0, i1))
+            runs.setdefault(e, []).append(self.unit_range(e, i0, i1))
         for slot, (g, q) in cursors.items():
             for e, a, b in (r for gg in range(gmin, g) for r in self.group_ranges(slot, gg)):
-                out.setdefault(e, Intervals()).add(a, b)
+                runs.setdefault(e, []).append((a, b))
             epochs, positions = (a[:q] for a in self.remaining(slot, g, base))
-            for e in np.unique(epochs):
-                out.setdefault(int(e), Intervals()).add_positions(positions[epochs == e])
+            for e in ([int(epochs[0])] if len(epochs) and epochs.min() == epochs.max() else np.unique(epochs)):
+                runs.setdefault(int(e), []).extend(position_runs(positions[epochs == e]))
+        for e, ranges in runs.items():
+            out.setdefault(e, Intervals()).add_ranges(ranges)
         by_epoch: dict[int, list[int]] = {}
         for e, p in unconsumed:
             by_epoch.setdefault(e, []).append(p)

@@ -76,3 +76,20 @@ def test_a_bad_plan_request_is_a_one_line_error(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "zero_stag" in r.stderr
     r = run_plan("--config", str(tmp_path / "none.yaml"))
     assert r.returncode == 2 and "config file not found" in r.stderr
+
+
+def test_a_deal_of_100k_shards_to_4096_slots_shares_every_sample_and_folds_into_another_layout():
+    """The simulation of bench/deal_at_scale.py at 4,096 slots x 100k shards (the 1M-shard rows live in
+    bench/RESULTS.md): each sample of the epoch goes to one slot, every slot gets some, and a state
+    stopped midway folds into a quarter of the slots with exactly the positions pulled consumed."""
+    import numpy as np
+    from data_pipelines.order import DatasetOrder
+    from pretrain.plan.deal import cursors_midway, pulled, slot_samples, time_fold
+    sizes = np.random.default_rng(0).integers(2000, 8001, 100_000)
+    order = DatasetOrder(sizes.tolist(), seed=0, shuffle=True, shards_in_use=10)
+    share = slot_samples(order, 4096, 4)
+    assert int(share.sum()) == order.num_samples and share.min() > 0
+    cursors = cursors_midway(order, 4096, 4)
+    _, base = time_fold(order, 4096, 4, 1024, 2, cursors)
+    assert sum(iv.count() for iv in base.values()) == pulled(order, 4096, 4, cursors) > 0
+    assert list(base) == [0] and base[0].ends[-1] <= order.num_samples

@@ -39,7 +39,7 @@ def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb:
     slots = devices * max(1, cfg.data.num_workers)
     data_state = state_bytes(slots, len(cfg.data.datasets), cfg.data.pack_buffer)
     ckpt["loader state"] = data_state
-    shards = [_shards(d.path, d.name, slots * cfg.data.shards_in_flight) for d in cfg.data.datasets]
+    shards = [_shards(d.path, d.name, slots, cfg.data.shards_in_flight) for d in cfg.data.datasets]
     return {"devices": devices, "device": dev.name, "device_memory": dev.memory, "precision": precision,
             "zero_stage": cfg.train.zero_stage, "parameters": params.total, "embedding": params.embedding,
             "parameters_by_use": params.by_use, "largest_layer": params.largest_layer,
@@ -48,13 +48,19 @@ def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb:
             "loader_state_bytes": data_state, "slots": slots, "shards": shards}
 
 
-def _shards(path: str, name: str, wanted: int) -> dict:
+def _shards(path: str, name: str, slots: int, in_flight: int) -> dict:
+    """Shards wanted (slots x in_flight) and listed; each slot's share of an epoch (max / min samples)."""
+    from data_pipelines.order import DatasetOrder
     from data_pipelines.shards import load_manifest
+    from pretrain.plan.deal import slot_samples
+    wanted = slots * in_flight
     try:
-        have = len(load_manifest(path).shards)
+        manifest = load_manifest(path)
     except (OSError, ValueError) as e:
         return {"name": name, "wanted": wanted, "have": None, "why": str(e).splitlines()[0][:200]}
-    return {"name": name, "wanted": wanted, "have": have}
+    share = slot_samples(DatasetOrder(manifest.shard_sizes, 0), slots, in_flight)
+    return {"name": name, "wanted": wanted, "have": len(manifest.shards),
+            "share_max_min": float(share.max() / share.min()) if share.min() else None}
 
 
 def verdicts(p: dict) -> list[str]:
@@ -93,8 +99,9 @@ def render(p: dict) -> str:
                  f"), written in {p['checkpoint_write_s']:.1f} s at the stated bandwidth")
     for s in p["shards"]:
         have = s["have"] if s["have"] is not None else f"unknown ({s['why']})"
+        share = f"; a slot's share of an epoch: max / min {s['share_max_min']:.2f}" if s.get("share_max_min") else ""
         lines.append(f"shards: {s['name']}: {p['slots']} slots x data.shards_in_flight want {s['wanted']}, "
-                     f"the manifest lists {have}")
+                     f"the manifest lists {have}{share}")
     lines += verdicts(p) or ["verdict: the model states fit"]
     return "\n".join(lines)
 
