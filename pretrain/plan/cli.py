@@ -15,12 +15,14 @@ import argparse
 import json
 import sys
 
+from pretrain.plan.compute import CPU_MFU, GPU_MFU, micro_batch_flops, sampled_batches, timing
 from pretrain.plan.devices import GB, GPUS, device
 from data_pipelines.loader_state import state_bytes
 from pretrain.plan.sizes import checkpoint_bytes, count_parameters, model_states
 
 
-def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb: float = 0.0) -> dict:
+def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb: float = 0.0,
+         mfu: float = 0.0, latent_share: float = 0.5) -> dict:
     """The plan as a JSON-able dict (see the module doc)."""
     dev = device(gpu, per_node, memory_gb)
     devices = nodes * per_node
@@ -40,7 +42,12 @@ def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb:
     data_state = state_bytes(slots, len(cfg.data.datasets), cfg.data.pack_buffer)
     ckpt["loader state"] = data_state
     shards = [_shards(d.path, d.name, slots, cfg.data.shards_in_flight) for d in cfg.data.datasets]
-    return {"devices": devices, "device": dev.name, "device_memory": dev.memory, "precision": precision,
+    batches, source = sampled_batches(cfg)
+    mfu = mfu or (CPU_MFU if dev.name == "cpu" else GPU_MFU)
+    compute = timing(cfg, micro_batch_flops(cfg, params.by_use, batches, latent_share), devices, dev.peak, mfu)
+    compute.update(mfu=mfu, peak=dev.peak, flops_from=source if batches else
+                   f"stated: {latent_share:.0%} latent tokens, full rows of one document (shards: {source})")
+    return {"compute": compute, "devices": devices, "device": dev.name, "device_memory": dev.memory, "precision": precision,
             "zero_stage": cfg.train.zero_stage, "parameters": params.total, "embedding": params.embedding,
             "parameters_by_use": params.by_use, "largest_layer": params.largest_layer,
             "model_states": {str(k): v for k, v in states.items()}, "checkpoint_bytes": ckpt,
@@ -97,6 +104,10 @@ def render(p: dict) -> str:
     lines.append(f"checkpoint: {p['checkpoint_total'] / GB:.2f} GB on disk (" +
                  ", ".join(f"{k} {v / GB:.3f}" for k, v in ckpt.items()) +
                  f"), written in {p['checkpoint_write_s']:.1f} s at the stated bandwidth")
+    c = p["compute"]
+    lines.append(f"compute: {c['step_flops']:.3g} FLOP per step ({c['flops_from']}); at MFU {c['mfu']:.2f} of "
+                 f"{c['peak'] / 1e12:.3g} TFLOP/s per device: {c['step_s']:.3g} s per step, "
+                 f"{c['tokens_per_day']:.3g} tokens/day, {c['hours_to_max_steps']:.3g} h to train.max_steps")
     for s in p["shards"]:
         have = s["have"] if s["have"] is not None else f"unknown ({s['why']})"
         share = f"; a slot's share of an epoch: max / min {s['share_max_min']:.2f}" if s.get("share_max_min") else ""
@@ -115,6 +126,10 @@ def main(argv=None) -> int:
     a.add_argument("--gpu", default="h100", choices=[*GPUS, "cpu"])
     a.add_argument("--memory-gb", type=float, default=0.0, help="memory of one device (default: the --gpu's)")
     a.add_argument("--write-gbps", type=float, default=2.0, help="checkpoint write bandwidth, GB/s")
+    a.add_argument("--mfu", type=float, default=0.0, help=f"model FLOPs utilisation (default {GPU_MFU} on a GPU, "
+                                                         f"assumed; {CPU_MFU} on the CPU, measured)")
+    a.add_argument("--latent-share", type=float, default=0.5,
+                   help="share of latent tokens when the shards cannot be read to measure FLOPs")
     a.add_argument("--json", action="store_true", help="the plan as JSON")
     a.add_argument("overrides", nargs="*", help="dotted config overrides, as for pretrain.train")
     args = a.parse_args(argv)
@@ -124,7 +139,8 @@ def main(argv=None) -> int:
         cfg = load_config(ExperimentConfig, args.config, args.overrides)
         if min(args.nodes, args.gpus_per_node) < 1:
             raise ValueError("--nodes and --gpus-per-node must be >= 1")
-        p = plan(cfg, args.nodes, args.gpus_per_node, args.gpu, args.write_gbps, args.memory_gb)
+        p = plan(cfg, args.nodes, args.gpus_per_node, args.gpu, args.write_gbps, args.memory_gb, args.mfu,
+                 args.latent_share)
     except (OSError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
