@@ -6,7 +6,7 @@
 
 Columns: time to deal (each slot's share of an epoch, and every slot's first group of positions, as
 each reader computes at its start), the saved state's JSON size (two datasets, full packing buffers)
-and the time to write it, the time to fold a state stopped midway into another layout (a quarter of
+and the time to build and serialise it (not to write it), the time to fold a state stopped midway into another layout (a quarter of
 the slots, shards_in_flight 2) and deal every new slot its first group, and each slot's share of an
 epoch (samples, max / min).
 """

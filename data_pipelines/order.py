@@ -37,6 +37,12 @@ class Intervals:
         self._arrays: Optional[tuple] = None  # starts and ends as arrays, for `contains` (None: stale)
         self.add_ranges(ranges)
 
+    def __getstate__(self) -> dict:  # (the arrays are a cache: not sent to workers)
+        return {"starts": self.starts, "ends": self.ends}
+
+    def __setstate__(self, state: dict) -> None:
+        self.starts, self.ends, self._arrays = state["starts"], state["ends"], None
+
     @property
     def ranges(self) -> list[tuple[int, int]]:
         return list(zip(self.starts, self.ends))

@@ -1,6 +1,8 @@
 """The global order and its dealing to slots: folding progress never repeats or skips."""
 import random
 
+import numpy as np
+
 import pytest
 
 from data_pipelines.order import Dealing, DatasetOrder, Intervals
@@ -16,6 +18,21 @@ def test_intervals_add_remove_contains():
     assert 2 in iv and 3 not in iv and 9 in iv and 10 not in iv
     assert iv.count() == 7 and not iv.covers(10)
     assert Intervals([(0, 4), (4, 10)]).covers(10)
+
+
+def test_intervals_contains_follows_every_change_and_pickles_without_its_cache():
+    import pickle
+    iv = Intervals([(0, 4)])
+    p = np.arange(12)
+    assert iv.contains(p).tolist() == [True] * 4 + [False] * 8
+    iv.add(6, 8)
+    assert iv.contains(p).tolist() == [True] * 4 + [False] * 2 + [True] * 2 + [False] * 4
+    iv.add_ranges([(10, 12)])
+    iv.remove_positions([1, 7])
+    want = [True, False, True, True, False, False, True, False, False, False, True, True]
+    assert iv.contains(p).tolist() == want
+    again = pickle.loads(pickle.dumps(iv))
+    assert again._arrays is None and again.contains(p).tolist() == want
 
 
 def test_order_is_a_permutation_per_epoch_and_differs_between_epochs():

@@ -35,19 +35,20 @@ def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb:
         if not ema:
             parts.pop("ema")
         states[stage] = dict(parts, total=sum(parts.values()))
-    ckpt = checkpoint_bytes(params, cfg.train.zero_stage, precision)
-    if not ema:
-        ckpt.pop("ema")
     slots = devices * max(1, cfg.data.num_workers)
     data_state = state_bytes(slots, len(cfg.data.datasets), cfg.data.pack_buffer)
-    ckpt["loader state"] = data_state
-    shards = [_shards(d.path, d.name, slots, cfg.data.shards_in_flight) for d in cfg.data.datasets]
-    batches, source = sampled_batches(cfg)
+    ckpt = checkpoint_bytes(params, cfg.train.zero_stage, precision, devices,
+                            data_state + len(json.dumps(cfg.to_dict())))
+    if not ema:
+        ckpt.pop("ema")
+    shards = [_shards(d.path, d.name, slots, cfg.data) for d in cfg.data.datasets]
+    batches, source, oversize = sampled_batches(cfg)
     mfu = mfu or (CPU_MFU if dev.name == "cpu" else GPU_MFU)
-    compute = timing(cfg, micro_batch_flops(cfg, params.by_use, batches, latent_share), devices, dev.peak, mfu)
+    compute = timing(cfg, micro_batch_flops(cfg, params.by_use, batches, latent_share), devices, dev.peak, mfu,
+                     batches)
     compute.update(mfu=mfu, peak=dev.peak, flops_from=source if batches else
                    f"stated: {latent_share:.0%} latent tokens, full rows of one document (shards: {source})")
-    return {"compute": compute, "devices": devices, "device": dev.name, "device_memory": dev.memory, "precision": precision,
+    return {"compute": compute, "oversize": oversize, "write_gbps": write_gbps, "devices": devices, "device": dev.name, "device_memory": dev.memory, "precision": precision,
             "zero_stage": cfg.train.zero_stage, "parameters": params.total, "embedding": params.embedding,
             "parameters_by_use": params.by_use, "largest_layer": params.largest_layer,
             "model_states": {str(k): v for k, v in states.items()}, "checkpoint_bytes": ckpt,
@@ -55,17 +56,19 @@ def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb:
             "loader_state_bytes": data_state, "slots": slots, "shards": shards}
 
 
-def _shards(path: str, name: str, slots: int, in_flight: int) -> dict:
-    """Shards wanted (slots x in_flight) and listed; each slot's share of an epoch (max / min samples)."""
+def _shards(path: str, name: str, slots: int, data) -> dict:
+    """Shards wanted (slots x data.shards_in_flight) and listed; each slot's share of an epoch (max / min
+    samples)."""
     from data_pipelines.order import DatasetOrder
     from data_pipelines.shards import load_manifest
     from pretrain.plan.deal import slot_samples
+    in_flight = data.shards_in_flight
     wanted = slots * in_flight
     try:
         manifest = load_manifest(path)
     except (OSError, ValueError) as e:
         return {"name": name, "wanted": wanted, "have": None, "why": str(e).splitlines()[0][:200]}
-    share = slot_samples(DatasetOrder(manifest.shard_sizes, 0), slots, in_flight)
+    share = slot_samples(DatasetOrder(manifest.shard_sizes, data.seed, data.shuffle), slots, in_flight)
     return {"name": name, "wanted": wanted, "have": len(manifest.shards),
             "share_max_min": float(share.max() / share.min()) if share.min() else None}
 
@@ -75,6 +78,9 @@ def verdicts(p: dict) -> list[str]:
     lines = []
     stage = str(p["zero_stage"])
     need, have = p["model_states"][stage]["total"], p["device_memory"]
+    if p["oversize"]:
+        lines.append(f"documents longer than data.seq_len: {p['oversize']} skipped in the first packed batches "
+                     "(an image or video with its caption does not fit a row): raise data.seq_len")
     if need > have:
         fits = [s for s in ("1", "2", "3") if p["model_states"][s]["total"] <= have]
         lines.append(f"does not fit: ZeRO-{stage} model states need {need / GB:.1f} GB per device, a {p['device']} "
@@ -103,7 +109,8 @@ def render(p: dict) -> str:
     ckpt = p["checkpoint_bytes"]
     lines.append(f"checkpoint: {p['checkpoint_total'] / GB:.2f} GB on disk (" +
                  ", ".join(f"{k} {v / GB:.3f}" for k, v in ckpt.items()) +
-                 f"), written in {p['checkpoint_write_s']:.1f} s at the stated bandwidth")
+                 f"), written in {p['checkpoint_write_s']:.1f} s at {p['write_gbps']:g} GB/s (--write-gbps, "
+                 "the file system's, all ranks together)")
     c = p["compute"]
     lines.append(f"compute: {c['step_flops']:.3g} FLOP per step ({c['flops_from']}); at MFU {c['mfu']:.2f} of "
                  f"{c['peak'] / 1e12:.3g} TFLOP/s per device: {c['step_s']:.3g} s per step, "
@@ -113,7 +120,9 @@ def render(p: dict) -> str:
         share = f"; a slot's share of an epoch: max / min {s['share_max_min']:.2f}" if s.get("share_max_min") else ""
         lines.append(f"shards: {s['name']}: {p['slots']} slots x data.shards_in_flight want {s['wanted']}, "
                      f"the manifest lists {have}{share}")
-    lines += verdicts(p) or ["verdict: the model states fit"]
+    if p["model_states"][str(p["zero_stage"])]["total"] <= p["device_memory"]:
+        lines.append("verdict: the model states fit (activations not yet counted)")
+    lines += verdicts(p)
     return "\n".join(lines)
 
 
@@ -139,10 +148,14 @@ def main(argv=None) -> int:
         cfg = load_config(ExperimentConfig, args.config, args.overrides)
         if min(args.nodes, args.gpus_per_node) < 1:
             raise ValueError("--nodes and --gpus-per-node must be >= 1")
+        if args.write_gbps <= 0 or args.memory_gb < 0:
+            raise ValueError("--write-gbps must be > 0 and --memory-gb >= 0")
+        if not 0 <= args.mfu <= 1 or not 0 <= args.latent_share <= 1:
+            raise ValueError("--mfu and --latent-share must be in [0, 1]")
         p = plan(cfg, args.nodes, args.gpus_per_node, args.gpu, args.write_gbps, args.memory_gb, args.mfu,
                  args.latent_share)
     except (OSError, ValueError) as e:  # ConfigError is a ValueError
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     print(json.dumps(dict(p, verdicts=verdicts(p)), indent=2) if args.json else render(p))
     return 0

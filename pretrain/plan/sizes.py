@@ -38,8 +38,10 @@ def model_states(p: ParamCounts, stage: int, devices: int, precision: str) -> di
     weights = word * total / (n if stage == 3 else 1)
     if word == 4:  # fp32: the gradients are the fp32 gradients (whole at ZeRO-1, partitioned above)
         grads = 4 * total / (1 if stage == 1 else n)
-    else:  # bf16: 16-bit gradients (whole at ZeRO-1, partitioned at 2, none kept at 3) + an fp32 partition
-        grads = {1: 2 * total, 2: 2 * total / n, 3: 0}[stage] + 4 * total / n
+    elif stage == 1:  # bf16 at ZeRO-1 (DeepSpeed's BF16_Optimizer, fp32 accumulation): 16-bit + whole fp32
+        grads = (2 + 4) * total
+    else:  # bf16: 16-bit gradients (a partition at 2, none kept at 3) + an fp32 partition
+        grads = {2: 2 * total / n, 3: 0}[stage] + 4 * total / n
     optimizer = (4 + 8) * total / n  # fp32 master, Adam exp_avg + exp_avg_sq
     parts = {"weights": weights, "gradients": grads, "optimizer": optimizer, "ema": 4 * total / n}
     if stage == 3:
@@ -47,9 +49,11 @@ def model_states(p: ParamCounts, stage: int, devices: int, precision: str) -> di
     return parts
 
 
-def checkpoint_bytes(p: ParamCounts, stage: int, precision: str) -> dict[str, float]:
-    """Bytes on disk of one checkpoint (any number of ranks): the module's weights in the model
-    states file (not at ZeRO-3, whose ranks save their partitions in the optimizer files), the fp32
-    master weights and Adam moments, and the EMA (the rank files)."""
+def checkpoint_bytes(p: ParamCounts, stage: int, precision: str, devices: int, client: int) -> dict[str, float]:
+    """Bytes on disk of one checkpoint on `devices` ranks: the module's weights in the model states file
+    (not at ZeRO-3, whose ranks save their partitions in the optimizer files), the fp32 master weights and
+    Adam moments, the EMA (the rank files), and the client state (`client` bytes: the loader state and
+    the config), which ZeRO-3 writes into every rank's model states file."""
     word = 2 if precision == "bf16" else 4
-    return {"weights": 0 if stage == 3 else word * p.total, "optimizer": 12 * p.total, "ema": 4 * p.total}
+    return {"weights": 0 if stage == 3 else word * p.total, "optimizer": 12 * p.total, "ema": 4 * p.total,
+            "client state": client * (devices if stage == 3 else 1)}
