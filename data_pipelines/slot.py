@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 from typing import Callable, Iterator, Optional, Union
 
@@ -135,6 +136,12 @@ class Entry:
 
     def __len__(self) -> int:
         return len(self.doc) - self.start
+
+    @functools.cached_property
+    def layout_loss_tokens(self) -> int:
+        """(a document with latents, which is never split) its text and latent loss tokens, summed once:
+        the controller counts the buffer at every read"""
+        return int(self.doc.text_loss.sum()) + int(self.doc.latent_loss.sum())
 
 
 class Slot:
@@ -319,4 +326,4 @@ def loss_tokens(entry: Entry) -> int:
     tokens left but the last)."""
     if entry.splittable:
         return max(len(entry) - 1, 1)
-    return max(int(entry.doc.text_loss.sum()) + int(entry.doc.latent_loss.sum()), 1)
+    return max(entry.layout_loss_tokens, 1)
