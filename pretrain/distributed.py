@@ -90,6 +90,13 @@ def any_rank(flag: bool, group=None) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(value: float, group=None) -> float:
+    """The largest of every rank's `value` (a CPU tensor: `group` must be gloo)."""
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    return t.item()
+
+
 def sum_over_ranks(values: list, device=None, group=None) -> list[float]:
     """Sum over ranks of each value (numbers or 0-dim tensors, which are read only here). With a gloo
     `group` (CPU tensors) this never waits on the GPU stream."""

@@ -26,6 +26,15 @@ def peak_flops(cfg_tflops: float, device: torch.device) -> Optional[float]:
     return None
 
 
+def peak_memory(device: torch.device) -> int:
+    """Bytes at this process's peak so far: the CUDA caching allocator's high-water mark
+    (torch.cuda.max_memory_allocated) on a GPU, the resident set's (VmHWM) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 def batch_flops(model_cfg, params_by_use: dict, batch) -> float:
     """Training FLOPs of one micro-batch (forward + backward = 6 per parameter per token that uses
     it; `UnifiedTransformer.params_by_use`), plus attention over the pairs the mask allows

@@ -37,14 +37,15 @@ from pretrain import checkpoint as ckpt
 from pretrain import job_history
 from pretrain.config import ExperimentConfig
 from pretrain.distributed import (DistInfo, LaunchError, all_gather_objects, any_rank, init_distributed,
-                                  sum_over_ranks)
+                                  max_over_ranks, sum_over_ranks)
 from pretrain.ema import ShardedEMA
 from pretrain.job_history import FINISHED
 from pretrain.process import run_and_exit
 from pretrain.engine import build_engine, changed_settings, optimizer_settings, restore_settings
 from pretrain.failures import next_batch, say_error, stop_if_any_failed
 from pretrain.evaluation.in_loop import EvalSampler
-from pretrain.metrics import MIXTURE, RunLogger, batch_flops, ledger_record, loss_record, mixture_config, peak_flops
+from pretrain.metrics import (MIXTURE, RunLogger, batch_flops, ledger_record, loss_record, mixture_config,
+                              peak_flops, peak_memory)
 from pretrain.export.release import data_record, init_from_release
 from pretrain.run_lock import RunDirBusy, RunDirLock, exit_with_parent
 
@@ -231,6 +232,27 @@ class Trainer:
         self.loss_tokens = [a + b for a, b in zip(self.loss_tokens, counts)]
         return sums, counts
 
+    def window_record(self, sums: list, counts: list, steps: int, elapsed: float, tokens: int,
+                      peak: Optional[float]) -> dict:
+        """The metrics of the `steps` steps since the last record: losses (this rank's `sums`, all ranks'
+        `counts`), the data counters and ledger, grad norm, lr, throughput, MFU at `peak` FLOP/s and
+        the busiest rank's memory high-water mark (collectives: every rank calls it)."""
+        cfg, t = self.cfg, self.cfg.train
+        ledger = [n for row in self.loader.ledger() for n in row]
+        totals = sum_over_ranks([*sums, *self.loader.counters().values(), *ledger], self.dist.device)
+        metrics = loss_record(totals[:2], counts, cfg.model)
+        metrics.update({f"data/{k}": int(v) for k, v in zip(COUNTERS, totals[2:2 + len(COUNTERS)])})
+        metrics.update(ledger_record([d.name for d in cfg.data.datasets], self.loader.base_ledger,
+                                     totals[2 + len(COUNTERS):]))
+        metrics.update(grad_norm=float(self.engine.get_global_grad_norm() or 0.0), lr=self.engine.get_lr()[0],
+                       tokens_per_s=tokens / elapsed, tokens=self.tokens, text_tokens=self.loss_tokens[0],
+                       latent_tokens=self.loss_tokens[1])
+        flops = batch_flops(cfg.model, self.params_by_use, self.last_batch) * t.grad_accum * steps
+        metrics["mfu"] = flops / elapsed / peak if peak else None
+        # GPU: allocated; CPU: resident (what pretrain.plan predicts)
+        metrics["memory/peak_gb"] = max_over_ranks(peak_memory(self.dist.device), self.dist.control_group) / 1e9
+        return metrics
+
     def _log_samples(self, micro: int) -> None:
         path = Path(self.cfg.run.dir) / f"samples_rank{self.dist.rank}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,19 +336,8 @@ class Trainer:
             window_steps += 1
             metrics, first_record = first_record, {}
             if self.step % t.log_interval == 0 or self.step == last:
-                elapsed = time.time() - window_start
-                ledger = [n for row in self.loader.ledger() for n in row]
-                totals = sum_over_ranks([*window_sums, *self.loader.counters().values(), *ledger], self.dist.device)
-                metrics.update(loss_record(totals[:2], window_counts, cfg.model))
-                metrics.update({f"data/{k}": int(v) for k, v in zip(COUNTERS, totals[2:2 + len(COUNTERS)])})
-                metrics.update(ledger_record([d.name for d in cfg.data.datasets], self.loader.base_ledger,
-                                             totals[2 + len(COUNTERS):]))
-                metrics.update(grad_norm=float(self.engine.get_global_grad_norm() or 0.0),
-                               lr=self.engine.get_lr()[0], tokens_per_s=(self.tokens - window_tokens) / elapsed,
-                               tokens=self.tokens, text_tokens=self.loss_tokens[0],
-                               latent_tokens=self.loss_tokens[1])
-                flops = batch_flops(cfg.model, self.params_by_use, self.last_batch) * t.grad_accum * window_steps
-                metrics["mfu"] = flops / elapsed / peak if peak else None
+                metrics.update(self.window_record(window_sums, window_counts, window_steps,
+                                                  time.time() - window_start, self.tokens - window_tokens, peak))
                 window_sums, window_counts = [0.0, 0.0], [0, 0]
                 window_steps, window_start, window_tokens = 0, time.time(), self.tokens
             stop = any_rank(self.stop_signal is not None, self.dist.control_group)

@@ -18,7 +18,9 @@ import sys
 from pretrain.plan.compute import CPU_MFU, GPU_MFU, micro_batch_flops, sampled_batches, timing
 from pretrain.plan.devices import GB, GPUS, device
 from data_pipelines.loader_state import state_bytes
-from pretrain.plan.sizes import checkpoint_bytes, count_parameters, model_states
+from pretrain.plan.memory import activations, batch_shape, peak_per_device
+from pretrain.plan.sizes import checkpoint_bytes, count_parameters
+from model.attention import resolve_backend
 
 
 def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb: float = 0.0,
@@ -28,21 +30,19 @@ def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb:
     devices = nodes * per_node
     precision = dev.precision if cfg.train.precision == "auto" else cfg.train.precision
     params = count_parameters(cfg.model)
-    ema = cfg.train.ema_decay > 0
-    states = {}
-    for stage in (1, 2, 3):
-        parts = model_states(params, stage, devices, precision)
-        if not ema:
-            parts.pop("ema")
-        states[stage] = dict(parts, total=sum(parts.values()))
+    batches, source, oversize = sampled_batches(cfg)
+    backend = resolve_backend(cfg.model.attention, "cpu" if dev.name == "cpu" else "cuda")
+    acts = activations(cfg, batch_shape(cfg, batches, latent_share), precision)
+    ckpt_on = cfg.train.activation_checkpointing
+    memory = peak_per_device(params, devices, precision, acts[backend + (" checkpointed" if ckpt_on else "")],
+                             cfg.train.ema_decay > 0, on_cpu=dev.name == "cpu")
     slots = devices * max(1, cfg.data.num_workers)
     data_state = state_bytes(slots, len(cfg.data.datasets), cfg.data.pack_buffer)
     ckpt = checkpoint_bytes(params, cfg.train.zero_stage, precision, devices,
                             data_state + len(json.dumps(cfg.to_dict())))
-    if not ema:
+    if not cfg.train.ema_decay:
         ckpt.pop("ema")
     shards = [_shards(d.path, d.name, slots, cfg.data) for d in cfg.data.datasets]
-    batches, source, oversize = sampled_batches(cfg)
     mfu = mfu or (CPU_MFU if dev.name == "cpu" else GPU_MFU)
     compute = timing(cfg, micro_batch_flops(cfg, params.by_use, batches, latent_share), devices, dev.peak, mfu,
                      batches)
@@ -51,7 +51,8 @@ def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb:
     return {"compute": compute, "oversize": oversize, "write_gbps": write_gbps, "devices": devices, "device": dev.name, "device_memory": dev.memory, "precision": precision,
             "zero_stage": cfg.train.zero_stage, "parameters": params.total, "embedding": params.embedding,
             "parameters_by_use": params.by_use, "largest_layer": params.largest_layer,
-            "model_states": {str(k): v for k, v in states.items()}, "checkpoint_bytes": ckpt,
+            "memory": memory, "activations": acts, "attention": backend,
+            "activation_checkpointing": ckpt_on, "checkpoint_bytes": ckpt,
             "checkpoint_total": sum(ckpt.values()), "checkpoint_write_s": sum(ckpt.values()) / (write_gbps * GB),
             "loader_state_bytes": data_state, "slots": slots, "shards": shards}
 
@@ -73,20 +74,36 @@ def _shards(path: str, name: str, slots: int, data) -> dict:
             "share_max_min": float(share.max() / share.min()) if share.min() else None}
 
 
+def _peak(p: dict, stage: str, checkpointing: bool) -> float:
+    """The step's peak per device at `stage`, with or without activation checkpointing."""
+    m = p["memory"][stage]
+    return m["total"] - m["activations"] + p["activations"][p["attention"] + (" checkpointed" if checkpointing else "")]
+
+
 def verdicts(p: dict) -> list[str]:
     """One line per problem, naming the knob to change."""
     lines = []
-    stage = str(p["zero_stage"])
-    need, have = p["model_states"][stage]["total"], p["device_memory"]
+    stage, ckpt, have = str(p["zero_stage"]), p["activation_checkpointing"], p["device_memory"]
     if p["oversize"]:
         lines.append(f"documents longer than data.seq_len: {p['oversize']} skipped in the first packed batches "
                      "(an image or video with its caption does not fit a row): raise data.seq_len")
+    need = _peak(p, stage, ckpt)
     if need > have:
-        fits = [s for s in ("1", "2", "3") if p["model_states"][s]["total"] <= have]
-        lines.append(f"does not fit: ZeRO-{stage} model states need {need / GB:.1f} GB per device, a {p['device']} "
-                     f"holds {have / GB:.1f} GB; " + (f"use train.zero_stage={fits[0]}" if fits else
-                                                     "no ZeRO stage fits: add devices (--nodes)") +
-                     " (activations come on top)")
+        m = p["memory"][stage]
+        stages = [s for s in ("1", "2", "3") if _peak(p, s, ckpt) <= have]
+        with_ckpt = [s for s in ("1", "2", "3") if _peak(p, s, True) <= have]
+        if stages:
+            fix = f"use train.zero_stage={stages[0]}"
+        elif with_ckpt and not ckpt:
+            fix = "use train.activation_checkpointing=true" + (f" and train.zero_stage={with_ckpt[0]}"
+                                                              if with_ckpt[0] != stage else "")
+        elif min(p["memory"][s]["total"] - p["memory"][s]["activations"] for s in "123") <= have:
+            fix = "no ZeRO stage fits the activations: lower train.micro_batch_size or data.seq_len, or add devices"
+        else:
+            fix = "no ZeRO stage fits the model states: add devices (--nodes)"
+        lines.append(f"does not fit: ZeRO-{stage} needs {need / GB:.1f} GB per device at the step's peak (model states "
+                     f"and buckets {(m['total'] - m['activations']) / GB:.1f}, activations {(need - m['total'] + m['activations']) / GB:.1f}), "
+                     f"a {p['device']} holds {have / GB:.1f} GB; {fix}")
     for s in p["shards"]:
         if s["have"] is not None and s["have"] < s["wanted"]:
             lines.append(f"too few shards: {s['name']} has {s['have']}, {p['slots']} slots x data.shards_in_flight "
@@ -101,11 +118,16 @@ def render(p: dict) -> str:
              f"ZeRO-{p['zero_stage']}",
              f"parameters: {p['parameters']:,} (embedding {p['embedding']:,}; used at every token {by_use['every']:,}, "
              f"at text targets {by_use['text']:,}, at latent tokens {by_use['latent']:,})",
-             "model states per device, GB:"]
-    for stage, parts in p["model_states"].items():
+             f"memory per device at the step's peak, GB ({p['attention']} attention, activation checkpointing "
+             f"{'on' if p['activation_checkpointing'] else 'off'}):"]
+    for stage, parts in p["memory"].items():
         mark = "  <- configured" if stage == str(p["zero_stage"]) else ""
         lines.append(f"  ZeRO-{stage}: {parts['total'] / GB:8.2f} (" + ", ".join(
             f"{k} {v / GB:.2f}" for k, v in parts.items() if k != "total") + f"){mark}")
+    a = p["activations"]
+    lines.append("activations of one micro-batch, GB: " + ", ".join(
+        f"{k} {a[k] / GB:.2f}" for k in ("sdpa", "sdpa checkpointed", "flex", "flex checkpointed")) +
+        f" (the sdpa mask {a['sdpa mask'] / GB:.3f} of them)")
     ckpt = p["checkpoint_bytes"]
     lines.append(f"checkpoint: {p['checkpoint_total'] / GB:.2f} GB on disk (" +
                  ", ".join(f"{k} {v / GB:.3f}" for k, v in ckpt.items()) +
@@ -120,8 +142,8 @@ def render(p: dict) -> str:
         share = f"; a slot's share of an epoch: max / min {s['share_max_min']:.2f}" if s.get("share_max_min") else ""
         lines.append(f"shards: {s['name']}: {p['slots']} slots x data.shards_in_flight want {s['wanted']}, "
                      f"the manifest lists {have}{share}")
-    if p["model_states"][str(p["zero_stage"])]["total"] <= p["device_memory"]:
-        lines.append("verdict: the model states fit (activations not yet counted)")
+    if _peak(p, str(p["zero_stage"]), p["activation_checkpointing"]) <= p["device_memory"]:
+        lines.append("verdict: it fits")
     lines += verdicts(p)
     return "\n".join(lines)
 

@@ -57,3 +57,27 @@ def checkpoint_bytes(p: ParamCounts, stage: int, precision: str, devices: int, c
     word = 2 if precision == "bf16" else 4
     return {"weights": 0 if stage == 3 else word * p.total, "optimizer": 12 * p.total, "ema": 4 * p.total,
             "client state": client * (devices if stage == 3 else 1)}
+
+
+REDUCE_BUCKET = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size (elements), which this engine keeps
+PREFETCH_BUCKET = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size (elements)
+
+
+def deepspeed_buffers(p: ParamCounts, stage: int, precision: str, resident_only: bool) -> dict[str, float]:
+    """Bytes of DeepSpeed's buffers beyond the model states. The gradient reduction bucket
+    (reduce_bucket_size elements; fp32 at ZeRO-1, the gradients' dtype above): at ZeRO-1 the gradients
+    are views into it, so only what it holds beyond them counts; ZeRO-1 in bf16 runs the BF16_Optimizer,
+    which has none. At ZeRO-3, the fp32 copy of the filled bucket that is reduce-scattered, and the
+    parameters gathered ahead of use (stage3_prefetch_bucket_size) beyond the layer in use. `resident_only` (the CPU): only the pages written count, at most every parameter's."""
+    word = 2 if precision == "bf16" else 4
+    filled = min(REDUCE_BUCKET, p.total)
+    bucket = filled if resident_only else REDUCE_BUCKET
+    out = {}
+    if stage == 1:
+        out["reduce bucket"] = 0 if precision == "bf16" else max(0, 4 * bucket - 4 * p.total)
+    else:
+        out["reduce bucket"] = word * bucket
+    if stage == 3:  # the bucket's gradients are copied (fp32: communication_data_type) to be reduce-scattered
+        out["reduce copy"] = 4 * filled
+        out["prefetched"] = word * min(PREFETCH_BUCKET, p.total - p.largest_layer)
+    return out

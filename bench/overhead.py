@@ -1,0 +1,154 @@
+"""The trainer's own overhead: the real `Trainer.train_step` (DeepSpeed engine, packed loader with its
+workers, token-count all-reduce, EMA, a metrics record every `train.log_interval` steps) against a bare
+PyTorch loop over the same model and the same batches (loss, backward, clip, torch AdamW), in
+interleaved rounds in one process.
+
+    python bench/overhead.py                       # the presets: tiny-cpu and a model whose bare step is >= 200 ms
+    torchrun --nproc-per-node 2 bench/overhead.py  # the same on 2 ranks (the all-reduces then cost something)
+
+Prints, per preset and row kind, the median ms per step of each loop, their ratio (bare / real: 1.00 =
+no overhead) and the real step's parts: loader wait, token counts, forward + backward through the
+engine, the engine's optimizer step, EMA, logging, and the rest; beside them the bare loop's forward +
+backward and clip + AdamW. Data: synthetic shards written first (bench/train_step.py), rows filled.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pretrain.train as train_module  # noqa: E402
+from data_pipelines.config import DataConfig, DatasetConfig  # noqa: E402
+from model.model_config import ModelConfig  # noqa: E402
+from model.transformer import UnifiedTransformer  # noqa: E402
+from pretrain.config import ExperimentConfig, RunConfig, TrainConfig, WandbConfig  # noqa: E402
+from pretrain.distributed import init_distributed  # noqa: E402
+from pretrain.engine import param_groups  # noqa: E402
+from pretrain.process import run_and_exit  # noqa: E402
+from train_step import write_synthetic_shards  # noqa: E402
+
+PRESETS = {  # model, rows per micro-batch, tokens per row
+    "tiny-cpu": (dict(dim=128, n_layers=4, n_heads=4, vocab_size=2000), 4, 256),
+    "200ms": (dict(dim=384, n_layers=6, n_heads=6, vocab_size=2000), 4, 256),
+}
+PARTS = ("loader wait", "token counts", "fwd+bwd", "engine step", "ema", "logging")
+
+
+class Timers:
+    def __init__(self):
+        self.total = defaultdict(float)
+
+    def wrap(self, name, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total[name] += time.perf_counter() - start
+        return timed
+
+
+def build(preset: str, kind: str, tmp: Path, dist):
+    model_kw, rows, seq = PRESETS[preset]
+    mc = ModelConfig(**model_kw, latent_channels=4, patch_size=2, mode="monoformer")
+    write_synthetic_shards(tmp / "shards", kind, seq, 4, 2, mc.vocab_size)
+    cfg = ExperimentConfig(
+        run=RunConfig(dir=str(tmp / "run")), model=mc,
+        data=DataConfig(datasets=[DatasetConfig(path=str(tmp / "shards"))], seq_len=seq, caption_dropout=0.0,
+                        add_bos_eos=True),
+        train=TrainConfig(zero_stage=1, micro_batch_size=rows, warmup_steps=0, max_steps=10 ** 6, ema_decay=0.999),
+        wandb=WandbConfig(mode="disabled"))
+    return cfg, train_module.Trainer(cfg, dist, resume="none")
+
+
+def measure(preset: str, kind: str, rounds: int, steps: int, dist) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg, trainer = build(preset, kind, Path(tmp), dist)
+        t = cfg.train
+        timers = Timers()
+        train_module.next_batch = timers.wrap("loader wait", train_module.next_batch)
+        trainer.step_token_counts = timers.wrap("token counts", trainer.step_token_counts)
+        trainer.accumulate = timers.wrap("fwd+bwd", trainer.accumulate)
+        trainer.engine.step = timers.wrap("engine step", trainer.engine.step)
+        trainer.ema.update = timers.wrap("ema", trainer.ema.update)
+        record = timers.wrap("logging", trainer.window_record)
+
+        bare = UnifiedTransformer(cfg.model)
+        bare.load_state_dict(trainer.engine.module.state_dict())
+        bare.train()
+        opt = torch.optim.AdamW(param_groups(bare, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+        batches = iter(trainer.loader)
+        seen = []
+
+        def real_step():
+            sums, counts = trainer.train_step(batches)
+            seen.append(trainer.last_batch)
+            if trainer.step % t.log_interval == 0:
+                record(sums, counts, t.log_interval, 1.0, 1, None)
+
+        def bare_step(i):
+            batch = seen[i % len(seen)]
+            start = time.perf_counter()
+            bare.loss(batch)["loss"].backward()
+            mid = time.perf_counter()
+            torch.nn.utils.clip_grad_norm_(bare.parameters(), t.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            timers.total["bare fwd+bwd"] += mid - start
+            timers.total["bare clip+adamw"] += time.perf_counter() - mid
+
+        for i in range(3):  # warm up both (first allocations, the loader's workers)
+            real_step()
+            bare_step(i)
+        timers.total.clear()
+        real, plain = [], []
+        for r in range(rounds):
+            start = time.perf_counter()
+            for _ in range(steps):
+                real_step()
+            real.append((time.perf_counter() - start) / steps)
+            start = time.perf_counter()
+            for i in range(steps):
+                bare_step(r * steps + i)
+            plain.append((time.perf_counter() - start) / steps)
+        n = rounds * steps
+        parts = {k: v / n for k, v in timers.total.items()}
+        out = {"real": statistics.median(real), "bare": statistics.median(plain), **parts}
+        out["rest"] = sum(real) / rounds - sum(parts.get(k, 0.0) for k in PARTS)
+        del trainer
+        return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="tiny-cpu,200ms")
+    p.add_argument("--kinds", default="monoformer,text")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10, help="steps per round of each loop")
+    args = p.parse_args()
+    dist = init_distributed()
+    head = ["real", "bare", "ratio", *PARTS, "rest", "bare fwd+bwd", "bare clip+adamw"]
+    if dist.is_main:
+        print(f"{dist.world_size} rank(s), {torch.get_num_threads()} threads each, ms per step (medians of "
+              f"{args.rounds} rounds of {args.steps})")
+        print(f"{'preset':9s} {'rows':11s} " + " ".join(f"{h:>12s}" for h in head))
+    for preset in args.presets.split(","):
+        for kind in args.kinds.split(","):
+            r = measure(preset, kind, args.rounds, args.steps, dist)
+            r["ratio"] = r["bare"] / r["real"]
+            if dist.is_main:
+                cells = [f"{r['ratio']:12.2f}" if h == "ratio" else f"{r.get(h, 0.0) * 1e3:12.1f}" for h in head]
+                print(f"{preset:9s} {kind:11s} " + " ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    run_and_exit(main)
