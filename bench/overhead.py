@@ -93,7 +93,7 @@ def measure(preset: str, kind: str, rounds: int, steps: int, dist) -> dict:
             sums, counts = trainer.train_step(batches)
             seen.append(trainer.last_batch)
             if trainer.step % t.log_interval == 0:
-                record(sums, counts, t.log_interval, 1.0, 1, None)
+                record([sums["lm_sum"], sums["diffusion_sum"]], counts, t.log_interval, 1.0, 1, None)
 
         def bare_step(i):
             batch = seen[i % len(seen)]
@@ -124,7 +124,6 @@ def measure(preset: str, kind: str, rounds: int, steps: int, dist) -> dict:
         parts = {k: v / n for k, v in timers.total.items()}
         out = {"real": statistics.median(real), "bare": statistics.median(plain), **parts}
         out["rest"] = sum(real) / rounds - sum(parts.get(k, 0.0) for k in PARTS)
-        del trainer
         return out
 
 
