@@ -39,6 +39,7 @@ from train_step import write_synthetic_shards  # noqa: E402
 PRESETS = {  # model, rows per micro-batch, tokens per row
     "tiny-cpu": (dict(dim=128, n_layers=4, n_heads=4, vocab_size=2000), 4, 256),
     "200ms": (dict(dim=384, n_layers=6, n_heads=6, vocab_size=2000), 4, 256),
+    "200ms-4k": (dict(dim=384, n_layers=6, n_heads=6, vocab_size=2000), 4, 1024),  # 4,096 tokens per micro-batch
 }
 PARTS = ("loader wait", "token counts", "fwd+bwd", "engine step", "ema", "logging")
 
@@ -85,7 +86,8 @@ def measure(preset: str, kind: str, rounds: int, steps: int, dist) -> dict:
         bare = UnifiedTransformer(cfg.model)
         bare.load_state_dict(trainer.engine.module.state_dict())
         bare.train()
-        opt = torch.optim.AdamW(param_groups(bare, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+        opt = torch.optim.AdamW(param_groups(bare, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                                fused=True)  # as the trainer builds it (pretrain.engine)
         batches = iter(trainer.loader)
         seen = []
 
@@ -129,7 +131,7 @@ def measure(preset: str, kind: str, rounds: int, steps: int, dist) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default="tiny-cpu,200ms")
+    p.add_argument("--presets", default="tiny-cpu,200ms,200ms-4k")
     p.add_argument("--kinds", default="monoformer,text")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="steps per round of each loop")
