@@ -1,5 +1,6 @@
 """The trainer's own overhead: the real `Trainer.train_step` (DeepSpeed engine, packed loader with its
-workers, token-count all-reduce, EMA, a metrics record every `train.log_interval` steps) against a bare
+workers, token-count all-reduce, EMA, the stop-flag all-reduce, the step's log call and a metrics
+record every `train.log_interval` steps) against a bare
 PyTorch loop over the same model and the same batches (loss, backward, clip, torch AdamW), in
 interleaved rounds in one process.
 
@@ -8,7 +9,7 @@ interleaved rounds in one process.
 
 Prints, per preset and row kind, the median ms per step of each loop, their ratio (bare / real: 1.00 =
 no overhead) and the real step's parts: loader wait, token counts, forward + backward through the
-engine, the engine's optimizer step, EMA, logging, and the rest; beside them the bare loop's forward +
+engine, the engine's optimizer step, EMA, the stop flag, logging, and the rest; beside them the bare loop's forward +
 backward and clip + AdamW. Data: synthetic shards written first (bench/train_step.py), rows filled.
 """
 from __future__ import annotations
@@ -31,8 +32,9 @@ from data_pipelines.config import DataConfig, DatasetConfig  # noqa: E402
 from model.model_config import ModelConfig  # noqa: E402
 from model.transformer import UnifiedTransformer  # noqa: E402
 from pretrain.config import ExperimentConfig, RunConfig, TrainConfig, WandbConfig  # noqa: E402
-from pretrain.distributed import init_distributed  # noqa: E402
+from pretrain.distributed import any_rank, init_distributed  # noqa: E402
 from pretrain.engine import param_groups  # noqa: E402
+from pretrain.metrics import RunLogger  # noqa: E402
 from pretrain.process import run_and_exit  # noqa: E402
 from train_step import write_synthetic_shards  # noqa: E402
 
@@ -41,7 +43,7 @@ PRESETS = {  # model, rows per micro-batch, tokens per row
     "200ms": (dict(dim=384, n_layers=6, n_heads=6, vocab_size=2000), 4, 256),
     "200ms-4k": (dict(dim=384, n_layers=6, n_heads=6, vocab_size=2000), 4, 1024),  # 4,096 tokens per micro-batch
 }
-PARTS = ("loader wait", "token counts", "fwd+bwd", "engine step", "ema", "logging")
+PARTS = ("loader wait", "token counts", "fwd+bwd", "engine step", "ema", "stop flag", "logging")
 
 
 class Timers:
@@ -82,6 +84,9 @@ def measure(preset: str, kind: str, rounds: int, steps: int, dist) -> dict:
         trainer.engine.step = timers.wrap("engine step", trainer.engine.step)
         trainer.ema.update = timers.wrap("ema", trainer.ema.update)
         record = timers.wrap("logging", trainer.window_record)
+        log = RunLogger(cfg, dist.is_main, 0)
+        log_step = timers.wrap("logging", log.log)
+        stop_flag = timers.wrap("stop flag", any_rank)
 
         bare = UnifiedTransformer(cfg.model)
         bare.load_state_dict(trainer.engine.module.state_dict())
@@ -91,11 +96,14 @@ def measure(preset: str, kind: str, rounds: int, steps: int, dist) -> dict:
         batches = iter(trainer.loader)
         seen = []
 
-        def real_step():
+        def real_step():  # what Trainer.run does each step, checkpoints and evaluation aside
             sums, counts = trainer.train_step(batches)
             seen.append(trainer.last_batch)
+            metrics = {}
             if trainer.step % t.log_interval == 0:
-                record([sums["lm_sum"], sums["diffusion_sum"]], counts, t.log_interval, 1.0, 1, None)
+                metrics = record([sums["lm_sum"], sums["diffusion_sum"]], counts, t.log_interval, 1.0, 1, None)
+            stop_flag(False, dist.control_group)
+            log_step(trainer.step, metrics, advance=1)
 
         def bare_step(i):
             batch = seen[i % len(seen)]

@@ -1,6 +1,6 @@
 """The planner against real 2-rank CPU runs: checkpoint bytes on disk and peak resident memory.
 
-    python bench/plan_check.py [--data DIR] [--steps 12] [--sizes tiny,100m] [--stages 1,3]
+    python bench/plan_check.py [--data DIR] [--steps 12] [--sizes tiny,tiny-ckpt,100m] [--stages 1,3]
 
 For each model size and ZeRO stage, `pretrain.train` runs on 2 CPU ranks (torchrun, gloo, a DataLoader
 worker per rank, the demo's digits + text at 0.6 / 0.4 by document, no evaluation) for --steps steps and
@@ -30,7 +30,8 @@ from pretrain.config import ExperimentConfig  # noqa: E402
 from pretrain.distributed import free_port  # noqa: E402
 from pretrain.plan.cli import plan  # noqa: E402
 
-SIZES = {"tiny": [], "100m": ["model.dim=768", "model.n_layers=12", "model.n_heads=12", "train.micro_batch_size=2"],
+SIZES = {"tiny": [], "tiny-ckpt": ["train.activation_checkpointing=true"],
+         "100m": ["model.dim=768", "model.n_layers=12", "model.n_heads=12", "train.micro_batch_size=2"],
          "baseline": ["model.dim=8", "model.n_layers=1", "model.n_heads=1"]}
 ALLOCATORS = {"glibc": {}, "mmap>=128K": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
     a = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("--data", default="", help="demo data (python -m data_pipelines.demo_data); default: built here")
     a.add_argument("--steps", type=int, default=12)
-    a.add_argument("--sizes", default="tiny,100m")
+    a.add_argument("--sizes", default="tiny,tiny-ckpt,100m")
     a.add_argument("--stages", default="1,3")
     args = a.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="plan_check_"))
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
     config = write_config(data, tmp / "tiny.yaml")
     common = [f"train.max_steps={args.steps}", f"train.log_interval={args.steps}", "train.eval_interval=0",
               f"checkpoint.interval={args.steps}"]
-    print("size  ZeRO allocator    params  plan peak MB  measured MB  ratio   plan ckpt MB  real ckpt MB  ratio   "
+    print("size      ZeRO allocator    params  plan peak MB  measured MB  ratio   plan ckpt MB  real ckpt MB  ratio   "
           "run s")
     for stage in map(int, args.stages.split(",")):
         def planned(size):
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
                 got = (train(config, run_dir, [*common, f"train.zero_stage={stage}", *SIZES[size]], env)
                        ["memory/peak_gb"] - base[name]) * 1e3
                 real = folder_bytes(run_dir / f"checkpoints/step_{args.steps:08d}") / 1e6
-                print(f"{size:5s} {stage:4d} {name:10s} {p['parameters'] / 1e6:8.1f}M {want:12.1f} {got:12.1f} "
+                print(f"{size:9s} {stage:4d} {name:10s} {p['parameters'] / 1e6:8.1f}M {want:12.1f} {got:12.1f} "
                       f"{want / got:6.2f} {p['checkpoint_total'] / 1e6:13.1f} {real:13.1f} "
                       f"{p['checkpoint_total'] / 1e6 / real:6.3f} {time.time() - start:7.0f}", flush=True)
     return 0

@@ -27,12 +27,13 @@ def peak_flops(cfg_tflops: float, device: torch.device) -> Optional[float]:
 
 
 def peak_memory(device: torch.device) -> int:
-    """Bytes at this process's peak so far: the CUDA caching allocator's high-water mark
-    (torch.cuda.max_memory_allocated) on a GPU, the resident set's (VmHWM) on the CPU."""
+    """Bytes at this process's peak since it started (checkpoint loads, evaluation and sampling
+    included): the tensors' high-water mark on a GPU (torch.cuda.max_memory_allocated; what the caching
+    allocator reserves beyond it is not counted), the resident set's on the CPU (ru_maxrss)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def batch_flops(model_cfg, params_by_use: dict, batch) -> float:

@@ -3,9 +3,10 @@
     python -m pretrain.plan --config configs/monoformer-1b.yaml --nodes 4 --gpus-per-node 8 --gpu h100
     python -m pretrain.plan --config configs/tiny-cpu.yaml --gpus-per-node 2 --gpu cpu --json
 
-Prints the parameters (total, by the tokens that use them), the model states per device at ZeRO-1/2/3
-(working weights, gradients, fp32 master weights and Adam moments, the EMA, ZeRO-3's gathered layer),
-a checkpoint's bytes on disk and its write time at --write-gbps, the shards each dataset needs for
+Prints the parameters (total, by the tokens that use them), the memory per device at the step's peak
+at ZeRO-1/2/3 (working weights, gradients, fp32 master weights and Adam moments, the EMA, DeepSpeed's
+buffers, one micro-batch's activations; pretrain/plan/memory.py), the activations of each attention
+back-end with and without checkpointing, a checkpoint's bytes on disk and its write time at --write-gbps, the shards each dataset needs for
 ranks x workers x data.shards_in_flight against those its manifest lists, the loader state's size,
 and verdict lines naming the knob to change.
 """
@@ -18,14 +19,15 @@ import sys
 from pretrain.plan.compute import CPU_MFU, GPU_MFU, micro_batch_flops, sampled_batches, timing
 from pretrain.plan.devices import GB, GPUS, device
 from data_pipelines.loader_state import state_bytes
-from pretrain.plan.memory import activations, batch_shape, peak_per_device
+from pretrain.plan.memory import activation_key, activations, batch_shape, fit_fix, peak_per_device
 from pretrain.plan.sizes import checkpoint_bytes, count_parameters
 from model.attention import resolve_backend
 
 
 def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb: float = 0.0,
-         mfu: float = 0.0, latent_share: float = 0.5) -> dict:
-    """The plan as a JSON-able dict (see the module doc)."""
+         mfu: float = 0.0, latent_share: float = 0.5, headroom: float = -1.0) -> dict:
+    """The plan as a JSON-able dict (see the module doc). `headroom`: the share of a device's memory
+    kept free (-1: 0.1 on a GPU for the CUDA context, NCCL and the allocator's fragmentation; 0 on the CPU)."""
     dev = device(gpu, per_node, memory_gb)
     devices = nodes * per_node
     precision = dev.precision if cfg.train.precision == "auto" else cfg.train.precision
@@ -33,14 +35,21 @@ def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb:
     batches, source, oversize = sampled_batches(cfg)
     backend = resolve_backend(cfg.model.attention, "cpu" if dev.name == "cpu" else "cuda")
     acts = activations(cfg, batch_shape(cfg, batches, latent_share), precision)
-    ckpt_on = cfg.train.activation_checkpointing
-    memory = peak_per_device(params, devices, precision, acts[backend + (" checkpointed" if ckpt_on else "")],
-                             cfg.train.ema_decay > 0, on_cpu=dev.name == "cpu")
+    ckpt_on, ema, stage = cfg.train.activation_checkpointing, cfg.train.ema_decay > 0, cfg.train.zero_stage
+    headroom = headroom if headroom >= 0 else (0.0 if dev.name == "cpu" else 0.1)
+
+    def peak_at(n, checkpointing=ckpt_on):
+        return peak_per_device(params, n, precision, acts[activation_key(backend, checkpointing)], ema,
+                               on_cpu=dev.name == "cpu")
+    memory = peak_at(devices)
+    usable = dev.memory * (1 - headroom)
+    fix = None if memory[str(stage)]["total"] <= usable else fit_fix(
+        lambda n, s, c: peak_at(n, c)[str(s)]["total"], devices, per_node, stage, ckpt_on, usable)
     slots = devices * max(1, cfg.data.num_workers)
     data_state = state_bytes(slots, len(cfg.data.datasets), cfg.data.pack_buffer)
     ckpt = checkpoint_bytes(params, cfg.train.zero_stage, precision, devices,
                             data_state + len(json.dumps(cfg.to_dict())))
-    if not cfg.train.ema_decay:
+    if not ema:
         ckpt.pop("ema")
     shards = [_shards(d.path, d.name, slots, cfg.data) for d in cfg.data.datasets]
     mfu = mfu or (CPU_MFU if dev.name == "cpu" else GPU_MFU)
@@ -49,9 +58,10 @@ def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb:
     compute.update(mfu=mfu, peak=dev.peak, flops_from=source if batches else
                    f"stated: {latent_share:.0%} latent tokens, full rows of one document (shards: {source})")
     return {"compute": compute, "oversize": oversize, "write_gbps": write_gbps, "devices": devices, "device": dev.name, "device_memory": dev.memory, "precision": precision,
-            "zero_stage": cfg.train.zero_stage, "parameters": params.total, "embedding": params.embedding,
+            "zero_stage": stage, "parameters": params.total, "embedding": params.embedding,
             "parameters_by_use": params.by_use, "largest_layer": params.largest_layer,
-            "memory": memory, "activations": acts, "attention": backend,
+            "memory": memory, "activations": acts, "attention": backend, "headroom": headroom,
+            "usable_memory": usable, "fix": fix,
             "activation_checkpointing": ckpt_on, "checkpoint_bytes": ckpt,
             "checkpoint_total": sum(ckpt.values()), "checkpoint_write_s": sum(ckpt.values()) / (write_gbps * GB),
             "loader_state_bytes": data_state, "slots": slots, "shards": shards}
@@ -74,36 +84,32 @@ def _shards(path: str, name: str, slots: int, data) -> dict:
             "share_max_min": float(share.max() / share.min()) if share.min() else None}
 
 
-def _peak(p: dict, stage: str, checkpointing: bool) -> float:
-    """The step's peak per device at `stage`, with or without activation checkpointing."""
-    m = p["memory"][stage]
-    return m["total"] - m["activations"] + p["activations"][p["attention"] + (" checkpointed" if checkpointing else "")]
+def _fix_text(p: dict) -> str:
+    fix, stage, ckpt = p["fix"], p["zero_stage"], p["activation_checkpointing"]
+    if not fix:
+        return ("no ZeRO stage, number of devices or activation checkpointing fits: lower "
+                "train.micro_batch_size or data.seq_len, or use a device with more memory")
+    knobs = [f"train.zero_stage={fix['stage']}"] if fix["stage"] != stage else []
+    if fix["checkpointing"] and not ckpt:
+        knobs.insert(0, "train.activation_checkpointing=true")
+    if "devices" in fix:
+        return f"add devices: {fix['devices']} (--nodes {fix['nodes']}) fit" + (f" with {' and '.join(knobs)}"
+                                                                              if knobs else "")
+    return "use " + " and ".join(knobs)
 
 
 def verdicts(p: dict) -> list[str]:
     """One line per problem, naming the knob to change."""
     lines = []
-    stage, ckpt, have = str(p["zero_stage"]), p["activation_checkpointing"], p["device_memory"]
     if p["oversize"]:
         lines.append(f"documents longer than data.seq_len: {p['oversize']} skipped in the first packed batches "
                      "(an image or video with its caption does not fit a row): raise data.seq_len")
-    need = _peak(p, stage, ckpt)
-    if need > have:
-        m = p["memory"][stage]
-        stages = [s for s in ("1", "2", "3") if _peak(p, s, ckpt) <= have]
-        with_ckpt = [s for s in ("1", "2", "3") if _peak(p, s, True) <= have]
-        if stages:
-            fix = f"use train.zero_stage={stages[0]}"
-        elif with_ckpt and not ckpt:
-            fix = "use train.activation_checkpointing=true" + (f" and train.zero_stage={with_ckpt[0]}"
-                                                              if with_ckpt[0] != stage else "")
-        elif min(p["memory"][s]["total"] - p["memory"][s]["activations"] for s in "123") <= have:
-            fix = "no ZeRO stage fits the activations: lower train.micro_batch_size or data.seq_len, or add devices"
-        else:
-            fix = "no ZeRO stage fits the model states: add devices (--nodes)"
-        lines.append(f"does not fit: ZeRO-{stage} needs {need / GB:.1f} GB per device at the step's peak (model states "
-                     f"and buckets {(m['total'] - m['activations']) / GB:.1f}, activations {(need - m['total'] + m['activations']) / GB:.1f}), "
-                     f"a {p['device']} holds {have / GB:.1f} GB; {fix}")
+    m = p["memory"][str(p["zero_stage"])]
+    if m["total"] > p["usable_memory"]:
+        lines.append(f"does not fit: ZeRO-{p['zero_stage']} needs {m['total'] / GB:.1f} GB per device at the step's "
+                     f"peak (model states and buffers {(m['total'] - m['activations']) / GB:.1f}, activations "
+                     f"{m['activations'] / GB:.1f}), a {p['device']} has {p['usable_memory'] / GB:.1f} GB usable; "
+                     + _fix_text(p))
     for s in p["shards"]:
         if s["have"] is not None and s["have"] < s["wanted"]:
             lines.append(f"too few shards: {s['name']} has {s['have']}, {p['slots']} slots x data.shards_in_flight "
@@ -114,8 +120,8 @@ def verdicts(p: dict) -> list[str]:
 
 def render(p: dict) -> str:
     by_use = p["parameters_by_use"]
-    lines = [f"plan: {p['devices']} x {p['device']} ({p['device_memory'] / GB:.0f} GB each), {p['precision']}, "
-             f"ZeRO-{p['zero_stage']}",
+    lines = [f"plan: {p['devices']} x {p['device']} ({p['device_memory'] / GB:.0f} GB each, "
+             f"{p['usable_memory'] / GB:.1f} usable: --headroom {p['headroom']:.2f}), {p['precision']}, ZeRO-{p['zero_stage']}",
              f"parameters: {p['parameters']:,} (embedding {p['embedding']:,}; used at every token {by_use['every']:,}, "
              f"at text targets {by_use['text']:,}, at latent tokens {by_use['latent']:,})",
              f"memory per device at the step's peak, GB ({p['attention']} attention, activation checkpointing "
@@ -142,7 +148,7 @@ def render(p: dict) -> str:
         share = f"; a slot's share of an epoch: max / min {s['share_max_min']:.2f}" if s.get("share_max_min") else ""
         lines.append(f"shards: {s['name']}: {p['slots']} slots x data.shards_in_flight want {s['wanted']}, "
                      f"the manifest lists {have}{share}")
-    if _peak(p, str(p["zero_stage"]), p["activation_checkpointing"]) <= p["device_memory"]:
+    if p["memory"][str(p["zero_stage"])]["total"] <= p["usable_memory"]:
         lines.append("verdict: it fits")
     lines += verdicts(p)
     return "\n".join(lines)
@@ -156,6 +162,9 @@ def main(argv=None) -> int:
     a.add_argument("--gpus-per-node", type=int, default=1, help="ranks per node")
     a.add_argument("--gpu", default="h100", choices=[*GPUS, "cpu"])
     a.add_argument("--memory-gb", type=float, default=0.0, help="memory of one device (default: the --gpu's)")
+    a.add_argument("--headroom", type=float, default=-1.0,
+                   help="share of a device's memory kept free (default 0.1 on a GPU: CUDA context, NCCL, "
+                        "the allocator's fragmentation; 0 on the CPU)")
     a.add_argument("--write-gbps", type=float, default=2.0, help="checkpoint write bandwidth, GB/s")
     a.add_argument("--mfu", type=float, default=0.0, help=f"model FLOPs utilisation (default {GPU_MFU} on a GPU, "
                                                          f"assumed; {CPU_MFU} on the CPU, measured)")
@@ -172,10 +181,11 @@ def main(argv=None) -> int:
             raise ValueError("--nodes and --gpus-per-node must be >= 1")
         if args.write_gbps <= 0 or args.memory_gb < 0:
             raise ValueError("--write-gbps must be > 0 and --memory-gb >= 0")
-        if not 0 <= args.mfu <= 1 or not 0 <= args.latent_share <= 1:
-            raise ValueError("--mfu and --latent-share must be in [0, 1]")
+        if not 0 <= args.mfu <= 1 or not 0 <= args.latent_share <= 1 or not (args.headroom == -1 or
+                                                                          0 <= args.headroom < 1):
+            raise ValueError("--mfu and --latent-share must be in [0, 1], --headroom in [0, 1)")
         p = plan(cfg, args.nodes, args.gpus_per_node, args.gpu, args.write_gbps, args.memory_gb, args.mfu,
-                 args.latent_share)
+                 args.latent_share, args.headroom)
     except (OSError, ValueError) as e:  # ConfigError is a ValueError
         print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2

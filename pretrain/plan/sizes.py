@@ -10,6 +10,11 @@ MiB = 2 ** 20
 GiB = 2 ** 30
 
 
+def word_bytes(precision: str) -> int:
+    """Bytes of a working weight, gradient or activation."""
+    return 2 if precision == "bf16" else 4
+
+
 @dataclasses.dataclass
 class ParamCounts:
     total: int  # every parameter (the embedding included)
@@ -34,7 +39,7 @@ def model_states(p: ParamCounts, stage: int, devices: int, precision: str) -> di
     In bf16 at stages 2 and 3 the sum without the EMA is DeepSpeed's own estimate
     (estimate_zero{2,3}_model_states_mem_needs, no offload): 2P + 18P/N and 4L + 18P/N."""
     n, total = devices, p.total
-    word = 2 if precision == "bf16" else 4
+    word = word_bytes(precision)
     weights = word * total / (n if stage == 3 else 1)
     if word == 4:  # fp32: the gradients are the fp32 gradients (whole at ZeRO-1, partitioned above)
         grads = 4 * total / (1 if stage == 1 else n)
@@ -54,30 +59,33 @@ def checkpoint_bytes(p: ParamCounts, stage: int, precision: str, devices: int, c
     (not at ZeRO-3, whose ranks save their partitions in the optimizer files), the fp32 master weights and
     Adam moments, the EMA (the rank files), and the client state (`client` bytes: the loader state and
     the config), which ZeRO-3 writes into every rank's model states file."""
-    word = 2 if precision == "bf16" else 4
-    return {"weights": 0 if stage == 3 else word * p.total, "optimizer": 12 * p.total, "ema": 4 * p.total,
+    return {"weights": 0 if stage == 3 else word_bytes(precision) * p.total, "optimizer": 12 * p.total, "ema": 4 * p.total,
             "client state": client * (devices if stage == 3 else 1)}
 
 
 REDUCE_BUCKET = 500_000_000  # DeepSpeed's zero_optimization.reduce_bucket_size (elements), which this engine keeps
-PREFETCH_BUCKET = 50_000_000  # DeepSpeed's stage3_prefetch_bucket_size (elements)
+REUSE_DISTANCE = 1_000_000_000  # DeepSpeed's stage3_max_reuse_distance (elements), which this engine keeps
 
 
 def deepspeed_buffers(p: ParamCounts, stage: int, precision: str, resident_only: bool) -> dict[str, float]:
-    """Bytes of DeepSpeed's buffers beyond the model states. The gradient reduction bucket
-    (reduce_bucket_size elements; fp32 at ZeRO-1, the gradients' dtype above): at ZeRO-1 the gradients
-    are views into it, so only what it holds beyond them counts; ZeRO-1 in bf16 runs the BF16_Optimizer,
-    which has none. At ZeRO-3, the fp32 copy of the filled bucket that is reduce-scattered, and the
-    parameters gathered ahead of use (stage3_prefetch_bucket_size) beyond the layer in use. `resident_only` (the CPU): only the pages written count, at most every parameter's."""
-    word = 2 if precision == "bf16" else 4
+    """Bytes of DeepSpeed's buffers beyond the model states. `resident_only` (the CPU): only the pages
+    written count, at most every parameter's.
+    * ZeRO-1/2: the gradient reduction bucket, reduce_bucket_size elements (fp32 at ZeRO-1, the
+      gradients' dtype at ZeRO-2). At ZeRO-1 on the CPU the gradients are views into it (measured), so
+      only what it holds beyond them is resident; a GPU allocates it whole. ZeRO-1 in bf16 runs the
+      BF16_Optimizer, which has none.
+    * ZeRO-3: the bucket, in communication_data_type (fp32 here); the parameters kept gathered across
+      the turn from forward to backward (those used again within stage3_max_reuse_distance elements of
+      the trace: the last REUSE_DISTANCE / 2 elements of layers), beyond the layer DeepSpeed's estimate
+      counts; and `reduce copy`, the fp32 copy of the filled bucket that reduce_scatter_coalesced
+      concatenates (when it comes: `memory.peak_per_device`)."""
+    word = word_bytes(precision)
     filled = min(REDUCE_BUCKET, p.total)
     bucket = filled if resident_only else REDUCE_BUCKET
-    out = {}
     if stage == 1:
-        out["reduce bucket"] = 0 if precision == "bf16" else max(0, 4 * bucket - 4 * p.total)
-    else:
-        out["reduce bucket"] = word * bucket
-    if stage == 3:  # the bucket's gradients are copied (fp32: communication_data_type) to be reduce-scattered
-        out["reduce copy"] = 4 * filled
-        out["prefetched"] = word * min(PREFETCH_BUCKET, p.total - p.largest_layer)
-    return out
+        return {"reduce bucket": 0 if precision == "bf16" else
+                max(0, 4 * bucket - 4 * p.total) if resident_only else 4 * bucket}
+    if stage == 2:
+        return {"reduce bucket": word * bucket}
+    kept = max(0, word * min(p.total, REUSE_DISTANCE // 2) - 4 * p.largest_layer)
+    return {"reduce bucket": 4 * bucket, "kept gathered": kept, "reduce copy": 4 * filled}
