@@ -83,18 +83,16 @@ def all_gather_objects(obj, group=None) -> list:
     return out
 
 
-def any_rank(flag: bool, group=None) -> bool:
-    """True on every rank when `flag` is true on any rank (a CPU tensor: `group` must be gloo)."""
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
-    return bool(t.item())
-
-
 def max_over_ranks(value: float, group=None) -> float:
     """The largest of every rank's `value` (a CPU tensor: `group` must be gloo)."""
     t = torch.tensor([float(value)], dtype=torch.float64)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
     return t.item()
+
+
+def any_rank(flag: bool, group=None) -> bool:
+    """True on every rank when `flag` is true on any rank (a CPU tensor: `group` must be gloo)."""
+    return max_over_ranks(1 if flag else 0, group) > 0
 
 
 def sum_over_ranks(values: list, device=None, group=None) -> list[float]:

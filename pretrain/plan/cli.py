@@ -43,8 +43,9 @@ def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb:
                                on_cpu=dev.name == "cpu")
     memory = peak_at(devices)
     usable = dev.memory * (1 - headroom)
-    fix = None if memory[str(stage)]["total"] <= usable else fit_fix(
-        lambda n, s, c: peak_at(n, c)[str(s)]["total"], devices, per_node, stage, ckpt_on, usable)
+    fits = memory[str(stage)]["total"] <= usable
+    fix = None if fits else fit_fix(lambda n, s, c: peak_at(n, c)[str(s)]["total"], devices, per_node, stage,
+                                    ckpt_on, usable)
     slots = devices * max(1, cfg.data.num_workers)
     data_state = state_bytes(slots, len(cfg.data.datasets), cfg.data.pack_buffer)
     ckpt = checkpoint_bytes(params, cfg.train.zero_stage, precision, devices,
@@ -61,7 +62,7 @@ def plan(cfg, nodes: int, per_node: int, gpu: str, write_gbps: float, memory_gb:
             "zero_stage": stage, "parameters": params.total, "embedding": params.embedding,
             "parameters_by_use": params.by_use, "largest_layer": params.largest_layer,
             "memory": memory, "activations": acts, "attention": backend, "headroom": headroom,
-            "usable_memory": usable, "fix": fix,
+            "usable_memory": usable, "fits": fits, "fix": fix,
             "activation_checkpointing": ckpt_on, "checkpoint_bytes": ckpt,
             "checkpoint_total": sum(ckpt.values()), "checkpoint_write_s": sum(ckpt.values()) / (write_gbps * GB),
             "loader_state_bytes": data_state, "slots": slots, "shards": shards}
@@ -105,7 +106,7 @@ def verdicts(p: dict) -> list[str]:
         lines.append(f"documents longer than data.seq_len: {p['oversize']} skipped in the first packed batches "
                      "(an image or video with its caption does not fit a row): raise data.seq_len")
     m = p["memory"][str(p["zero_stage"])]
-    if m["total"] > p["usable_memory"]:
+    if not p["fits"]:
         lines.append(f"does not fit: ZeRO-{p['zero_stage']} needs {m['total'] / GB:.1f} GB per device at the step's "
                      f"peak (model states and buffers {(m['total'] - m['activations']) / GB:.1f}, activations "
                      f"{m['activations'] / GB:.1f}), a {p['device']} has {p['usable_memory'] / GB:.1f} GB usable; "
@@ -148,7 +149,7 @@ def render(p: dict) -> str:
         share = f"; a slot's share of an epoch: max / min {s['share_max_min']:.2f}" if s.get("share_max_min") else ""
         lines.append(f"shards: {s['name']}: {p['slots']} slots x data.shards_in_flight want {s['wanted']}, "
                      f"the manifest lists {have}{share}")
-    if p["memory"][str(p["zero_stage"])]["total"] <= p["usable_memory"]:
+    if p["fits"]:
         lines.append("verdict: it fits")
     lines += verdicts(p)
     return "\n".join(lines)
