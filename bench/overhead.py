@@ -7,10 +7,14 @@ interleaved rounds in one process.
     python bench/overhead.py                       # the presets: tiny-cpu and a model whose bare step is >= 200 ms
     torchrun --nproc-per-node 2 bench/overhead.py  # the same on 2 ranks (the all-reduces then cost something)
 
-Prints, per preset and row kind, the median ms per step of each loop, their ratio (bare / real: 1.00 =
-no overhead) and the real step's parts: loader wait, token counts, forward + backward through the
-engine, the engine's optimizer step, EMA, the stop flag, logging, and the rest; beside them the bare loop's forward +
-backward and clip + AdamW. Data: synthetic shards written first (bench/train_step.py), rows filled.
+Prints, per preset and row kind, the median ms per step of each loop and their ratio (bare / real:
+1.00 = no overhead); the gap split in three: "own", the trainer's parts outside the engine; "ds
+excess", DeepSpeed's gradient reduction and its optimizer step beyond the bare clip + AdamW;
+"fwd+bwd excess", the engine's forward + backward beyond the bare loop's, the reduction aside. Then
+the real step's parts (loader wait, token counts, forward + backward through the engine, the engine's
+optimizer step, EMA, the stop flag, logging, the rest), DeepSpeed's calls inside the engine (gradient
+reduction, gradient norm, AdamW) and the bare loop's (forward + backward, clip, AdamW). Data:
+synthetic shards written first (bench/train_step.py), rows filled.
 """
 from __future__ import annotations
 
@@ -41,26 +45,45 @@ from train_step import write_synthetic_shards  # noqa: E402
 PRESETS = {  # model, rows per micro-batch, tokens per row
     "tiny-cpu": (dict(dim=128, n_layers=4, n_heads=4, vocab_size=2000), 4, 256),
     "200ms": (dict(dim=384, n_layers=6, n_heads=6, vocab_size=2000), 4, 256),
-    "200ms-4k": (dict(dim=384, n_layers=6, n_heads=6, vocab_size=2000), 4, 1024),  # 4,096 tokens per micro-batch
+    "200ms-2k": (dict(dim=384, n_layers=6, n_heads=6, vocab_size=2000), 4, 512),  # 2,048 tokens per micro-batch
+    "200ms-4k": (dict(dim=384, n_layers=6, n_heads=6, vocab_size=2000), 4, 1024),  # 4,096
 }
 PARTS = ("loader wait", "token counts", "fwd+bwd", "engine step", "ema", "stop flag", "logging")
+DEEPSPEED = ("ds grad reduce", "ds grad norm", "ds adamw")  # inside fwd+bwd and engine step
+BARE = ("bare fwd+bwd", "bare clip", "bare adamw")
 
 
 class Timers:
     def __init__(self):
         self.total = defaultdict(float)
+        self.depth = defaultdict(int)
 
     def wrap(self, name, fn):
+        """`fn` timed into `name`; a call made inside another call timed into the same name counts once."""
         def timed(*args, **kwargs):
+            self.depth[name] += 1
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.total[name] += time.perf_counter() - start
+                self.depth[name] -= 1
+                if not self.depth[name]:
+                    self.total[name] += time.perf_counter() - start
         return timed
 
+    def wrap_deepspeed(self, engine):
+        """DeepSpeed's own calls inside the engine's backward and step (ZeRO-1/2): the gradient reduction
+        (the per-parameter hooks at ZeRO-2, the backward epilogue at both), the gradient norm, and the torch
+        AdamW it steps over its flat fp32 partition."""
+        opt = engine.optimizer
+        engine.allreduce_gradients = self.wrap("ds grad reduce", engine.allreduce_gradients)
+        opt.reduce_ready_partitions_and_remove_grads = self.wrap("ds grad reduce",
+                                                                 opt.reduce_ready_partitions_and_remove_grads)
+        opt.scaled_global_norm = self.wrap("ds grad norm", opt.scaled_global_norm)
+        opt._optimizer_step = self.wrap("ds adamw", opt._optimizer_step)
 
-def build(preset: str, kind: str, tmp: Path, dist):
+
+def build(preset: str, kind: str, tmp: Path, dist, zero_stage: int = 2):
     model_kw, rows, seq = PRESETS[preset]
     mc = ModelConfig(**model_kw, latent_channels=4, patch_size=2, mode="monoformer")
     write_synthetic_shards(tmp / "shards", kind, seq, 4, 2, mc.vocab_size)
@@ -68,20 +91,21 @@ def build(preset: str, kind: str, tmp: Path, dist):
         run=RunConfig(dir=str(tmp / "run")), model=mc,
         data=DataConfig(datasets=[DatasetConfig(path=str(tmp / "shards"))], seq_len=seq, caption_dropout=0.0,
                         add_bos_eos=True),
-        train=TrainConfig(zero_stage=1, micro_batch_size=rows, warmup_steps=0, max_steps=10 ** 6, ema_decay=0.999),
+        train=TrainConfig(zero_stage=zero_stage, micro_batch_size=rows, warmup_steps=0, max_steps=10 ** 6, ema_decay=0.999),
         wandb=WandbConfig(mode="disabled"))
     return cfg, train_module.Trainer(cfg, dist, resume="none")
 
 
-def measure(preset: str, kind: str, rounds: int, steps: int, dist) -> dict:
+def measure(preset: str, kind: str, rounds: int, steps: int, dist, zero_stage: int = 2) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, trainer = build(preset, kind, Path(tmp), dist)
+        cfg, trainer = build(preset, kind, Path(tmp), dist, zero_stage)
         t = cfg.train
         timers = Timers()
         train_module.next_batch = timers.wrap("loader wait", train_module.next_batch)
         trainer.step_token_counts = timers.wrap("token counts", trainer.step_token_counts)
         trainer.accumulate = timers.wrap("fwd+bwd", trainer.accumulate)
         trainer.engine.step = timers.wrap("engine step", trainer.engine.step)
+        timers.wrap_deepspeed(trainer.engine)
         trainer.ema.update = timers.wrap("ema", trainer.ema.update)
         record = timers.wrap("logging", trainer.window_record)
         log = RunLogger(cfg, dist.is_main, 0)
@@ -111,10 +135,12 @@ def measure(preset: str, kind: str, rounds: int, steps: int, dist) -> dict:
             bare.loss(batch)["loss"].backward()
             mid = time.perf_counter()
             torch.nn.utils.clip_grad_norm_(bare.parameters(), t.grad_clip)
+            clipped = time.perf_counter()
             opt.step()
             opt.zero_grad(set_to_none=True)
             timers.total["bare fwd+bwd"] += mid - start
-            timers.total["bare clip+adamw"] += time.perf_counter() - mid
+            timers.total["bare clip"] += clipped - mid
+            timers.total["bare adamw"] += time.perf_counter() - clipped
 
         for i in range(3):  # warm up both (first allocations, the loader's workers)
             real_step()
@@ -134,25 +160,33 @@ def measure(preset: str, kind: str, rounds: int, steps: int, dist) -> dict:
         parts = {k: v / n for k, v in timers.total.items()}
         out = {"real": statistics.median(real), "bare": statistics.median(plain), **parts}
         out["rest"] = sum(real) / rounds - sum(parts.get(k, 0.0) for k in PARTS)
+        # the gap, split: the trainer's own parts; DeepSpeed's gradient reduction and its step beyond the bare
+        # clip + AdamW; the engine's forward + backward beyond the bare loop's (its hooks; the noise of 2 cores)
+        g = out.get
+        out["own"] = g("rest") + sum(g(k, 0.0) for k in PARTS if k not in ("fwd+bwd", "engine step"))
+        out["ds excess"] = g("ds grad reduce", 0.0) + g("engine step", 0.0) - g("bare clip", 0.0) - g("bare adamw", 0.0)
+        out["fwd+bwd excess"] = g("fwd+bwd", 0.0) - g("ds grad reduce", 0.0) - g("bare fwd+bwd", 0.0)
         return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", default="tiny-cpu,200ms,200ms-4k")
+    p.add_argument("--presets", default="tiny-cpu,200ms,200ms-2k,200ms-4k")
+    p.add_argument("--zero-stage", type=int, default=2, choices=(1, 2),
+                   help="train.zero_stage of the real step (the shipped configs use 2)")
     p.add_argument("--kinds", default="monoformer,text")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="steps per round of each loop")
     args = p.parse_args()
     dist = init_distributed()
-    head = ["real", "bare", "ratio", *PARTS, "rest", "bare fwd+bwd", "bare clip+adamw"]
+    head = ["real", "bare", "ratio", "own", "ds excess", "fwd+bwd excess", *PARTS, "rest", *DEEPSPEED, *BARE]
     if dist.is_main:
-        print(f"{dist.world_size} rank(s), {torch.get_num_threads()} threads each, ms per step (medians of "
-              f"{args.rounds} rounds of {args.steps})")
+        print(f"{dist.world_size} rank(s), {torch.get_num_threads()} threads each, ZeRO-{args.zero_stage}, ms per "
+              f"step (medians of {args.rounds} rounds of {args.steps})")
         print(f"{'preset':9s} {'rows':11s} " + " ".join(f"{h:>12s}" for h in head))
     for preset in args.presets.split(","):
         for kind in args.kinds.split(","):
-            r = measure(preset, kind, args.rounds, args.steps, dist)
+            r = measure(preset, kind, args.rounds, args.steps, dist, args.zero_stage)
             r["ratio"] = r["bare"] / r["real"]
             if dist.is_main:
                 cells = [f"{r['ratio']:12.2f}" if h == "ratio" else f"{r.get(h, 0.0) * 1e3:12.1f}" for h in head]

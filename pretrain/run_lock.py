@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+from pretrain.distributed import DistInfo, all_gather_objects
+
 LOCK_FILE = "run.lock"
 
 
@@ -140,6 +142,22 @@ class RunDirLock:
                 self.file.truncate(0)  # an empty file: the run ended cleanly
                 self.file.close()      # closing drops the flock
                 self.file = None
+
+
+def lock_run_dir(run_dir: str, dist: DistInfo) -> Optional[RunDirLock]:
+    """Rank 0 locks `run_dir` (the lock, None on the other ranks); every rank learns the outcome, so
+    all raise RunDirBusy on a busy directory."""
+    lock, error = None, None
+    if dist.is_main:
+        try:
+            lock = RunDirLock(run_dir).acquire()
+        except (RunDirBusy, OSError) as e:  # every rank must reach the gather below
+            error = str(e)
+    if dist.world_size > 1:
+        error = all_gather_objects(error, dist.control_group)[0]
+    if error:
+        raise RunDirBusy(error)
+    return lock
 
 
 def exit_with_parent(what: str, stopping: Callable[[], bool] = lambda: False, poll_s: float = 1.0,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import os
 import signal
@@ -31,7 +30,6 @@ from data_pipelines.loader import COUNTERS, PackedLoader
 from data_pipelines.slot import DataError
 from model.config_system import ConfigError, InputMissing, load_config
 from model.diffusion import row_noise
-from model.layout import pack_rows
 from model.transformer import Block, UnifiedTransformer, loss_token_counts
 from pretrain import checkpoint as ckpt
 from pretrain import job_history
@@ -43,11 +41,12 @@ from pretrain.job_history import FINISHED
 from pretrain.process import run_and_exit
 from pretrain.engine import build_engine, changed_settings, optimizer_settings, restore_settings
 from pretrain.failures import next_batch, say_error, stop_if_any_failed
+from pretrain.evaluation.held_out import held_out_losses
 from pretrain.evaluation.in_loop import EvalSampler
 from pretrain.metrics import (MIXTURE, RunLogger, batch_flops, ledger_record, loss_record, mixture_config,
                               peak_flops, peak_memory)
 from pretrain.export.release import data_record, init_from_release
-from pretrain.run_lock import RunDirBusy, RunDirLock, exit_with_parent
+from pretrain.run_lock import RunDirBusy, exit_with_parent, lock_run_dir
 
 NOISE, EVAL = 11, 12  # hash domains of the diffusion noise seeds
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # checkpoint at the end of the step, then exit 0
@@ -63,7 +62,7 @@ class Trainer:
         self.cfg, self.dist, self.stop_signals = cfg, dist, tuple(stop_signals)
         self.early_signals = early_signals if early_signals is not None else []  # caught before run()
         t = cfg.train
-        self.lock = self._lock_run_dir()
+        self.lock = lock_run_dir(cfg.run.dir, dist)
         self.ckpt_root = ckpt.run_checkpoints(cfg.run.dir)
         self.resume_from = ckpt.resolve_resume(resume, self.ckpt_root)
         if self.resume_from is not None:
@@ -106,20 +105,6 @@ class Trainer:
         self.stop_signal: Optional[int] = None
         self.end_reason = "not started"
         self.signals_received: tuple = ()  # by any rank, when they stopped the run before its end
-
-    def _lock_run_dir(self) -> Optional[RunDirLock]:
-        """Rank 0 locks run.dir; every rank learns the outcome, so all stop on a busy directory."""
-        lock, error = None, None
-        if self.dist.is_main:
-            try:
-                lock = RunDirLock(self.cfg.run.dir).acquire()
-            except (RunDirBusy, OSError) as e:  # every rank must reach the gather below
-                error = str(e)
-        if self.dist.world_size > 1:
-            error = all_gather_objects(error, self.dist.control_group)[0]
-        if error:
-            raise RunDirBusy(error)
-        return lock
 
     # ---- checkpoints ---------------------------------------------------------------------
     def save(self) -> Path:
@@ -199,6 +184,10 @@ class Trainer:
         return row_noise(batch, [noise_generator(self.cfg.run.seed, domain, *k) for k in keys],
                          self.cfg.model.latent_patch_dim)
 
+    def eval_noise(self, batch, loader: PackedLoader) -> torch.Tensor:
+        """The noise of an evaluation batch that `loader` handed out last: the same at every evaluation."""
+        return self._noise(EVAL, batch, self.row_keys(loader, batch.shape[0]))
+
     @staticmethod
     def row_keys(loader: PackedLoader, rows: int) -> list:
         """Noise keys of the rows of the batch `loader` handed out last: (its slot, the slot's batch
@@ -260,40 +249,6 @@ class Trainer:
             f.write(json.dumps({"step": self.step + 1, "micro": micro, "docs": self.loader.last_keys,
                                 "datasets": self.loader.last_datasets}) + "\n")
 
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        """Token-weighted losses on data.eval_datasets (the same batches every time: the first
-        `eval_batches` of each rank, or all with 0). Every rank runs
-        the same number of forwards (ZeRO-3 gathers parameters in each): a rank whose share of the
-        held-out data ran out feeds an all-padding batch, which adds no token."""
-        cfg = self.cfg
-        loader, error = None, None
-        try:  # a manifest unreadable on one rank stops every rank, with its line
-            loader = PackedLoader(cfg.data.replace(num_workers=0), cfg.model, cfg.train.micro_batch_size,
-                                  self.dist.rank, self.dist.world_size, datasets=cfg.data.eval_datasets, num_epochs=1)
-        except (DataError, InputMissing) as e:
-            error = e
-        stop_if_any_failed(self.dist, error)
-        batches = iter(loader)
-        empty = pack_rows([[] for _ in range(cfg.train.micro_batch_size)], cfg.data.seq_len)
-        sums, counts = [0.0, 0.0], torch.zeros(2, dtype=torch.long)
-        self.engine.eval()
-        for _ in range(cfg.train.eval_batches) if cfg.train.eval_batches else itertools.count():
-            batch, error = next_batch(batches)
-            more, failed = sum_over_ranks([batch is not None, error is not None], group=self.dist.control_group)
-            if failed:
-                stop_if_any_failed(self.dist, error, known=True)
-            if not more:
-                break
-            batch = empty if batch is None else batch
-            counts += loss_token_counts(batch)
-            noise = self._noise(EVAL, batch, self.row_keys(loader, batch.shape[0]))  # padding: no latent, no noise
-            out = self.engine(batch.to(self.dist.device), noise=noise, return_loss=True)
-            sums = [sums[0] + out["lm_sum"], sums[1] + out["diffusion_sum"]]
-        self.engine.train()
-        totals = sum_over_ranks([*sums, *counts.tolist()], self.dist.device)
-        return loss_record(totals[:2], totals[2:], cfg.model, prefix="eval/")
-
     # ---- the run -------------------------------------------------------------------------
     def run(self) -> int:
         cfg, t = self.cfg, self.cfg.train
@@ -345,7 +300,7 @@ class Trainer:
             if evaluate and not stop:  # a stop: checkpoint first
                 eval_start = time.time()
                 if cfg.data.eval_datasets:
-                    metrics.update(self.evaluate())
+                    metrics.update(held_out_losses(self.engine, cfg, self.dist, self.eval_noise))
                 grid, quality = self.eval_sampler.sample(self.engine, self.ema, self.step, self.dist)
                 if grid is not None:
                     log.log_images(self.step, "samples", grid)

@@ -41,6 +41,21 @@ def test_the_plan_of_tiny_cpu_has_its_parameters_and_the_bytes_of_a_real_2_rank_
     assert abs(plan["checkpoint_total"] - real) < 0.02 * real, (plan["checkpoint_bytes"], real)
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_the_logged_peak_memory_is_the_busiest_ranks(tiny_config, tmp_path):
+    """memory/peak_gb (what bench/plan_check.py sets against the plan) is the largest high-water mark
+    over the ranks, the same in every rank's record: here rank 1 touched 512 MB more than rank 0."""
+    from tests.launch import torchrun
+    r = torchrun(2, ["--config", str(tiny_config), "--out", str(tmp_path), f"run.dir={tmp_path / 'run'}",
+                     "wandb.mode=disabled", "train.zero_stage=3"], module="tests.peak_probe")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[1]["before_gb"] > ranks[0]["after_gb"] + 0.4, ranks
+    assert ranks[0]["record_gb"] == ranks[1]["record_gb"], ranks
+    assert ranks[1]["before_gb"] <= ranks[0]["record_gb"] <= ranks[1]["after_gb"], ranks
+
+
 @pytest.mark.parametrize("stage,devices", [(2, 8), (3, 8), (3, 1)])
 def test_model_states_are_deepspeeds_own_estimates(stage, devices):
     """bf16, no offload: weights + gradients + optimizer (+ the gathered layer) is DeepSpeed's estimate
