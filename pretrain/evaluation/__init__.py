@@ -1,1 +1,1 @@
-"""Evaluation of what a model generates: captions of held-out images (`captioning`)."""
+"""Evaluation during training: held-out losses (`held_out`), samples and captions (`in_loop`, `captioning`)."""
