@@ -58,6 +58,18 @@ def spawn_ranks(n: int, args: list, log_dir: Path) -> list:
     return procs
 
 
+def start_probe(parser, argv=None) -> tuple:
+    """A probe run under torchrun: `parser` (its own options) gains --config and key=value overrides ->
+    (the parsed arguments, the config, this rank's process group)."""
+    from model.config_system import load_config
+    from pretrain.config import ExperimentConfig
+    from pretrain.distributed import init_distributed
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(argv)
+    return args, load_config(ExperimentConfig, args.config, args.overrides), init_distributed()
+
+
 def metrics(run_dir: Path) -> dict:
     """step -> logged record (the last one logged for that step; not the records of the mixture a start
     runs with)."""

@@ -7,21 +7,14 @@ from pathlib import Path
 
 import torch
 
-from model.config_system import load_config
-from pretrain.config import ExperimentConfig
-from pretrain.distributed import init_distributed
 from pretrain.ema import full_fp32_state
 from pretrain.process import run_and_exit
 from pretrain.train import Trainer
+from tests.launch import start_probe
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser()
-    p.add_argument("--config", required=True)
-    p.add_argument("overrides", nargs="*")
-    a = p.parse_args(argv)
-    cfg = load_config(ExperimentConfig, a.config, a.overrides)
-    dist = init_distributed()
+    _, cfg, dist = start_probe(argparse.ArgumentParser(), argv)
     trainer = Trainer(cfg, dist, "none")
     trainer.run()
     weights = full_fp32_state(trainer.engine, keep=dist.is_main)

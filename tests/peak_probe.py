@@ -9,22 +9,16 @@ from pathlib import Path
 
 import torch
 
-from model.config_system import load_config
-from pretrain.config import ExperimentConfig
-from pretrain.distributed import init_distributed
 from pretrain.metrics import peak_memory
 from pretrain.process import run_and_exit
 from pretrain.train import Trainer
+from tests.launch import start_probe
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)
-    p.add_argument("overrides", nargs="*")
-    a = p.parse_intermixed_args(argv)
-    cfg = load_config(ExperimentConfig, a.config, a.overrides)
-    dist = init_distributed()
+    a, cfg, dist = start_probe(p, argv)
     trainer = Trainer(cfg, dist, "none")
     sums, counts = trainer.train_step(iter(trainer.loader))
     if dist.rank == dist.world_size - 1:

@@ -7,26 +7,20 @@ import argparse
 
 import torch
 
-from model.config_system import load_config
-from pretrain.config import ExperimentConfig
-from pretrain.distributed import init_distributed
 from pretrain.ema import full_fp32_state
 from pretrain.engine import torch_optimizer
 from pretrain.process import run_and_exit
 from pretrain.train import Trainer
+from tests.launch import start_probe
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--config", required=True)
     p.add_argument("--resume", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--moments", action="store_true", help="also the Adam moments (ZeRO-3: DeepSpeed links them "
                                                           "for ZeRO-1/2 only once a step was taken)")
-    p.add_argument("overrides", nargs="*")
-    a = p.parse_intermixed_args(argv)
-    cfg = load_config(ExperimentConfig, a.config, a.overrides)
-    dist = init_distributed()
+    a, cfg, dist = start_probe(p, argv)
     trainer = Trainer(cfg, dist, a.resume)
     notes = trainer.resume()
     from deepspeed.utils import safe_get_full_optimizer_state
